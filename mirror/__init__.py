@@ -1,0 +1,1 @@
+"""mirror: a pull-through caching proxy for container registries."""

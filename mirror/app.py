@@ -1,0 +1,93 @@
+"""`create_app(config)`: the aiohttp application, its routes, and the lifetime of its state.
+
+All state lives on the app (typed AppKeys); nothing is kept in module globals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config
+from .errors import error_middleware
+from .handlers import RegistryHandlers
+from .metrics import Metrics
+from .proxy import Proxy
+from .storage import DiskStore
+from .tagindex import TagIndex
+from .upstream import UpstreamClient
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+PROXY = web.AppKey("proxy", Proxy)
+STORE = web.AppKey("store", DiskStore)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+TAGS = web.AppKey("tags", TagIndex)
+
+UPSTREAM_CONNECTIONS = 100  # open connections to all upstreams together
+
+
+async def health(request: web.Request) -> web.Response:
+    """The process is up."""
+    return web.Response(text="ok\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    """The store is usable; upstreams being down does not make a cache unready."""
+    store = request.app[STORE]
+    if not store.root.is_dir():
+        return web.Response(status=503, text="store unavailable\n")
+    return web.Response(text="ready\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
+
+
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[PROXY].close()
+    await app[SESSION].close()
+    app[TAGS].close()
+
+
+async def create_app(config: Config) -> web.Application:
+    """Build the app for `config`; must run inside the event loop that will serve it."""
+    app = web.Application(middlewares=[error_middleware])
+    store = DiskStore(config.storage.path)
+    tags = TagIndex(config.storage.path / "index")
+    # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
+    # stored them, never as a transport encoding changed them.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
+        auto_decompress=False,
+        headers={"Accept-Encoding": "identity"},
+    )
+    upstreams = {
+        name: UpstreamClient(upstream, session, config.timeouts)
+        for name, upstream in config.upstreams.items()
+    }
+    proxy = Proxy(config, store, tags, upstreams)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[STORE] = store
+    app[TAGS] = tags
+    app[SESSION] = session
+    app[PROXY] = proxy
+    app.cleanup_ctx.append(_lifetime)
+
+    handlers = RegistryHandlers(config, proxy)
+    router = app.router
+    router.add_get("/v2/", handlers.base, name="base")
+    router.add_get("/v2/{name:.+}/manifests/{reference}", handlers.manifest, name="manifest")
+    router.add_get("/v2/{name:.+}/blobs/{digest}", handlers.blob, name="blob")
+    router.add_get("/v2/{name:.+}/tags/list", handlers.tags, name="tags")
+    router.add_get("/v2/{name:.+}/referrers/{digest}", handlers.referrers, name="referrers")
+    router.add_route("*", "/v2/{tail:.*}", handlers.other, name="other")
+    router.add_get("/healthz", health, name="healthz")
+    router.add_get("/readyz", ready, name="readyz")
+    router.add_get("/metrics", metrics, name="metrics")
+    return app

@@ -1,0 +1,156 @@
+"""Upstream credentials: the Bearer token flow (Docker Hub, GHCR, Quay) and Basic.
+
+A token is cached per (realm, service, scope) of one upstream, so a token granted for one
+repository is never presented for another, and concurrent requests that need the same
+token share one token request.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .config import UpstreamConfig
+from .errors import UpstreamError, UpstreamTimeout
+from .inflight import SingleFlight
+
+log = logging.getLogger("mirror.auth")
+
+DEFAULT_TOKEN_LIFETIME = 60.0  # seconds, when the token server gives no expires_in
+RENEW_MARGIN = 10.0  # seconds before expiry that a token is treated as gone
+_PARAM_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A parsed `WWW-Authenticate` header."""
+
+    scheme: str  # lower case: "bearer" or "basic"
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def parse_challenge(header: str | None) -> Challenge | None:
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)).replace(
+            '\\"', '"'
+        )
+        for m in _PARAM_RE.finditer(rest)
+    }
+    return Challenge(scheme=scheme.lower(), params=params)
+
+
+def may_send_credentials(registry_url: str, realm_url: str, auth_hosts: tuple[str, ...]) -> bool:
+    """Credentials go to a token realm only on the registry's host, a subdomain of its parent
+    domain (auth.docker.io for registry-1.docker.io), or a host the config names."""
+    registry = (urlsplit(registry_url).hostname or "").lower()
+    realm = (urlsplit(realm_url).hostname or "").lower()
+    if not realm:
+        return False
+    if realm == registry or realm in (h.lower() for h in auth_hosts):
+        return True
+    try:
+        ipaddress.ip_address(registry)
+        return False  # an IP address has no parent domain
+    except ValueError:
+        pass
+    labels = registry.split(".")
+    # ghcr.io is its own parent; registry-1.docker.io's parent is docker.io
+    parent = registry if len(labels) < 3 else ".".join(labels[1:])
+    return realm == parent or realm.endswith("." + parent)
+
+
+def basic_header(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+class TokenCache:
+    """Bearer tokens of one upstream, by (realm, service, scope)."""
+
+    def __init__(self, upstream: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self._upstream = upstream
+        self._session = session
+        self._tokens: dict[tuple[str, str, str], _Token] = {}
+        self._fetches: SingleFlight[tuple[str, str, str], _Token] = SingleFlight()
+
+    def cached(self, challenge: Challenge, scope: str) -> str | None:
+        key = self._key(challenge, scope)
+        token = self._tokens.get(key)
+        if token is None or token.expires_at <= time.monotonic():
+            return None
+        return token.value
+
+    async def fetch(self, challenge: Challenge, scope: str, *, renew: bool = False) -> str:
+        """A valid token for `scope`; one token request however many callers ask at once."""
+        key = self._key(challenge, scope)
+        if renew:
+            self._tokens.pop(key, None)
+        elif (value := self.cached(challenge, scope)) is not None:
+            return value
+        token = await self._fetches.run(key, lambda: self._request(challenge, scope))
+        self._tokens[key] = token
+        return token.value
+
+    def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
+        return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scope)
+
+    async def _request(self, challenge: Challenge, scope: str) -> _Token:
+        name = self._upstream.name
+        realm = challenge.params.get("realm")
+        if not realm or urlsplit(realm).scheme not in ("http", "https"):
+            raise UpstreamError(f"upstream {name} sent an auth challenge without a usable realm")
+        params = {"scope": scope}
+        if "service" in challenge.params:
+            params["service"] = challenge.params["service"]
+        headers = {}
+        if self._upstream.username is not None and self._upstream.password is not None:
+            if not may_send_credentials(self._upstream.url, realm, self._upstream.auth_hosts):
+                raise UpstreamError(
+                    f"upstream {name}: token realm host {urlsplit(realm).hostname} is not trusted "
+                    "with credentials (add it to auth_hosts)"
+                )
+            headers["Authorization"] = basic_header(
+                self._upstream.username, self._upstream.password
+            )
+        try:
+            async with self._session.get(
+                realm, params=params, headers=headers, allow_redirects=False
+            ) as response:
+                if response.status != 200:
+                    raise UpstreamError(
+                        f"upstream {name}: token request for {scope} refused "
+                        f"(status {response.status})",
+                        detail={"upstream": name, "scope": scope},
+                    )
+                body = await response.json(content_type=None)
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {name}: token server timed out") from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            raise UpstreamError(
+                f"upstream {name}: token request failed: {type(exc).__name__}"
+            ) from None
+        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise UpstreamError(f"upstream {name}: token server answered without a token")
+        lifetime = body.get("expires_in")
+        if not isinstance(lifetime, int | float) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        log.debug("token for %s on %s, valid %ss", scope, name, lifetime)
+        # Renew a little before the server's expiry, so no request carries a dying token.
+        usable = float(lifetime) - min(RENEW_MARGIN, float(lifetime) / 4)
+        return _Token(value=value, expires_at=time.monotonic() + usable)

@@ -1,0 +1,307 @@
+"""One typed, frozen configuration: defaults, then the YAML file, then MIRROR_* env, then checks.
+
+Every problem is reported as one `ConfigError` line that names the key, so a bad file
+stops start-up with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+DOCKER_HUB = "docker.io"
+# Names under which clients refer to Docker Hub; all mean the `docker.io` upstream.
+DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+_SIZE_UNITS |= {"kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """One registry the mirror may contact."""
+
+    name: str  # the registry name clients use: docker.io, ghcr.io, ...
+    url: str  # base URL of its API, e.g. https://registry-1.docker.io
+    username: str | None = None  # None: anonymous
+    password: str | None = None
+    auth_hosts: tuple[str, ...] = ()  # extra hosts trusted to receive credentials as token realm
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path = Path("./cache")  # everything the mirror keeps lives below this folder
+    max_size: int = 50 * 1024**3  # LRU bound on cached content, bytes (default 50 GiB)
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    connect: float = 10.0  # seconds to open a connection to an upstream
+    read: float = 60.0  # seconds an upstream may stay silent mid-answer
+    transfer: float = 3600.0  # seconds one blob transfer may take in all
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_host: str = "0.0.0.0"  # from `listen: host:port`, default 0.0.0.0:5000
+    listen_port: int = 5000
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    manifest_ttl: float = 300.0  # seconds a tag->digest answer is trusted before revalidation
+    default_upstream: str = DOCKER_HUB  # where un-prefixed, un-ns'd requests go
+    upstreams: Mapping[str, UpstreamConfig] = field(
+        default_factory=lambda: {
+            DOCKER_HUB: UpstreamConfig(name=DOCKER_HUB, url="https://registry-1.docker.io")
+        }
+    )
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    log_level: str = "info"  # debug, info, warning, error
+
+    def upstream_named(self, name: str) -> UpstreamConfig | None:
+        """The upstream a registry name refers to (Docker Hub's aliases included)."""
+        if name in DOCKER_HUB_ALIASES and DOCKER_HUB in self.upstreams:
+            return self.upstreams[DOCKER_HUB]
+        return self.upstreams.get(name)
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an int or a string like `50GiB`, `512 MiB`, `1.5TiB`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 50GiB, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.match(value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+            if size > 0:
+                return size
+    raise ConfigError(f"{key}: expected a positive size like 50GiB or 1073741824, got {value!r}")
+
+
+def _expand_vars(value: Any, env: Mapping[str, str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string, recursively."""
+    if isinstance(value, str):
+        return _VAR_RE.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, dict):
+        return {k: _expand_vars(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_vars(v, env) for v in value]
+    return value
+
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in section:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else str(key)
+            raise ConfigError(f"{name}: unknown key (expected one of {', '.join(sorted(allowed))})")
+
+
+def _mapping(value: Any, key: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, key: str, *, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{key}: must be at least {minimum:g}, got {value!r}")
+    return number
+
+
+def _optional_str(value: Any, key: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str | int):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _parse_listen(value: Any) -> tuple[str, int]:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"listen: expected host:port like 0.0.0.0:5000, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parse_upstream(name: str, raw: Any, env: Mapping[str, str]) -> UpstreamConfig:
+    where = f"upstreams.{name}"
+    section = _mapping(raw, where)
+    _check_keys(section, {"url", "username", "password", "password_file", "auth_hosts"}, where)
+    url = section.get("url")
+    if not isinstance(url, str) or not url:
+        raise ConfigError(f"{where}.url: required, the registry's base URL like https://{name}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.url: expected an http(s) URL, got {url!r}")
+    password = _optional_str(section.get("password"), f"{where}.password")
+    password_file = _optional_str(section.get("password_file"), f"{where}.password_file")
+    if password_file is not None:
+        try:
+            password = Path(password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.password_file: cannot read: {exc.strerror}") from None
+    username = _optional_str(section.get("username"), f"{where}.username")
+    if (username is None) != (password is None):
+        raise ConfigError(f"{where}: username and password go together; one of them is empty")
+    hosts = section.get("auth_hosts") or []
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        raise ConfigError(f"{where}.auth_hosts: expected a list of host names")
+    return UpstreamConfig(
+        name=name,
+        url=url.rstrip("/"),
+        username=username,
+        password=password,
+        auth_hosts=tuple(hosts),
+    )
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """MIRROR_LISTEN, MIRROR_STORAGE_PATH, ... as a nested dict over the file's values."""
+    overrides: dict[str, Any] = {}
+    simple = {
+        "MIRROR_LISTEN": ("listen",),
+        "MIRROR_STORAGE_PATH": ("storage", "path"),
+        "MIRROR_STORAGE_MAX_SIZE": ("storage", "max_size"),
+        "MIRROR_MANIFEST_TTL": ("manifest_ttl",),
+        "MIRROR_DEFAULT_UPSTREAM": ("default_upstream",),
+        "MIRROR_LOG_LEVEL": ("log_level",),
+    }
+    for var, path in simple.items():
+        if var in env:
+            target = overrides
+            for part in path[:-1]:
+                target = target.setdefault(part, {})
+            target[path[-1]] = env[var]
+    return overrides
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed YAML document (after env overrides) into a Config."""
+    env = os.environ if env is None else env
+    data = _merge(_expand_vars(dict(raw), env), _env_overrides(env))
+    top = {
+        "listen",
+        "storage",
+        "manifest_ttl",
+        "default_upstream",
+        "upstreams",
+        "timeouts",
+        "log_level",
+    }
+    _check_keys(data, top, "")
+    defaults = Config()
+    host, port = (
+        _parse_listen(data["listen"])
+        if "listen" in data
+        else (defaults.listen_host, defaults.listen_port)
+    )
+
+    storage_raw = _mapping(data.get("storage"), "storage")
+    _check_keys(storage_raw, {"path", "max_size"}, "storage")
+    storage = StorageConfig(
+        path=Path(str(storage_raw.get("path", defaults.storage.path))),
+        max_size=parse_size(
+            storage_raw.get("max_size", defaults.storage.max_size), "storage.max_size"
+        ),
+    )
+
+    timeouts_raw = _mapping(data.get("timeouts"), "timeouts")
+    _check_keys(timeouts_raw, {"connect", "read", "transfer"}, "timeouts")
+    timeouts = TimeoutConfig(
+        **{
+            key: _number(value, f"timeouts.{key}", minimum=0.1)
+            for key, value in timeouts_raw.items()
+        }
+    )
+
+    upstreams: Mapping[str, UpstreamConfig] = defaults.upstreams
+    if "upstreams" in data:
+        raw_upstreams = _mapping(data["upstreams"], "upstreams")
+        if not raw_upstreams:
+            raise ConfigError("upstreams: at least one upstream is needed")
+        upstreams = {
+            str(name): _parse_upstream(str(name), value, env)
+            for name, value in raw_upstreams.items()
+        }
+        for alias in DOCKER_HUB_ALIASES[1:]:
+            if alias in upstreams:
+                raise ConfigError(f"upstreams.{alias}: name Docker Hub 'docker.io' instead")
+
+    default_upstream = str(data.get("default_upstream", defaults.default_upstream))
+    if default_upstream in DOCKER_HUB_ALIASES:
+        default_upstream = DOCKER_HUB
+    if default_upstream not in upstreams:
+        raise ConfigError(
+            f"default_upstream: {default_upstream!r} is not one of the upstreams "
+            f"({', '.join(sorted(upstreams))})"
+        )
+
+    log_level = str(data.get("log_level", defaults.log_level)).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level: expected debug, info, warning or error, got {log_level!r}")
+
+    return Config(
+        listen_host=host,
+        listen_port=port,
+        storage=storage,
+        manifest_ttl=_number(
+            data.get("manifest_ttl", defaults.manifest_ttl), "manifest_ttl", minimum=0
+        ),
+        default_upstream=default_upstream,
+        upstreams=upstreams,
+        timeouts=timeouts,
+        log_level=log_level,
+    )
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a mirror.yaml; every problem is a ConfigError naming the key."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return from_mapping(raw, env)

@@ -1,0 +1,135 @@
+"""OCI error codes and the one middleware that renders them.
+
+Handlers and the proxy raise `RegistryError`; only `error_middleware` turns errors into
+`{"errors":[{"code","message","detail"}]}` bodies, so no handler builds error JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("mirror.errors")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RegistryError(Exception):
+    """An error a registry client understands: OCI code, HTTP status, message."""
+
+    code = "UNKNOWN"
+    status = 500
+    default_message = "unknown error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        detail: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.message = message or self.default_message
+        self.detail = detail
+        self.headers = dict(headers or {})
+        super().__init__(self.message)
+
+    def body(self) -> bytes:
+        entry: dict[str, Any] = {"code": self.code, "message": self.message}
+        entry["detail"] = self.detail if self.detail is not None else {}
+        return json.dumps({"errors": [entry]}).encode()
+
+
+class NameInvalid(RegistryError):
+    code, status, default_message = "NAME_INVALID", 400, "invalid repository name"
+
+
+class TagInvalid(RegistryError):
+    code, status, default_message = "TAG_INVALID", 400, "invalid tag"
+
+
+class DigestInvalid(RegistryError):
+    code, status, default_message = "DIGEST_INVALID", 400, "invalid digest"
+
+
+class NameUnknown(RegistryError):
+    code, status, default_message = "NAME_UNKNOWN", 404, "repository name not known to registry"
+
+
+class ManifestUnknown(RegistryError):
+    code, status, default_message = "MANIFEST_UNKNOWN", 404, "manifest unknown"
+
+
+class BlobUnknown(RegistryError):
+    code, status, default_message = "BLOB_UNKNOWN", 404, "blob unknown to registry"
+
+
+class NotFound(RegistryError):
+    code, status, default_message = "NOT_FOUND", 404, "no such route"
+
+
+class Unsupported(RegistryError):
+    code, status, default_message = "UNSUPPORTED", 405, "this mirror is read-only"
+
+
+class Denied(RegistryError):
+    code, status, default_message = "DENIED", 403, "requested access to the resource is denied"
+
+
+class TooManyRequests(RegistryError):
+    code, status, default_message = "TOOMANYREQUESTS", 429, "too many requests"
+
+
+class UpstreamError(RegistryError):
+    """The upstream failed to answer usefully (unreachable, 5xx, refused auth)."""
+
+    code, status, default_message = "UNAVAILABLE", 502, "upstream unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, default_message = 504, "upstream timed out"
+
+
+class InternalError(RegistryError):
+    code, status, default_message = "UNKNOWN", 500, "internal error"
+
+
+# Codes an upstream may send that we pass on as they are, with their status.
+PASSED_THROUGH: dict[str, type[RegistryError]] = {
+    cls.code: cls
+    for cls in (NameUnknown, ManifestUnknown, BlobUnknown, NameInvalid, TagInvalid, Denied)
+}
+
+
+def render(error: RegistryError) -> web.Response:
+    headers = {"Docker-Distribution-Api-Version": "registry/2.0", **error.headers}
+    return web.Response(
+        status=error.status,
+        body=error.body(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error under /v2/ as OCI JSON; never let a traceback reach a client."""
+    try:
+        return await handler(request)
+    except RegistryError as error:
+        return render(error)
+    except web.HTTPMethodNotAllowed:
+        if request.path.startswith("/v2/"):
+            return render(Unsupported(f"{request.method} is not supported by this mirror"))
+        raise
+    except web.HTTPNotFound:
+        if request.path.startswith("/v2/"):
+            return render(NotFound(f"no route for {request.method} {request.path}"))
+        raise
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return render(InternalError())

@@ -1,0 +1,179 @@
+"""Thin aiohttp handlers, one per route: parse and check the request, ask the proxy, answer.
+
+Errors are raised, never rendered here: `errors.error_middleware` renders them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from .config import Config
+from .errors import (
+    DigestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    NotFound,
+    TagInvalid,
+    Unsupported,
+)
+from .inflight import Transfer, TransferFailed
+from .proxy import Manifest, Proxy
+from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
+from .routing import Route, resolve
+
+log = logging.getLogger("mirror.handlers")
+
+API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
+WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
+
+
+def _digest(text: str) -> Digest:
+    digest = parse_digest(text)
+    if digest is None:
+        raise DigestInvalid(f"invalid or unsupported digest {text!r}", detail={"digest": text})
+    return digest
+
+
+def _etag_matches(request: web.Request, digest: str) -> bool:
+    header = request.headers.get("If-None-Match", "")
+    return any(tag.strip().strip('"') == digest for tag in header.split(",")) if header else False
+
+
+class RegistryHandlers:
+    """The OCI pull API over one Proxy."""
+
+    def __init__(self, config: Config, proxy: Proxy) -> None:
+        self._config = config
+        self._proxy = proxy
+
+    def _route(self, request: web.Request) -> Route:
+        return resolve(self._config, request.match_info["name"], request.query.get("ns"))
+
+    async def base(self, request: web.Request) -> web.StreamResponse:
+        """GET|HEAD /v2/: the API version check every client starts with."""
+        return web.json_response({}, headers=API_HEADERS)
+
+    async def manifest(self, request: web.Request) -> web.StreamResponse:
+        """GET|HEAD /v2/<name>/manifests/<tag|digest>."""
+        route = self._route(request)
+        reference = request.match_info["reference"]
+        if looks_like_digest(reference):
+            _digest(reference)
+        elif not is_valid_tag(reference):
+            raise TagInvalid(f"invalid tag {reference!r}", detail={"tag": reference})
+        head = request.method == "HEAD"
+        answer: Manifest = await self._proxy.manifest(
+            route, reference, request.headers.get("Accept", ""), head=head
+        )
+        headers = {
+            **API_HEADERS,
+            "Docker-Content-Digest": answer.digest,
+            "ETag": f'"{answer.digest}"',
+            "Content-Type": answer.media_type,
+        }
+        if _etag_matches(request, answer.digest):
+            return web.Response(status=304, headers=headers)
+        if head:
+            headers["Content-Length"] = str(answer.size)
+            return web.Response(headers=headers)
+        return web.Response(body=answer.data, headers=headers)
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        """GET|HEAD /v2/<name>/blobs/<digest>: a hit by sendfile, a miss as it arrives."""
+        route = self._route(request)
+        digest = _digest(request.match_info["digest"])
+        headers = {
+            **API_HEADERS,
+            "Docker-Content-Digest": str(digest),
+            "Content-Type": "application/octet-stream",
+        }
+        if _etag_matches(request, str(digest)):
+            return web.Response(status=304, headers={**headers, "ETag": f'"{digest}"'})
+        if request.method == "HEAD":
+            size = await self._proxy.blob_size(route, digest)
+            headers["Content-Length"] = str(size)
+            headers["Accept-Ranges"] = "bytes"
+            return web.Response(headers=headers)
+        source = await self._proxy.open_blob(route, digest)
+        if isinstance(source, Path):
+            return web.FileResponse(source, headers=headers)
+        return await self._stream(request, source, headers)
+
+    async def _stream(
+        self, request: web.Request, transfer: Transfer, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Send a blob while it is being fetched; abort the connection if the fetch fails."""
+        size = transfer.size
+        start, end = 0, size
+        status = 200
+        if size is not None and "Range" in request.headers:
+            try:
+                wanted = request.http_range
+            except ValueError:
+                wanted = slice(None, None)
+            first = wanted.start or 0
+            if wanted.start is not None and wanted.start < 0:
+                first = max(0, size + wanted.start)
+            last = size if wanted.stop is None else min(wanted.stop, size)
+            if first >= size or first >= last:
+                raise web.HTTPRequestRangeNotSatisfiable(
+                    headers={"Content-Range": f"bytes */{size}"}
+                )
+            if (first, last) != (0, size):
+                start, end, status = first, last, 206
+                headers["Content-Range"] = f"bytes {first}-{last - 1}/{size}"
+        headers["Accept-Ranges"] = "bytes"
+        response = web.StreamResponse(status=status, headers=headers)
+        if end is not None:
+            response.content_length = end - start
+        await response.prepare(request)
+        try:
+            async for chunk in transfer.read(start, end):
+                await response.write(chunk)
+        except TransferFailed as exc:
+            log.warning("aborting %s: %s", request.path, exc)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        except (ConnectionResetError, ConnectionError):
+            return response  # the client left; the fill goes on without it
+        await response.write_eof()
+        return response
+
+    async def tags(self, request: web.Request) -> web.StreamResponse:
+        """GET /v2/<name>/tags/list, with `n`, `last` and the upstream's `Link` kept."""
+        route = self._route(request)
+        params = {k: request.query[k] for k in ("n", "last") if k in request.query}
+        page = await self._proxy.page(route, "tags/list", params, NameUnknown)
+        return self._page_response(request, page.body, page.content_type, page.next_query)
+
+    async def referrers(self, request: web.Request) -> web.StreamResponse:
+        """GET /v2/<name>/referrers/<digest>, passed through."""
+        route = self._route(request)
+        digest = _digest(request.match_info["digest"])
+        params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
+        page = await self._proxy.page(route, f"referrers/{digest}", params, ManifestUnknown)
+        return self._page_response(request, page.body, page.content_type, page.next_query)
+
+    def _page_response(
+        self, request: web.Request, body: bytes, content_type: str, next_query: str | None
+    ) -> web.Response:
+        headers = {**API_HEADERS, "Content-Type": content_type}
+        if next_query is not None:
+            query = next_query
+            if "ns" in request.query:
+                query += "&" + urlencode({"ns": request.query["ns"]})
+            headers["Link"] = f'<{request.path}?{query}>; rel="next"'
+        return web.Response(body=body, headers=headers)
+
+    async def other(self, request: web.Request) -> web.StreamResponse:
+        """Anything else under /v2/: writes are refused, the rest is unknown."""
+        if request.method in WRITE_METHODS:
+            raise Unsupported(f"{request.method} is not supported: this mirror is read-only")
+        if request.method not in ("GET", "HEAD"):
+            raise Unsupported(f"{request.method} is not supported")
+        raise NotFound(f"no route for {request.method} {request.path}")

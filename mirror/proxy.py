@@ -1,0 +1,341 @@
+"""The pull-through policy: answer from the store when it can, else fetch once and keep.
+
+Manifests are kept as the exact upstream bytes under their digest; a tag's digest is
+trusted for `manifest_ttl` seconds, then revalidated with a HEAD. Blobs are fetched once
+per digest, whoever asks, and streamed to every waiting client from the one transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from .config import Config
+from .errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    RegistryError,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from .inflight import SingleFlight, Transfer
+from .reference import Digest, digest_of, parse_digest
+from .routing import Route
+from .storage import BlobStore, DigestMismatch, TempBlob
+from .tagindex import TagEntry, TagIndex
+from .upstream import UpstreamClient
+
+log = logging.getLogger("mirror.proxy")
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.oci.artifact.manifest.v1+json",
+)
+ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # as the reference registry enforces
+FOREIGN_FILL_POLL = 0.05  # seconds between looks at a fill another process runs
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A manifest answer: digest, type and length always; the bytes when a GET needs them."""
+
+    digest: str
+    media_type: str
+    size: int
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class Page:
+    """A passed-through JSON answer (tags list, referrers) and its `Link` to the next page."""
+
+    body: bytes
+    content_type: str
+    next_query: str | None
+
+
+def accepts(accept: str, media_type: str) -> bool:
+    """Whether a client's Accept header admits `media_type` (no Accept admits anything)."""
+    if not accept.strip():
+        return True
+    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return "*/*" in kinds or media_type.lower() in kinds
+
+
+def _media_type(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
+
+
+class Proxy:
+    """Answers manifests, blobs, tags and referrers for routed requests."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: BlobStore,
+        tags: TagIndex,
+        upstreams: dict[str, UpstreamClient],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._tags = tags
+        self._upstreams = upstreams
+        self._manifest_fetches: SingleFlight[tuple[str, ...], Manifest] = SingleFlight()
+        self._transfers: dict[str, Transfer] = {}
+        self._fills: set[asyncio.Task[None]] = set()
+
+    def _client(self, route: Route) -> UpstreamClient:
+        return self._upstreams[route.upstream.name]
+
+    # manifests
+
+    async def manifest(self, route: Route, reference: str, accept: str, *, head: bool) -> Manifest:
+        digest = parse_digest(reference)
+        if digest is not None:
+            return await self._manifest_by_digest(route, digest, head=head)
+        return await self._manifest_by_tag(route, reference, accept, head=head)
+
+    def _cached_manifest(self, digest_text: str, *, head: bool) -> Manifest | None:
+        digest = parse_digest(digest_text)
+        found = self._store.get_manifest(digest) if digest is not None else None
+        if found is None:
+            return None
+        data, media_type = found
+        return Manifest(str(digest), media_type, len(data), None if head else data)
+
+    async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> Manifest:
+        cached = self._cached_manifest(str(digest), head=head)
+        if cached is not None:
+            return cached
+        key = (route.upstream.name, route.repository, str(digest))
+        return await self._manifest_fetches.run(
+            key, lambda: self._get_manifest(route, str(digest), ALL_MANIFEST_TYPES, digest)
+        )
+
+    async def _manifest_by_tag(
+        self, route: Route, tag: str, accept: str, *, head: bool
+    ) -> Manifest:
+        entry = self._tags.get(route.upstream.name, route.repository, tag)
+        if (
+            entry is not None
+            and entry.age() < self._config.manifest_ttl
+            and accepts(accept, entry.media_type)
+        ):
+            cached = self._cached_manifest(entry.digest, head=head)
+            if cached is not None:
+                return cached
+        key = (route.upstream.name, route.repository, tag, accept, "HEAD" if head else "GET")
+        return await self._manifest_fetches.run(
+            key, lambda: self._refresh_tag(route, tag, accept, head=head)
+        )
+
+    async def _refresh_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
+        """Ask the upstream what the tag points to: HEAD first, GET only for what is missing."""
+        client = self._client(route)
+        send_accept = accept if accept.strip() else ALL_MANIFEST_TYPES
+        response = await client.request(
+            "HEAD", route.repository, f"manifests/{tag}", headers={"Accept": send_accept}
+        )
+        await client.raise_for_status(response, ManifestUnknown)
+        response.release()
+        digest_text = response.headers.get("Docker-Content-Digest", "")
+        media_type = _media_type(response)
+        if parse_digest(digest_text) is not None:
+            self._remember_tag(route, tag, digest_text, media_type)
+            cached = self._cached_manifest(digest_text, head=head)
+            if cached is not None:
+                return cached
+            if head and response.content_length is not None:
+                return Manifest(digest_text, media_type, response.content_length, None)
+        manifest = await self._get_manifest(route, tag, send_accept, None)
+        self._remember_tag(route, tag, manifest.digest, manifest.media_type)
+        return manifest
+
+    def _remember_tag(self, route: Route, tag: str, digest: str, media_type: str) -> None:
+        self._tags.put(
+            route.upstream.name, route.repository, tag, TagEntry(digest, media_type, time.time())
+        )
+
+    async def _get_manifest(
+        self, route: Route, reference: str, accept: str, expected: Digest | None
+    ) -> Manifest:
+        """GET a manifest, check it hashes to what was asked or what the upstream said, keep it."""
+        client = self._client(route)
+        response = await client.request(
+            "GET", route.repository, f"manifests/{reference}", headers={"Accept": accept}
+        )
+        try:
+            await client.raise_for_status(response, ManifestUnknown)
+            if (response.content_length or 0) > MAX_MANIFEST_SIZE:
+                raise UpstreamError(f"upstream {client.name} sent a manifest over 4 MiB")
+            data = await response.content.read(MAX_MANIFEST_SIZE + 1)
+            if len(data) > MAX_MANIFEST_SIZE:
+                raise UpstreamError(f"upstream {client.name} sent a manifest over 4 MiB")
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {client.name} timed out sending a manifest") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(
+                f"upstream {client.name} failed sending a manifest: {type(exc).__name__}"
+            ) from None
+        finally:
+            response.release()
+        media_type = _media_type(response)
+        claimed = expected or parse_digest(response.headers.get("Docker-Content-Digest", ""))
+        digest = claimed or digest_of(data)
+        try:
+            self._store.put_manifest(digest, data, media_type)
+        except DigestMismatch:
+            log.warning(
+                "refused manifest %s from %s: content does not match its digest",
+                reference,
+                client.name,
+            )
+            raise UpstreamError(
+                f"upstream {client.name} sent a manifest that does not match {digest}",
+                detail={"upstream": client.name, "digest": str(digest)},
+            ) from None
+        return Manifest(str(digest), media_type, len(data), data)
+
+    # blobs
+
+    async def blob_size(self, route: Route, digest: Digest) -> int:
+        """Length of a blob, for HEAD: from the store, a running transfer, or an upstream HEAD."""
+        path = self._store.blob_path(digest)
+        if path is not None:
+            return path.stat().st_size
+        transfer = self._transfers.get(str(digest))
+        if transfer is not None and transfer.size is not None:
+            return transfer.size
+        client = self._client(route)
+        response = await client.request("HEAD", route.repository, f"blobs/{digest}")
+        await client.raise_for_status(response, BlobUnknown)
+        response.release()
+        if response.content_length is None:
+            raise UpstreamError(f"upstream {client.name} gave no length for {digest}")
+        return response.content_length
+
+    async def open_blob(self, route: Route, digest: Digest) -> Path | Transfer:
+        """The stored file, or the running transfer (its size known) to stream from."""
+        deadline = time.monotonic() + self._config.timeouts.transfer
+        while True:
+            path = self._store.blob_path(digest)
+            if path is not None:
+                return path
+            transfer = self._transfers.get(str(digest)) or self._start_fill(route, digest)
+            if transfer is not None:
+                await transfer.wait_started()
+                return transfer
+            # Another process is filling this digest: wait for its file, or for its lock
+            # to free (it died), and look again.
+            if time.monotonic() > deadline:
+                raise UpstreamTimeout(f"timed out waiting for another worker to fetch {digest}")
+            await asyncio.sleep(FOREIGN_FILL_POLL)
+
+    def _start_fill(self, route: Route, digest: Digest) -> Transfer | None:
+        temp = self._store.begin_blob(digest)
+        if temp is None:
+            return None
+        if self._store.blob_path(digest) is not None:  # finished while we took the lock
+            temp.discard()
+            return None
+        transfer = Transfer(temp.path, self._store.final_path(digest))
+        self._transfers[str(digest)] = transfer
+        task = asyncio.create_task(self._fill(route, digest, temp, transfer))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+        return transfer
+
+    async def _fill(self, route: Route, digest: Digest, temp: TempBlob, transfer: Transfer) -> None:
+        """Fetch one blob into the store, feeding `transfer`'s readers as bytes arrive.
+
+        Runs on its own task: a client that hangs up does not stop it.
+        """
+        client = self._client(route)
+        response: aiohttp.ClientResponse | None = None
+        try:
+            response = await client.request(
+                "GET", route.repository, f"blobs/{digest}", transfer=True
+            )
+            await client.raise_for_status(response, BlobUnknown)
+            size = response.content_length
+            transfer.start(size)
+            async for chunk in response.content.iter_any():
+                if size is not None and temp.written + len(chunk) > size:
+                    raise DigestMismatch(f"upstream sent more than {size} bytes for {digest}")
+                temp.write(chunk)
+                transfer.advance(len(chunk))
+            if size is not None and temp.written != size:
+                raise UpstreamError(
+                    f"upstream {client.name} cut {digest} short at {temp.written} of {size} bytes"
+                )
+            temp.commit()
+            transfer.finish()
+            log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
+        except (RegistryError, DigestMismatch, OSError, aiohttp.ClientError, TimeoutError) as exc:
+            temp.discard()
+            error = _as_registry_error(exc, client.name, digest)
+            log.warning("fetch of %s from %s failed: %s", digest, client.name, error.message)
+            transfer.fail(error)
+        except BaseException as exc:
+            temp.discard()
+            transfer.fail(UpstreamError("transfer stopped"))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.exception("fetch of %s from %s failed", digest, client.name)
+        finally:
+            if response is not None:
+                response.release()
+            self._transfers.pop(str(digest), None)
+
+    # passed-through lists
+
+    async def page(
+        self, route: Route, path: str, params: dict[str, str], not_found: type[RegistryError]
+    ) -> Page:
+        """GET a tags list or referrers answer from the upstream, as it is."""
+        client = self._client(route)
+        response = await client.request("GET", route.repository, path, params=params)
+        try:
+            await client.raise_for_status(response, not_found)
+            body = await response.read()
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {client.name} failed: {type(exc).__name__}") from None
+        finally:
+            response.release()
+        next_query = None
+        link = response.headers.get("Link", "")
+        if link.startswith("<") and ">" in link:
+            target = link[1 : link.index(">")]
+            _, _, query = target.partition("?")
+            next_query = query or None
+        content_type = response.headers.get("Content-Type", "application/json")
+        return Page(body, content_type, next_query)
+
+    async def close(self) -> None:
+        for task in list(self._fills):
+            task.cancel()
+        await asyncio.gather(*self._fills, return_exceptions=True)
+        await self._manifest_fetches.close()
+
+
+def _as_registry_error(exc: BaseException, upstream: str, digest: Digest) -> RegistryError:
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, DigestMismatch):
+        return UpstreamError(f"upstream {upstream} sent content that does not match {digest}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"upstream {upstream} stalled sending {digest}")
+    if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+        return UpstreamError(f"could not store {digest}: {exc.strerror or exc}")
+    return UpstreamError(f"upstream {upstream} failed sending {digest}: {type(exc).__name__}")

@@ -1,0 +1,65 @@
+"""The OCI distribution grammar for repository names, tags and digests (pure functions)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
+NAME_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+MAX_NAME_LENGTH = 255
+
+# Algorithms the mirror can verify, with the length of their lowercase hex encoding.
+_HEX_LENGTH = {"sha256": 64, "sha512": 128}
+
+
+def is_valid_name(name: str) -> bool:
+    return len(name) <= MAX_NAME_LENGTH and NAME_RE.match(name) is not None
+
+
+def is_valid_tag(tag: str) -> bool:
+    return TAG_RE.match(tag) is not None
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A content digest the mirror can verify, e.g. sha256:<64 hex>."""
+
+    algorithm: str
+    hex: str
+
+    def __str__(self) -> str:
+        return f"{self.algorithm}:{self.hex}"
+
+    def hasher(self) -> hashlib._Hash:
+        return hashlib.new(self.algorithm)
+
+    def matches(self, data: bytes) -> bool:
+        return hashlib.new(self.algorithm, data).hexdigest() == self.hex
+
+
+def parse_digest(text: str) -> Digest | None:
+    """The digest in `text`, or None when it is malformed or of an algorithm we cannot verify."""
+    if DIGEST_RE.match(text) is None:
+        return None
+    algorithm, _, encoded = text.partition(":")
+    length = _HEX_LENGTH.get(algorithm)
+    if (
+        length is None
+        or len(encoded) != length
+        or not all(c in "0123456789abcdef" for c in encoded)
+    ):
+        return None
+    return Digest(algorithm, encoded)
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
+    return Digest(algorithm, hashlib.new(algorithm, data).hexdigest())
+
+
+def looks_like_digest(reference: str) -> bool:
+    """A manifest reference is a digest when it has a colon (tags cannot)."""
+    return ":" in reference
