@@ -66,9 +66,9 @@ class RegistryHandlers:
         elif not is_valid_tag(reference):
             raise TagInvalid(f"invalid tag {reference!r}", detail={"tag": reference})
         head = request.method == "HEAD"
-        answer: Manifest = await self._proxy.manifest(
-            route, reference, request.headers.get("Accept", ""), head=head
-        )
+        # Clients may send one Accept header per media type: take them all.
+        accept = ", ".join(request.headers.getall("Accept", []))
+        answer: Manifest = await self._proxy.manifest(route, reference, accept, head=head)
         headers = {
             **API_HEADERS,
             "Docker-Content-Digest": answer.digest,

@@ -1,0 +1,125 @@
+"""Shared fixtures: real upstream registries (plain and behind token auth), seeded once per
+session with images the tests make, and mirrors built on the app under test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from mirror.app import create_app
+from mirror.config import from_mapping
+from tests.support.images import Image, Pusher
+from tests.support.registry import Registry
+from tests.support.tokens import TokenServer
+
+BIG_LAYER = 100 * 1024 * 1024
+
+
+@dataclass
+class Seeded:
+    """What the plain upstream holds, made once per session."""
+
+    oci: Image  # library/alpine:3.20 (a one-part Docker Hub name once routed)
+    docker: Image  # team/app:v1, Docker schema2
+    index: Image  # multi/arch:latest, an OCI index of two platforms
+    big: Image  # big/layer:1, one layer of 100 MB
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    registry = Registry(tmp_path_factory.mktemp("upstream"))
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def seeded(upstream: Registry) -> Seeded:
+    pusher = Pusher(upstream.url)
+    return Seeded(
+        oci=pusher.image("library/alpine", "3.20"),
+        docker=pusher.image("team/app", "v1", docker=True),
+        index=pusher.index("multi/arch", "latest"),
+        big=pusher.image("big/layer", "1", layer_sizes=(BIG_LAYER,)),
+    )
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    server = TokenServer(tmp_path_factory.mktemp("tokens"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def auth_upstream(
+    tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer
+) -> Iterator[Registry]:
+    registry = Registry(tmp_path_factory.mktemp("auth-upstream"), auth=token_server.registry_auth())
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_pusher(auth_upstream: Registry, token_server: TokenServer) -> Pusher:
+    return Pusher(auth_upstream.url, token_server.admin_authorization)
+
+
+@dataclass
+class Mirror:
+    server: TestServer
+    app: web.Application
+    storage: Path
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+MirrorFactory = Callable[..., Awaitable[Mirror]]
+
+
+@pytest.fixture
+async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
+    """Start mirrors (real TCP servers on ephemeral loopback ports) over given upstreams."""
+    servers: list[TestServer] = []
+
+    async def factory(
+        upstreams: dict[str, Any], storage: Path | None = None, **settings: Any
+    ) -> Mirror:
+        storage = storage or tmp_path / f"cache{len(servers)}"
+        raw = {
+            "listen": "127.0.0.1:0",
+            "storage": {"path": str(storage), "max_size": "10GiB"},
+            "default_upstream": "docker.io",
+            "upstreams": {
+                name: value if isinstance(value, dict) else {"url": value}
+                for name, value in upstreams.items()
+            },
+            **settings,
+        }
+        config = from_mapping(raw, env={})
+        app = await create_app(config)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        return Mirror(server, app, storage)
+
+    yield factory
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def mirror(make_mirror: MirrorFactory, upstream: Registry) -> Mirror:
+    """A mirror with the plain registry as docker.io (the default) and as ghcr.io."""
+    return await make_mirror({"docker.io": upstream.url, "ghcr.io": upstream.url})
