@@ -16,6 +16,7 @@ from mirror.app import create_app
 from mirror.config import from_mapping
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry
+from tests.support.relay import Faults, Relay
 from tests.support.tokens import TokenServer
 
 BIG_LAYER = 100 * 1024 * 1024
@@ -123,3 +124,18 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
 async def mirror(make_mirror: MirrorFactory, upstream: Registry) -> Mirror:
     """A mirror with the plain registry as docker.io (the default) and as ghcr.io."""
     return await make_mirror({"docker.io": upstream.url, "ghcr.io": upstream.url})
+
+
+@pytest.fixture
+async def make_relay() -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
+    """Start fault-injecting relays in front of a registry; closed after the test."""
+    relays: list[Relay] = []
+
+    async def factory(target: str, **faults: Any) -> Relay:
+        relay = await Relay(target, Faults(**faults)).start()
+        relays.append(relay)
+        return relay
+
+    yield factory
+    for relay in relays:
+        await relay.close()

@@ -1,0 +1,154 @@
+"""A fault-injecting HTTP relay between the mirror and a real upstream.
+
+It forwards every request to the target registry and can slow blob bodies down, corrupt
+one byte of them, answer with a fixed status, or send blob GETs through a redirect to a
+second host (as registries do to object storage) that records the headers it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "host",
+    "content-length",
+}
+
+
+@dataclass
+class Faults:
+    rate: float | None = None  # bytes per second for blob bodies; None: full speed
+    corrupt_blobs: bool = False  # flip one byte in the middle of every blob body
+    corrupt_manifests: bool = False  # change one byte of every manifest body
+    status: int | None = None  # answer every /v2/<name>/ request with this status
+    redirect_blobs: bool = False  # send blob GETs to the second host with a 307
+
+
+@dataclass
+class Relay:
+    target: str
+    faults: Faults = field(default_factory=Faults)
+    requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    redirected_headers: list[dict[str, str]] = field(default_factory=list)
+    server: TestServer | None = None
+    cdn: TestServer | None = None
+    session: aiohttp.ClientSession | None = None
+    # How the second host authenticates to the target (as a signed URL would): scope -> header.
+    cdn_authorization: Callable[[str], str] | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def start(self) -> Relay:
+        self.session = aiohttp.ClientSession(auto_decompress=False)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+        cdn = web.Application()
+        cdn.router.add_get("/cdn/{tail:.*}", self._cdn)
+        self.cdn = TestServer(cdn, host="localhost")  # another host name than 127.0.0.1
+        await self.cdn.start_server()
+        return self
+
+    async def close(self) -> None:
+        for server in (self.server, self.cdn):
+            if server is not None:
+                await server.close()
+        if self.session is not None:
+            await self.session.close()
+
+    def count(self, method: str, fragment: str = "") -> int:
+        return sum(1 for m, p in self.requests if m == method and fragment in p)
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        self.redirected_headers.append(dict(request.headers))
+        path = "/" + request.match_info["tail"]
+        extra = {}
+        if self.cdn_authorization is not None:
+            repository = path.removeprefix("/v2/").split("/blobs/")[0]
+            extra["Authorization"] = self.cdn_authorization(f"repository:{repository}:pull")
+        return await self._proxy(request, path, dict(request.query), extra)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((request.method, request.path))
+        if self.faults.status is not None and request.path.startswith("/v2/") and request.path != "/v2/":
+            return web.json_response(
+                {"errors": [{"code": "UNAVAILABLE", "message": "injected"}]},
+                status=self.faults.status,
+            )
+        if self.faults.redirect_blobs and "/blobs/" in request.path and request.method == "GET":
+            assert self.cdn is not None
+            location = f"http://localhost:{self.cdn.port}/cdn{request.path}"
+            return web.Response(status=307, headers={"Location": location})
+        return await self._proxy(request, request.path, dict(request.query))
+
+    async def _proxy(
+        self,
+        request: web.Request,
+        path: str,
+        query: dict[str, str],
+        extra: dict[str, str] | None = None,
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers |= extra or {}
+        body = await request.read()
+        async with self.session.request(
+            request.method,
+            self.target + path,
+            params=query,
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
+        ) as upstream:
+            out_headers = {
+                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
+            }
+            if request.method == "HEAD":
+                response = web.Response(status=upstream.status, headers=out_headers)
+                if upstream.content_length is not None:
+                    response.headers["Content-Length"] = str(upstream.content_length)
+                return response
+            is_blob = "/blobs/" in path and upstream.status == 200
+            is_manifest = "/manifests/" in path and upstream.status == 200
+            response = web.StreamResponse(status=upstream.status, headers=out_headers)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            sent = 0
+            middle = (upstream.content_length or 0) // 2
+            async for chunk in upstream.content.iter_chunked(64 * 1024):
+                if (is_blob and self.faults.corrupt_blobs) or (
+                    is_manifest and self.faults.corrupt_manifests
+                ):
+                    chunk = _flip(chunk, middle - sent)
+                if is_blob and self.faults.rate:
+                    await asyncio.sleep(len(chunk) / self.faults.rate)
+                sent += len(chunk)
+                try:
+                    await response.write(chunk)
+                except ConnectionError:
+                    break
+            await response.write_eof()
+            return response
+
+
+def _flip(chunk: bytes, position: int) -> bytes:
+    if 0 <= position < len(chunk):
+        return chunk[:position] + bytes([chunk[position] ^ 0xFF]) + chunk[position + 1 :]
+    return chunk

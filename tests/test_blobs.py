@@ -1,0 +1,190 @@
+"""Blob misses: one upstream transfer per digest, streamed to every waiting client; hits by
+sendfile with Range; wrong bytes never kept nor delivered whole."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import BIG_LAYER, Mirror, MirrorFactory, Seeded
+from tests.support.registry import Registry
+from tests.support.relay import Relay
+from tests.support.tokens import TokenServer
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+def _big_blob(seeded: Seeded) -> tuple[str, bytes]:
+    digest = seeded.big.layers[0]
+    return digest, seeded.big.blobs[digest]
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """GET a URL, noting when the first and last bytes arrived and the body's sha256."""
+    hasher = hashlib.sha256()
+    size = 0
+    first = None
+    async with session.get(url) as response:
+        status = response.status
+        async for chunk in response.content.iter_any():
+            if first is None:
+                first = time.monotonic()
+            hasher.update(chunk)
+            size += len(chunk)
+    return {
+        "status": status,
+        "sha256": "sha256:" + hasher.hexdigest(),
+        "size": size,
+        "first": first,
+        "done": time.monotonic(),
+    }
+
+
+@pytest.mark.slow
+async def test_sixteen_clients_one_upstream_transfer_streamed_to_all(
+    make_mirror: MirrorFactory,
+    make_relay: RelayFactory,
+    upstream: Registry,
+    seeded: Seeded,
+) -> None:
+    relay = await make_relay(upstream.url, rate=50 * 1024 * 1024)  # ~2 s for 100 MB
+    mirror = await make_mirror({"docker.io": relay.url})
+    digest, data = _big_blob(seeded)
+    mark = upstream.mark()
+    url = f"{mirror.url}/v2/big/layer/blobs/{digest}"
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(_fetch(session, url) for _ in range(16)))
+    elapsed = time.monotonic() - started
+    for result in results:
+        assert result["status"] == 200
+        assert result["size"] == len(data) == BIG_LAYER + (len(data) - BIG_LAYER)
+        assert result["sha256"] == digest
+    # every client had bytes before any client had the whole blob: streamed, not stored first
+    assert max(r["first"] for r in results) < min(r["done"] for r in results)
+    gets = [h for h in upstream.hits(mark) if h.method == "GET" and digest in h.path]
+    assert len(gets) == 1
+    assert relay.count("GET", digest) == 1
+    print(f"16 clients x {len(data)} bytes through one transfer in {elapsed:.2f}s")
+
+
+@pytest.mark.slow
+async def test_client_hanging_up_does_not_stop_the_fill(
+    make_mirror: MirrorFactory, make_relay: RelayFactory, upstream: Registry, seeded: Seeded
+) -> None:
+    relay = await make_relay(upstream.url, rate=100 * 1024 * 1024)
+    mirror = await make_mirror({"docker.io": relay.url})
+    digest, data = _big_blob(seeded)
+    url = f"{mirror.url}/v2/big/layer/blobs/{digest}"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        await response.content.readexactly(4 * 1024 * 1024)
+        # leaving the block closes the connection mid-body
+    stored = mirror.storage / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    for _ in range(200):
+        if stored.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert stored.exists(), "the fill stopped when its client left"
+    async with aiohttp.ClientSession() as session:
+        result = await _fetch(session, url)
+    assert result["sha256"] == digest and result["size"] == len(data)
+    assert relay.count("GET", digest) == 1
+
+
+async def _attempt(url: str) -> tuple[int, bytes, bool]:
+    """GET url; returns (status, bytes received, whether the body was cut off)."""
+    received = bytearray()
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        try:
+            async for chunk in response.content.iter_any():
+                received += chunk
+        except aiohttp.ClientPayloadError:
+            return response.status, bytes(received), True
+        return response.status, bytes(received), False
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small-blob", "streamed-100MB"])
+async def test_corrupt_upstream_blob_is_never_delivered_whole_nor_kept(
+    make_mirror: MirrorFactory,
+    make_relay: RelayFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    big: bool,
+) -> None:
+    relay = await make_relay(upstream.url, corrupt_blobs=True, rate=200 * 1024 * 1024)
+    mirror = await make_mirror({"docker.io": relay.url})
+    image = seeded.big if big else seeded.oci
+    digest = image.layers[0]
+    data = image.blobs[digest]
+    url = f"{mirror.url}/v2/{image.repository}/blobs/{digest}"
+    status, received, cut = await _attempt(url)
+    if status == 200:
+        # the transfer had begun: the client is cut off before the last byte
+        assert cut and len(received) < len(data)
+    else:
+        assert status == 502  # failed before the answer began: an OCI error
+    if big:
+        assert status == 200 and cut and len(received) >= len(data) // 2
+    assert not any((mirror.storage / "blobs").rglob(digest[7:]))
+    assert not any((mirror.storage / "tmp").iterdir())
+    relay.faults.corrupt_blobs = False
+    async with aiohttp.ClientSession() as session:
+        result = await _fetch(session, url)
+    assert result["sha256"] == digest
+
+
+async def test_head_and_range_on_hit_and_miss(
+    mirror: Mirror, upstream: Registry, seeded: Seeded
+) -> None:
+    digest = seeded.docker.layers[0]
+    data = seeded.docker.blobs[digest]
+    url = f"{mirror.url}/v2/team/app/blobs/{digest}"
+    async with aiohttp.ClientSession() as session:
+        async with session.head(url) as response:  # miss: asks the upstream, keeps nothing
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(data))
+            assert response.headers["Docker-Content-Digest"] == digest
+        async with session.get(url, headers={"Range": "bytes=10-99"}) as response:  # miss
+            assert response.status == 206
+            assert await response.read() == data[10:100]
+            assert response.headers["Content-Range"] == f"bytes 10-99/{len(data)}"
+        mark = upstream.mark()
+        async with session.head(url) as response:  # hit: answered locally
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(data))
+        async with session.get(url, headers={"Range": "bytes=100-"}) as response:
+            assert response.status == 206
+            assert await response.read() == data[100:]
+        async with session.get(url, headers={"If-None-Match": f'"{digest}"'}) as response:
+            assert response.status == 304
+        assert upstream.hits(mark) == []
+
+
+async def test_redirect_to_another_host_drops_the_registry_authorization(
+    make_mirror: MirrorFactory,
+    make_relay: RelayFactory,
+    auth_upstream: Registry,
+    auth_pusher: Any,
+    token_server: TokenServer,
+    tmp_path: Any,
+) -> None:
+    image = auth_pusher.image("public/redirected", "1")
+    relay = await make_relay(auth_upstream.url, redirect_blobs=True)
+    relay.cdn_authorization = token_server.admin_authorization
+    mirror = await make_mirror({"docker.io": relay.url})
+    async with aiohttp.ClientSession() as session:
+        for digest, data in image.blobs.items():
+            async with session.get(f"{mirror.url}/v2/public/redirected/blobs/{digest}") as r:
+                assert r.status == 200
+                assert await r.read() == data
+    assert len(relay.redirected_headers) == len(image.blobs)
+    assert all("Authorization" not in h for h in relay.redirected_headers)
+    # ...while the registry itself was sent a Bearer token
+    assert relay.count("GET", "/blobs/") == len(image.blobs)
