@@ -65,12 +65,21 @@ class Page:
     next_query: str | None
 
 
+def _kinds(accept: str) -> set[str]:
+    return {part.split(";")[0].strip().lower() for part in accept.split(",")} - {""}
+
+
 def accepts(accept: str, media_type: str) -> bool:
     """Whether a client's Accept header admits `media_type` (no Accept admits anything)."""
-    if not accept.strip():
-        return True
-    kinds = {part.split(";")[0].strip().lower() for part in accept.split(",")}
-    return "*/*" in kinds or media_type.lower() in kinds
+    kinds = _kinds(accept)
+    return not kinds or "*/*" in kinds or media_type.lower() in kinds
+
+
+def upstream_accept(accept: str) -> str:
+    """The Accept to send upstream: the client's list, or every manifest type when the
+    client named none (a bare `*/*` would make the reference registry answer schema1)."""
+    kinds = _kinds(accept) - {"*/*"}
+    return accept if kinds else ALL_MANIFEST_TYPES
 
 
 def _media_type(response: aiohttp.ClientResponse) -> str:
@@ -143,7 +152,7 @@ class Proxy:
     async def _refresh_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
         """Ask the upstream what the tag points to: HEAD first, GET only for what is missing."""
         client = self._client(route)
-        send_accept = accept if accept.strip() else ALL_MANIFEST_TYPES
+        send_accept = upstream_accept(accept)
         response = await client.request(
             "HEAD", route.repository, f"manifests/{tag}", headers={"Accept": send_accept}
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 
@@ -63,3 +65,37 @@ def digest_of(data: bytes, algorithm: str = "sha256") -> Digest:
 def looks_like_digest(reference: str) -> bool:
     """A manifest reference is a digest when it has a colon (tags cannot)."""
     return ":" in reference
+
+
+SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def schema1_payload(data: bytes) -> bytes | None:
+    """The signed payload of a Docker schema1 manifest, which its digest is taken over.
+
+    A signature's protected header gives `formatLength` (bytes of the body before the
+    signatures) and `formatTail` (what closes the JSON after them).
+    """
+    try:
+        signatures = json.loads(data)["signatures"]
+        protected = json.loads(_b64url(signatures[0]["protected"]))
+        length, tail = int(protected["formatLength"]), _b64url(protected["formatTail"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if not 0 < length <= len(data):
+        return None
+    return data[:length] + tail
+
+
+def manifest_matches(digest: Digest, data: bytes, media_type: str) -> bool:
+    """Whether manifest bytes are what `digest` names (schema1: its signed payload)."""
+    if digest.matches(data):
+        return True
+    if media_type == SCHEMA1_SIGNED:
+        payload = schema1_payload(data)
+        return payload is not None and digest.matches(payload)
+    return False

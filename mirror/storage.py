@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from .reference import Digest
+from .reference import Digest, manifest_matches
 
 log = logging.getLogger("mirror.storage")
 
@@ -220,7 +220,7 @@ class DiskStore:
         return data, media_type
 
     def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
-        if not digest.matches(data):
+        if not manifest_matches(digest, data, media_type):
             raise DigestMismatch(f"manifest does not match {digest}")
         path = self.manifest_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,9 +51,7 @@ async def test_multi_arch_index_with_all(
     mirror: Mirror, seeded: Seeded, upstream: Registry, tmp_path: Path
 ) -> None:
     mark = upstream.mark()
-    digest = await skopeo_copy_to_dir(
-        f"{mirror.host}/multi/arch:latest", tmp_path / "all", "--all"
-    )
+    digest = await skopeo_copy_to_dir(f"{mirror.host}/multi/arch:latest", tmp_path / "all", "--all")
     assert digest == seeded.index.digest
     assert (tmp_path / "all" / "manifest.json").read_bytes() == seeded.index.manifest
     for child in seeded.index.children:

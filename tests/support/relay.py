@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,7 @@ class Faults:
     corrupt_manifests: bool = False  # change one byte of every manifest body
     status: int | None = None  # answer every /v2/<name>/ request with this status
     redirect_blobs: bool = False  # send blob GETs to the second host with a 307
+    paginate_tags: bool = False  # page tags lists by n/last with a Link, as distribution 3 does
 
 
 @dataclass
@@ -86,7 +88,11 @@ class Relay:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
-        if self.faults.status is not None and request.path.startswith("/v2/") and request.path != "/v2/":
+        if (
+            self.faults.status is not None
+            and request.path.startswith("/v2/")
+            and request.path != "/v2/"
+        ):
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "injected"}]},
                 status=self.faults.status,
@@ -95,7 +101,23 @@ class Relay:
             assert self.cdn is not None
             location = f"http://localhost:{self.cdn.port}/cdn{request.path}"
             return web.Response(status=307, headers={"Location": location})
+        if self.faults.paginate_tags and request.path.endswith("/tags/list"):
+            return await self._paged_tags(request)
         return await self._proxy(request, request.path, dict(request.query))
+
+    async def _paged_tags(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        async with self.session.get(self.target + request.path) as upstream:
+            listing = await upstream.json()
+        tags = sorted(listing["tags"])
+        if "last" in request.query:
+            tags = [t for t in tags if t > request.query["last"]]
+        headers = {}
+        if "n" in request.query and len(tags) > int(request.query["n"]):
+            tags = tags[: int(request.query["n"])]
+            query = urlencode({"last": tags[-1], "n": request.query["n"]})
+            headers["Link"] = f'<{request.path}?{query}>; rel="next"'
+        return web.json_response({"name": listing["name"], "tags": tags}, headers=headers)
 
     async def _proxy(
         self,
@@ -116,9 +138,7 @@ class Relay:
             data=body or None,
             allow_redirects=False,
         ) as upstream:
-            out_headers = {
-                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-            }
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
             if request.method == "HEAD":
                 response = web.Response(status=upstream.status, headers=out_headers)
                 if upstream.content_length is not None:
