@@ -95,7 +95,7 @@ class Relay:
         ):
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "injected"}]},
-                status=self.faults.status,
+                status=self.faults.status or 500,
             )
         if self.faults.redirect_blobs and "/blobs/" in request.path and request.method == "GET":
             assert self.cdn is not None
