@@ -95,15 +95,17 @@ class TokenCache:
             return None
         return token.value
 
-    async def fetch(self, challenge: Challenge, scope: str, *, renew: bool = False) -> str:
-        """A valid token for `scope`; one token request however many callers ask at once."""
+    async def fetch(self, challenge: Challenge, scope: str, *, refused: str | None = None) -> str:
+        """A valid token for `scope`, other than one the registry just `refused`.
+
+        One token request however many callers ask at once: callers refused together all
+        take the one renewed token.
+        """
         key = self._key(challenge, scope)
-        if renew:
-            self._tokens.pop(key, None)
-        elif (value := self.cached(challenge, scope)) is not None:
+        value = self.cached(challenge, scope)
+        if value is not None and value != refused:
             return value
         token = await self._fetches.run(key, lambda: self._request(challenge, scope))
-        self._tokens[key] = token
         return token.value
 
     def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
@@ -153,4 +155,7 @@ class TokenCache:
         log.debug("token for %s on %s, valid %ss", scope, name, lifetime)
         # Renew a little before the server's expiry, so no request carries a dying token.
         usable = float(lifetime) - min(RENEW_MARGIN, float(lifetime) / 4)
-        return _Token(value=value, expires_at=time.monotonic() + usable)
+        token = _Token(value=value, expires_at=time.monotonic() + usable)
+        # Kept before the shared fetch completes, so no late caller starts another one.
+        self._tokens[self._key(challenge, scope)] = token
+        return token

@@ -53,14 +53,14 @@ class UpstreamClient:
             total=total, connect=self._timeouts.connect, sock_read=self._timeouts.read
         )
 
-    async def _credentials(self, scope: str, *, renew: bool = False) -> str | None:
+    async def _credentials(self, scope: str, refused: str | None = None) -> str | None:
+        """The Authorization header for `scope`, never the `refused` one again."""
         challenge = self._challenge
         if challenge is None:
             return None
         if challenge.scheme == "bearer":
-            if not renew and (token := self._tokens.cached(challenge, scope)) is not None:
-                return f"Bearer {token}"
-            return f"Bearer {await self._tokens.fetch(challenge, scope, renew=renew)}"
+            token = refused.removeprefix("Bearer ") if refused else None
+            return f"Bearer {await self._tokens.fetch(challenge, scope, refused=token)}"
         if challenge.scheme == "basic" and self.config.username and self.config.password:
             return basic_header(self.config.username, self.config.password)
         return None
@@ -99,7 +99,7 @@ class UpstreamClient:
                 challenge.scheme,
                 {k: v for k, v in challenge.params.items() if k in ("realm", "service")},
             )
-            authorization = await self._credentials(scope, renew=True)
+            authorization = await self._credentials(scope, refused=authorization)
         raise UpstreamError(
             f"upstream {self.name} refused authorization for {scope}",
             detail={"upstream": self.name, "scope": scope},

@@ -43,6 +43,7 @@ class Relay:
     target: str
     faults: Faults = field(default_factory=Faults)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    authorizations: list[tuple[str, str | None]] = field(default_factory=list)  # (path, header)
     redirected_headers: list[dict[str, str]] = field(default_factory=list)
     server: TestServer | None = None
     cdn: TestServer | None = None
@@ -88,6 +89,7 @@ class Relay:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        self.authorizations.append((request.path, request.headers.get("Authorization")))
         if (
             self.faults.status is not None
             and request.path.startswith("/v2/")

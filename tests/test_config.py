@@ -1,0 +1,124 @@
+"""mirror.yaml: defaults, ${VAR}, MIRROR_* overrides, and one clear line per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mirror.config import ConfigError, load, parse_size
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_default_file_is_valid() -> None:
+    config = load(Path(__file__).parent.parent / "mirror.yaml", env={})
+    assert config.default_upstream == "docker.io"
+    assert {"docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io"} <= set(
+        config.upstreams
+    )
+    assert (config.listen_host, config.listen_port) == ("0.0.0.0", 5000)
+    assert config.storage.path == Path("./cache")
+
+
+def test_full_file_with_env_vars(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """
+listen: 127.0.0.1:5001
+storage: {path: /var/lib/mirror, max_size: 2GiB}
+manifest_ttl: 60
+default_upstream: docker.io
+upstreams:
+  docker.io:
+    url: https://registry-1.docker.io
+    username: ${HUB_USER}
+    password: ${HUB_TOKEN}
+  ghcr.io: {url: https://ghcr.io}
+""",
+    )
+    config = load(path, env={"HUB_USER": "bob", "HUB_TOKEN": "s3cret"})
+    assert config.listen_port == 5001
+    assert config.storage.max_size == 2 * 1024**3
+    assert config.manifest_ttl == 60
+    hub = config.upstreams["docker.io"]
+    assert (hub.username, hub.password) == ("bob", "s3cret")
+    assert config.upstream_named("index.docker.io") is hub
+    # unset variables leave the upstream anonymous
+    anonymous = load(path, env={})
+    assert anonymous.upstreams["docker.io"].username is None
+
+
+def test_env_overrides_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "listen: 127.0.0.1:5001\n")
+    config = load(
+        path,
+        env={
+            "MIRROR_LISTEN": "127.0.0.1:6000",
+            "MIRROR_STORAGE_MAX_SIZE": "10MiB",
+            "MIRROR_MANIFEST_TTL": "5",
+        },
+    )
+    assert config.listen_port == 6000
+    assert config.storage.max_size == 10 * 1024**2
+    assert config.manifest_ttl == 5
+
+
+def test_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "key.json"
+    secret.write_text("from-a-file\n")
+    path = _write(
+        tmp_path,
+        f"""
+upstreams:
+  gcr.io: {{url: https://gcr.io, username: _json_key, password_file: {secret}}}
+default_upstream: gcr.io
+""",
+    )
+    assert load(path, env={}).upstreams["gcr.io"].password == "from-a-file"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("listen: nowhere\n", "listen:"),
+        ("storage: {path: /x, max_size: lots}\n", "storage.max_size:"),
+        ("storage: {max_size: -1}\n", "storage.max_size:"),
+        ("storage: {paht: /x}\n", "storage.paht: unknown key"),
+        ("colour: blue\n", "colour: unknown key"),
+        ("manifest_ttl: soon\n", "manifest_ttl:"),
+        ("default_upstream: quay.io\n", "default_upstream:"),
+        (
+            "upstreams: {ghcr.io: {}}\ndefault_upstream: ghcr.io\n",
+            "upstreams.ghcr.io.url: required",
+        ),
+        ("upstreams: {ghcr.io: {url: ftp://x}}\n", "upstreams.ghcr.io.url:"),
+        ("upstreams: {ghcr.io: {url: https://ghcr.io, token: x}}\n", "upstreams.ghcr.io.token"),
+        (
+            "upstreams: {docker.io: {url: https://r, username: u}}\n",
+            "upstreams.docker.io: username and password",
+        ),
+        ("upstreams: []\n", "upstreams: expected a mapping"),
+        ("timeouts: {read: 0}\n", "timeouts.read:"),
+        ("log_level: loud\n", "log_level:"),
+        ("- a list\n", "expected a mapping"),
+        ("listen: [unclosed\n", "not valid YAML at line"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(_write(tmp_path, text), env={})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(1024, 1024), ("1KiB", 1024), ("50GiB", 50 * 1024**3), ("1.5 MiB", 1572864), ("2MB", 2 * 10**6)],
+)
+def test_sizes(value: object, size: int) -> None:
+    assert parse_size(value, "k") == size

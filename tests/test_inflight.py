@@ -1,0 +1,72 @@
+"""The coalescing primitives on their own: one task per key, many readers of one file."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mirror.inflight import SingleFlight, Transfer, TransferFailed
+
+
+async def test_single_flight_runs_once_and_survives_a_cancelled_caller() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    calls = 0
+    release = asyncio.Event()
+
+    async def work() -> int:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return 42
+
+    first = asyncio.create_task(flight.run("k", work))
+    others = [asyncio.create_task(flight.run("k", work)) for _ in range(5)]
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*others) == [42] * 5
+    assert calls == 1
+    assert "k" not in flight
+    assert await flight.run("k", work) == 42 and calls == 2
+
+
+async def _collect(transfer: Transfer, start: int = 0, end: int | None = None) -> bytes:
+    return b"".join([chunk async for chunk in transfer.read(start, end)])
+
+
+async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_path: Path) -> None:
+    path, final = tmp_path / "blob.part", tmp_path / "blob"
+    transfer = Transfer(path, final)
+    data = bytes(range(256)) * 64
+    with path.open("wb") as out:
+        transfer.start(len(data))
+        readers = [asyncio.create_task(_collect(transfer)) for _ in range(3)]
+        ranged = asyncio.create_task(_collect(transfer, 100, 200))
+        for offset in range(0, len(data), 1000):
+            out.write(data[offset : offset + 1000])
+            out.flush()
+            transfer.advance(len(data[offset : offset + 1000]))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        assert not any(r.done() for r in readers)  # all but the last byte, until verified
+    path.rename(final)
+    transfer.finish()
+    assert await asyncio.gather(*readers) == [data] * 3
+    assert await ranged == data[100:200]
+    assert await _collect(transfer) == data  # a late reader opens the renamed file
+
+
+async def test_failure_reaches_every_reader(tmp_path: Path) -> None:
+    path = tmp_path / "blob.part"
+    path.write_bytes(b"x" * 10)
+    transfer = Transfer(path, tmp_path / "blob")
+    transfer.start(100)
+    transfer.advance(10)
+    reader = asyncio.create_task(_collect(transfer))
+    await asyncio.sleep(0.01)
+    transfer.fail(RuntimeError("digest mismatch"))
+    with pytest.raises(TransferFailed):
+        await reader
