@@ -121,9 +121,7 @@ async def test_token_is_per_repository_and_shared_by_concurrent_requests(
         assert _access(header) == [repository]
 
 
-async def test_short_lived_tokens_are_renewed(
-    make_mirror: MirrorFactory, tmp_path: Path
-) -> None:
+async def test_short_lived_tokens_are_renewed(make_mirror: MirrorFactory, tmp_path: Path) -> None:
     tokens = TokenServer(tmp_path, lifetime=4)
     registry = Registry(tmp_path / "registry", auth=tokens.registry_auth())
     try:
@@ -164,9 +162,7 @@ async def test_credentials_are_not_sent_to_a_foreign_realm(
         assert "auth_hosts" in (await response.json())["errors"][0]["message"]
     assert token_server.requests == before
     # named in auth_hosts, the same realm is trusted
-    trusted = await make_mirror(
-        {"docker.io": {"url": url, **ALICE, "auth_hosts": ["127.0.0.1"]}}
-    )
+    trusted = await make_mirror({"docker.io": {"url": url, **ALICE, "auth_hosts": ["127.0.0.1"]}})
     async with (
         aiohttp.ClientSession() as session,
         session.get(f"{trusted.url}/v2/public/foreign/manifests/1") as response,

@@ -18,9 +18,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_repository_default_file_is_valid() -> None:
     config = load(Path(__file__).parent.parent / "mirror.yaml", env={})
     assert config.default_upstream == "docker.io"
-    assert {"docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io"} <= set(
-        config.upstreams
-    )
+    assert {"docker.io", "ghcr.io", "quay.io", "gcr.io", "registry.k8s.io"} <= set(config.upstreams)
     assert (config.listen_host, config.listen_port) == ("0.0.0.0", 5000)
     assert config.storage.path == Path("./cache")
 
@@ -118,7 +116,13 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "size"),
-    [(1024, 1024), ("1KiB", 1024), ("50GiB", 50 * 1024**3), ("1.5 MiB", 1572864), ("2MB", 2 * 10**6)],
+    [
+        (1024, 1024),
+        ("1KiB", 1024),
+        ("50GiB", 50 * 1024**3),
+        ("1.5 MiB", 1572864),
+        ("2MB", 2 * 10**6),
+    ],
 )
 def test_sizes(value: object, size: int) -> None:
     assert parse_size(value, "k") == size
