@@ -6,6 +6,8 @@ stops start-up with a message an operator can act on.
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -31,6 +33,22 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class TtlRule:
+    """`manifest_ttl_rules` entry: tags whose `<repository>:<tag>` matches get `ttl`."""
+
+    match: str  # shell pattern, e.g. "*:latest" or "library/*:3.*"
+    ttl: float  # seconds; math.inf for `forever`
+
+    def applies(self, repository: str, tag: str) -> bool:
+        return fnmatch.fnmatchcase(f"{repository}:{tag}", self.match)
+
+
+DEFAULT_MANIFEST_TTL = 300.0
+DEFAULT_NEGATIVE_TTL = 30.0
+DEFAULT_MAX_TRANSFERS = 16
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """One registry the mirror may contact."""
 
@@ -39,6 +57,18 @@ class UpstreamConfig:
     username: str | None = None  # None: anonymous
     password: str | None = None
     auth_hosts: tuple[str, ...] = ()  # extra hosts trusted to receive credentials as token realm
+    manifest_ttl: float = DEFAULT_MANIFEST_TTL  # default: the global manifest_ttl
+    ttl_rules: tuple[TtlRule, ...] = ()  # this upstream's rules, then the global ones
+    offline: bool = False  # never contact this upstream; default: the global `offline`
+    serve_stale_on_404: bool = False  # an upstream 404 for a cached tag serves the cached copy
+    max_transfers: int = DEFAULT_MAX_TRANSFERS  # concurrent blob transfers from this upstream
+
+    def ttl_for(self, repository: str, tag: str) -> float:
+        """Seconds a tag's digest is trusted: the first matching rule, else manifest_ttl."""
+        for rule in self.ttl_rules:
+            if rule.applies(repository, tag):
+                return rule.ttl
+        return self.manifest_ttl
 
 
 @dataclass(frozen=True)
@@ -59,7 +89,9 @@ class Config:
     listen_host: str = "0.0.0.0"  # from `listen: host:port`, default 0.0.0.0:5000
     listen_port: int = 5000
     storage: StorageConfig = field(default_factory=StorageConfig)
-    manifest_ttl: float = 300.0  # seconds a tag->digest answer is trusted before revalidation
+    manifest_ttl: float = DEFAULT_MANIFEST_TTL  # seconds a tag's digest is trusted
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL  # seconds an upstream 404 for a manifest is kept
+    offline: bool = False  # never contact any upstream (air-gapped): serve the cache only
     default_upstream: str = DOCKER_HUB  # where un-prefixed, un-ns'd requests go
     upstreams: Mapping[str, UpstreamConfig] = field(
         default_factory=lambda: {
@@ -147,10 +179,54 @@ def _parse_listen(value: Any) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _parse_upstream(name: str, raw: Any, env: Mapping[str, str]) -> UpstreamConfig:
+def _parse_ttl(value: Any, key: str) -> float:
+    if value == "forever":
+        return math.inf
+    return _number(value, key)
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _parse_rules(value: Any, key: str) -> tuple[TtlRule, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of {{match: PATTERN, ttl: SECONDS}}")
+    rules = []
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        entry = _mapping(item, where)
+        _check_keys(entry, {"match", "ttl"}, where)
+        if not isinstance(entry.get("match"), str) or "ttl" not in entry:
+            raise ConfigError(f"{where}: needs match (a pattern like '*:latest') and ttl")
+        rules.append(TtlRule(entry["match"], _parse_ttl(entry["ttl"], f"{where}.ttl")))
+    return tuple(rules)
+
+
+UPSTREAM_KEYS = {
+    "url",
+    "username",
+    "password",
+    "password_file",
+    "auth_hosts",
+    "manifest_ttl",
+    "manifest_ttl_rules",
+    "offline",
+    "serve_stale_on_404",
+    "max_transfers",
+}
+
+
+def _parse_upstream(
+    name: str, raw: Any, env: Mapping[str, str], defaults: UpstreamConfig
+) -> UpstreamConfig:
     where = f"upstreams.{name}"
     section = _mapping(raw, where)
-    _check_keys(section, {"url", "username", "password", "password_file", "auth_hosts"}, where)
+    _check_keys(section, UPSTREAM_KEYS, where)
     url = section.get("url")
     if not isinstance(url, str) or not url:
         raise ConfigError(f"{where}.url: required, the registry's base URL like https://{name}")
@@ -170,12 +246,25 @@ def _parse_upstream(name: str, raw: Any, env: Mapping[str, str]) -> UpstreamConf
     hosts = section.get("auth_hosts") or []
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
         raise ConfigError(f"{where}.auth_hosts: expected a list of host names")
+    max_transfers = section.get("max_transfers", defaults.max_transfers)
+    if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
+        raise ConfigError(f"{where}.max_transfers: expected a whole number >= 1")
     return UpstreamConfig(
         name=name,
         url=url.rstrip("/"),
         username=username,
         password=password,
         auth_hosts=tuple(hosts),
+        manifest_ttl=_parse_ttl(
+            section.get("manifest_ttl", defaults.manifest_ttl), f"{where}.manifest_ttl"
+        ),
+        ttl_rules=_parse_rules(section.get("manifest_ttl_rules"), f"{where}.manifest_ttl_rules")
+        + defaults.ttl_rules,
+        offline=_parse_bool(section.get("offline", defaults.offline), f"{where}.offline"),
+        serve_stale_on_404=_parse_bool(
+            section.get("serve_stale_on_404", False), f"{where}.serve_stale_on_404"
+        ),
+        max_transfers=max_transfers,
     )
 
 
@@ -217,6 +306,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "listen",
         "storage",
         "manifest_ttl",
+        "manifest_ttl_rules",
+        "negative_ttl",
+        "offline",
         "default_upstream",
         "upstreams",
         "timeouts",
@@ -248,18 +340,27 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         }
     )
 
-    upstreams: Mapping[str, UpstreamConfig] = defaults.upstreams
-    if "upstreams" in data:
-        raw_upstreams = _mapping(data["upstreams"], "upstreams")
-        if not raw_upstreams:
-            raise ConfigError("upstreams: at least one upstream is needed")
-        upstreams = {
-            str(name): _parse_upstream(str(name), value, env)
-            for name, value in raw_upstreams.items()
-        }
-        for alias in DOCKER_HUB_ALIASES[1:]:
-            if alias in upstreams:
-                raise ConfigError(f"upstreams.{alias}: name Docker Hub 'docker.io' instead")
+    manifest_ttl = _parse_ttl(data.get("manifest_ttl", defaults.manifest_ttl), "manifest_ttl")
+    upstream_defaults = UpstreamConfig(
+        name="",
+        url="",
+        manifest_ttl=manifest_ttl,
+        ttl_rules=_parse_rules(data.get("manifest_ttl_rules"), "manifest_ttl_rules"),
+        offline=_parse_bool(data.get("offline", False), "offline"),
+    )
+    raw_upstreams = _mapping(
+        data.get("upstreams", {DOCKER_HUB: {"url": "https://registry-1.docker.io"}}),
+        "upstreams",
+    )
+    if not raw_upstreams:
+        raise ConfigError("upstreams: at least one upstream is needed")
+    upstreams = {
+        str(name): _parse_upstream(str(name), value, env, upstream_defaults)
+        for name, value in raw_upstreams.items()
+    }
+    for alias in DOCKER_HUB_ALIASES[1:]:
+        if alias in upstreams:
+            raise ConfigError(f"upstreams.{alias}: name Docker Hub 'docker.io' instead")
 
     default_upstream = str(data.get("default_upstream", defaults.default_upstream))
     if default_upstream in DOCKER_HUB_ALIASES:
@@ -278,9 +379,9 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         listen_host=host,
         listen_port=port,
         storage=storage,
-        manifest_ttl=_number(
-            data.get("manifest_ttl", defaults.manifest_ttl), "manifest_ttl", minimum=0
-        ),
+        manifest_ttl=manifest_ttl,
+        negative_ttl=_number(data.get("negative_ttl", defaults.negative_ttl), "negative_ttl"),
+        offline=upstream_defaults.offline,
         default_upstream=default_upstream,
         upstreams=upstreams,
         timeouts=timeouts,

@@ -21,7 +21,7 @@ from .errors import (
     Unsupported,
 )
 from .inflight import Transfer, TransferFailed
-from .proxy import Manifest, Proxy
+from .proxy import HIT, MISS, Manifest, Proxy
 from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
 from .routing import Route, resolve
 
@@ -29,6 +29,8 @@ log = logging.getLogger("mirror.handlers")
 
 API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
 WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
+# Where an answer came from: hit, miss, or stale (the upstream could not confirm it).
+CACHE_HEADER = "X-Mirror-Cache"
 
 
 def _digest(text: str) -> Digest:
@@ -74,6 +76,7 @@ class RegistryHandlers:
             "Docker-Content-Digest": answer.digest,
             "ETag": f'"{answer.digest}"',
             "Content-Type": answer.media_type,
+            CACHE_HEADER: answer.source,
         }
         if _etag_matches(request, answer.digest):
             return web.Response(status=304, headers=headers)
@@ -100,8 +103,8 @@ class RegistryHandlers:
             return web.Response(headers=headers)
         source = await self._proxy.open_blob(route, digest)
         if isinstance(source, Path):
-            return web.FileResponse(source, headers=headers)
-        return await self._stream(request, source, headers)
+            return web.FileResponse(source, headers={**headers, CACHE_HEADER: HIT})
+        return await self._stream(request, source, {**headers, CACHE_HEADER: MISS})
 
     async def _stream(
         self, request: web.Request, transfer: Transfer, headers: dict[str, str]

@@ -18,8 +18,11 @@ import aiohttp
 from .config import Config
 from .errors import (
     BlobUnknown,
+    Denied,
     ManifestUnknown,
+    NameUnknown,
     RegistryError,
+    TooManyRequests,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -43,7 +46,11 @@ MANIFEST_TYPES = (
 )
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # as the reference registry enforces
+MAX_RESUMES = 5  # Range requests to finish one blob transfer that keeps breaking
 FOREIGN_FILL_POLL = 0.05  # seconds between looks at a fill another process runs
+
+
+HIT, MISS, STALE = "hit", "miss", "stale"  # where an answer came from
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,31 @@ class Manifest:
     media_type: str
     size: int
     data: bytes | None
+    source: str  # HIT, MISS or STALE
+
+
+class NegativeCache:
+    """Upstream 404s for manifests, remembered briefly so a retry loop does not hammer it."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._until: dict[tuple[str, str, str], float] = {}
+
+    def remember(self, key: tuple[str, str, str]) -> None:
+        if self._ttl > 0:
+            if len(self._until) > 10_000:  # bounded: drop what has expired
+                now = time.monotonic()
+                self._until = {k: t for k, t in self._until.items() if t > now}
+            self._until[key] = time.monotonic() + self._ttl
+
+    def known_missing(self, key: tuple[str, str, str]) -> bool:
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._until[key]
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -101,6 +133,7 @@ class Proxy:
         self._tags = tags
         self._upstreams = upstreams
         self._manifest_fetches: SingleFlight[tuple[str, ...], Manifest] = SingleFlight()
+        self._negative = NegativeCache(config.negative_ttl)
         self._transfers: dict[str, Transfer] = {}
         self._fills: set[asyncio.Task[None]] = set()
 
@@ -115,39 +148,91 @@ class Proxy:
             return await self._manifest_by_digest(route, digest, head=head)
         return await self._manifest_by_tag(route, reference, accept, head=head)
 
-    def _cached_manifest(self, digest_text: str, *, head: bool) -> Manifest | None:
+    def _cached_manifest(self, digest_text: str, *, head: bool, source: str) -> Manifest | None:
         digest = parse_digest(digest_text)
         found = self._store.get_manifest(digest) if digest is not None else None
         if found is None:
             return None
         data, media_type = found
-        return Manifest(str(digest), media_type, len(data), None if head else data)
+        return Manifest(str(digest), media_type, len(data), None if head else data, source)
+
+    def _check_reachable(self, route: Route, reference: str) -> None:
+        """Refuse, without contacting anything, what only the upstream could answer."""
+        if route.upstream.offline:
+            raise ManifestUnknown(
+                f"{route.upstream.name}/{route.repository}:{reference} is not cached "
+                "and the mirror is offline for this upstream"
+            )
+        if self._negative.known_missing((route.upstream.name, route.repository, reference)):
+            raise ManifestUnknown(
+                f"manifest unknown to upstream {route.upstream.name} (answer cached)",
+                detail={"reference": reference},
+            )
 
     async def _manifest_by_digest(self, route: Route, digest: Digest, *, head: bool) -> Manifest:
-        cached = self._cached_manifest(str(digest), head=head)
+        cached = self._cached_manifest(str(digest), head=head, source=HIT)
         if cached is not None:
             return cached
+        self._check_reachable(route, str(digest))
         key = (route.upstream.name, route.repository, str(digest))
-        return await self._manifest_fetches.run(
-            key, lambda: self._get_manifest(route, str(digest), ALL_MANIFEST_TYPES, digest)
-        )
+        try:
+            return await self._manifest_fetches.run(
+                key, lambda: self._get_manifest(route, str(digest), ALL_MANIFEST_TYPES, digest)
+            )
+        except (ManifestUnknown, NameUnknown):
+            self._negative.remember(key)
+            raise
 
     async def _manifest_by_tag(
         self, route: Route, tag: str, accept: str, *, head: bool
     ) -> Manifest:
-        entry = self._tags.get(route.upstream.name, route.repository, tag)
-        if (
-            entry is not None
-            and entry.age() < self._config.manifest_ttl
-            and accepts(accept, entry.media_type)
-        ):
-            cached = self._cached_manifest(entry.digest, head=head)
-            if cached is not None:
-                return cached
-        key = (route.upstream.name, route.repository, tag, accept, "HEAD" if head else "GET")
-        return await self._manifest_fetches.run(
-            key, lambda: self._refresh_tag(route, tag, accept, head=head)
-        )
+        upstream = route.upstream
+        entry = self._tags.get(upstream.name, route.repository, tag)
+        if entry is not None and not accepts(accept, entry.media_type):
+            entry = None  # the client cannot take what we know: ask the upstream
+        if entry is not None:
+            fresh = entry.age() < upstream.ttl_for(route.repository, tag)
+            if fresh or upstream.offline:
+                cached = self._cached_manifest(entry.digest, head=head, source=HIT)
+                if cached is not None:
+                    return cached
+        self._check_reachable(route, tag)
+        key = (upstream.name, route.repository, tag, accept, "HEAD" if head else "GET")
+        try:
+            return await self._manifest_fetches.run(
+                key, lambda: self._refresh_tag(route, tag, accept, head=head)
+            )
+        except (ManifestUnknown, NameUnknown):
+            self._negative.remember((upstream.name, route.repository, tag))
+            if upstream.serve_stale_on_404:
+                stale = self._stale(route, tag, entry, head, "the upstream answered 404")
+                if stale is not None:
+                    return stale
+            raise
+        except (UpstreamError, TooManyRequests, Denied) as error:
+            stale = self._stale(route, tag, entry, head, error.message)
+            if stale is not None:
+                return stale
+            raise
+
+    def _stale(
+        self, route: Route, tag: str, entry: TagEntry | None, head: bool, why: str
+    ) -> Manifest | None:
+        """The last known answer for a tag, when the upstream cannot give a fresh one."""
+        if entry is None:
+            return None
+        cached = self._cached_manifest(entry.digest, head=head, source=STALE)
+        if cached is not None:
+            log.warning(
+                "serving %s/%s:%s stale (%s, confirmed %.0fs ago): %s",
+                route.upstream.name,
+                route.repository,
+                tag,
+                entry.digest,
+                entry.age(),
+                why,
+            )
+        return cached
 
     async def _refresh_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
         """Ask the upstream what the tag points to: HEAD first, GET only for what is missing."""
@@ -162,11 +247,11 @@ class Proxy:
         media_type = _media_type(response)
         if parse_digest(digest_text) is not None:
             self._remember_tag(route, tag, digest_text, media_type)
-            cached = self._cached_manifest(digest_text, head=head)
+            cached = self._cached_manifest(digest_text, head=head, source=HIT)
             if cached is not None:
                 return cached
             if head and response.content_length is not None:
-                return Manifest(digest_text, media_type, response.content_length, None)
+                return Manifest(digest_text, media_type, response.content_length, None, MISS)
         manifest = await self._get_manifest(route, tag, send_accept, None)
         self._remember_tag(route, tag, manifest.digest, manifest.media_type)
         return manifest
@@ -214,7 +299,7 @@ class Proxy:
                 f"upstream {client.name} sent a manifest that does not match {digest}",
                 detail={"upstream": client.name, "digest": str(digest)},
             ) from None
-        return Manifest(str(digest), media_type, len(data), data)
+        return Manifest(str(digest), media_type, len(data), data, MISS)
 
     # blobs
 
@@ -226,6 +311,7 @@ class Proxy:
         transfer = self._transfers.get(str(digest))
         if transfer is not None and transfer.size is not None:
             return transfer.size
+        self._refuse_offline_blob(route, digest)
         client = self._client(route)
         response = await client.request("HEAD", route.repository, f"blobs/{digest}")
         await client.raise_for_status(response, BlobUnknown)
@@ -234,6 +320,12 @@ class Proxy:
             raise UpstreamError(f"upstream {client.name} gave no length for {digest}")
         return response.content_length
 
+    def _refuse_offline_blob(self, route: Route, digest: Digest) -> None:
+        if route.upstream.offline and str(digest) not in self._transfers:
+            raise BlobUnknown(
+                f"{digest} is not cached and the mirror is offline for {route.upstream.name}"
+            )
+
     async def open_blob(self, route: Route, digest: Digest) -> Path | Transfer:
         """The stored file, or the running transfer (its size known) to stream from."""
         deadline = time.monotonic() + self._config.timeouts.transfer
@@ -241,6 +333,7 @@ class Proxy:
             path = self._store.blob_path(digest)
             if path is not None:
                 return path
+            self._refuse_offline_blob(route, digest)
             transfer = self._transfers.get(str(digest)) or self._start_fill(route, digest)
             if transfer is not None:
                 await transfer.wait_started()
@@ -271,23 +364,9 @@ class Proxy:
         Runs on its own task: a client that hangs up does not stop it.
         """
         client = self._client(route)
-        response: aiohttp.ClientResponse | None = None
         try:
-            response = await client.request(
-                "GET", route.repository, f"blobs/{digest}", transfer=True
-            )
-            await client.raise_for_status(response, BlobUnknown)
-            size = response.content_length
-            transfer.start(size)
-            async for chunk in response.content.iter_any():
-                if size is not None and temp.written + len(chunk) > size:
-                    raise DigestMismatch(f"upstream sent more than {size} bytes for {digest}")
-                temp.write(chunk)
-                transfer.advance(len(chunk))
-            if size is not None and temp.written != size:
-                raise UpstreamError(
-                    f"upstream {client.name} cut {digest} short at {temp.written} of {size} bytes"
-                )
+            async with client.transfer_slots:
+                await self._download(client, route, digest, temp, transfer)
             temp.commit()
             transfer.finish()
             log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
@@ -303,9 +382,70 @@ class Proxy:
                 raise
             log.exception("fetch of %s from %s failed", digest, client.name)
         finally:
-            if response is not None:
-                response.release()
             self._transfers.pop(str(digest), None)
+
+    async def _download(
+        self,
+        client: UpstreamClient,
+        route: Route,
+        digest: Digest,
+        temp: TempBlob,
+        transfer: Transfer,
+    ) -> None:
+        """GET the blob into `temp`; a body cut short is resumed with a Range request, so
+        the clients reading it see no break."""
+        path = f"blobs/{digest}"
+        response = await client.request("GET", route.repository, path, transfer=True)
+        started = False
+        size: int | None = None
+        resumes = 0
+        while True:
+            try:
+                await client.raise_for_status(response, BlobUnknown)
+                skip = 0
+                if not started:
+                    started = True
+                    size = response.content_length
+                    transfer.start(size)
+                elif response.status == 206:
+                    content_range = response.headers.get("Content-Range", "")
+                    if not content_range.startswith(f"bytes {temp.written}-"):
+                        raise UpstreamError(f"upstream {client.name} resumed {digest} wrongly")
+                else:
+                    skip = temp.written  # the upstream ignored Range: drop what we have
+                async for chunk in response.content.iter_any():
+                    if skip:
+                        if len(chunk) <= skip:
+                            skip -= len(chunk)
+                            continue
+                        chunk, skip = chunk[skip:], 0
+                    if size is not None and temp.written + len(chunk) > size:
+                        raise DigestMismatch(f"upstream sent more than {size} bytes for {digest}")
+                    temp.write(chunk)
+                    transfer.advance(len(chunk))
+                if size is None or temp.written == size:
+                    return
+                cut = f"ended at byte {temp.written} of {size}"
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if size is None:
+                    raise
+                cut = f"broke at byte {temp.written} of {size} ({type(exc).__name__})"
+            finally:
+                response.release()
+            if resumes >= MAX_RESUMES:
+                raise UpstreamError(
+                    f"upstream {client.name}: transfer of {digest} {cut}; gave up after "
+                    f"{MAX_RESUMES} resumes"
+                )
+            resumes += 1
+            log.warning("transfer of %s from %s %s; resuming", digest, client.name, cut)
+            response = await client.request(
+                "GET",
+                route.repository,
+                path,
+                headers={"Range": f"bytes={temp.written}-"},
+                transfer=True,
+            )
 
     # passed-through lists
 
@@ -313,6 +453,8 @@ class Proxy:
         self, route: Route, path: str, params: dict[str, str], not_found: type[RegistryError]
     ) -> Page:
         """GET a tags list or referrers answer from the upstream, as it is."""
+        if route.upstream.offline:
+            raise UpstreamError(f"the mirror is offline for {route.upstream.name}")
         client = self._client(route)
         response = await client.request("GET", route.repository, path, params=params)
         try:

@@ -6,6 +6,7 @@ registry's `Authorization` header never travels to another host.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -44,6 +45,8 @@ class UpstreamClient:
         self._timeouts = timeouts
         self._tokens = TokenCache(config, session)
         self._challenge: Challenge | None = None  # learned from the first 401
+        # Bounds the blob transfers running at once from this upstream.
+        self.transfer_slots = asyncio.Semaphore(config.max_transfers)
 
     def _timeout(self, *, transfer: bool) -> aiohttp.ClientTimeout:
         total = (

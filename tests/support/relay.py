@@ -36,6 +36,9 @@ class Faults:
     status: int | None = None  # answer every /v2/<name>/ request with this status
     redirect_blobs: bool = False  # send blob GETs to the second host with a 307
     paginate_tags: bool = False  # page tags lists by n/last with a Link, as distribution 3 does
+    cut_after: int | None = None  # close the connection after this many bytes of a blob body
+    stall_after: int | None = None  # stop sending (but keep the connection) after this many
+    faulty_bodies: int = 1  # how many blob bodies the cut or stall applies to
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Relay:
     faults: Faults = field(default_factory=Faults)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     authorizations: list[tuple[str, str | None]] = field(default_factory=list)  # (path, header)
+    ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header)
     redirected_headers: list[dict[str, str]] = field(default_factory=list)
     server: TestServer | None = None
     cdn: TestServer | None = None
@@ -90,6 +94,8 @@ class Relay:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
         self.authorizations.append((request.path, request.headers.get("Authorization")))
+        if "Range" in request.headers:
+            self.ranges.append((request.path, request.headers["Range"]))
         if (
             self.faults.status is not None
             and request.path.startswith("/v2/")
@@ -154,7 +160,20 @@ class Relay:
             await response.prepare(request)
             sent = 0
             middle = (upstream.content_length or 0) // 2
+            faults = self.faults
+            limit = None
+            if is_blob and faults.faulty_bodies > 0:
+                limit = faults.cut_after if faults.cut_after is not None else faults.stall_after
+                if limit is not None:
+                    faults.faulty_bodies -= 1
             async for chunk in upstream.content.iter_chunked(64 * 1024):
+                if limit is not None and sent + len(chunk) > limit:
+                    await response.write(chunk[: limit - sent])
+                    if faults.stall_after is not None:
+                        await asyncio.sleep(3600)  # stalled: the peer's read timeout ends it
+                    assert request.transport is not None
+                    request.transport.close()
+                    return response
                 if (is_blob and self.faults.corrupt_blobs) or (
                     is_manifest and self.faults.corrupt_manifests
                 ):
