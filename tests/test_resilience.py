@@ -80,7 +80,7 @@ async def test_restart_with_upstream_down_serves_stale(
     assert digest == image.digest
 
 
-@pytest.mark.parametrize("status", [503, 500, 429])
+@pytest.mark.parametrize("status", [503, 500, 429, 401])
 async def test_failing_upstream_serves_stale(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,
@@ -231,3 +231,26 @@ async def test_cut_or_stalled_transfer_resumes_with_range(
     ranges = [value for path, value in relay.ranges if layer in path]
     assert len(ranges) == 1 and ranges[0].startswith("bytes=") and ranges[0] != "bytes=0-"
     assert relay.count("GET", layer) == 2  # the first transfer, and one resume
+
+
+async def test_transfers_per_upstream_are_bounded(
+    make_mirror: MirrorFactory,
+    make_relay: RelayFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+) -> None:
+    relay = await make_relay(upstream.url, rate=20 * 1024)  # a few KB each: ~0.2 s a blob
+    mirror = await make_mirror({"docker.io": {"url": relay.url, "max_transfers": 2}})
+    blobs = seeded.index.all_blobs()  # six small blobs of one repository
+    results = await asyncio.gather(
+        *(_get(http, f"{mirror.url}/v2/multi/arch/blobs/{digest}") for digest in blobs)
+    )
+    assert [body for _, body, _ in results] == list(blobs.values())
+    assert relay.most_blob_bodies_in_flight == 2
+    unbounded = await make_mirror({"docker.io": relay.url})
+    relay.most_blob_bodies_in_flight = 0
+    await asyncio.gather(
+        *(_get(http, f"{unbounded.url}/v2/multi/arch/blobs/{digest}") for digest in blobs)
+    )
+    assert relay.most_blob_bodies_in_flight > 2  # the bound above was the mirror's doing

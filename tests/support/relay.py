@@ -48,6 +48,8 @@ class Relay:
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     authorizations: list[tuple[str, str | None]] = field(default_factory=list)  # (path, header)
     ranges: list[tuple[str, str]] = field(default_factory=list)  # (path, Range header)
+    blob_bodies_in_flight: int = 0
+    most_blob_bodies_in_flight: int = 0
     redirected_headers: list[dict[str, str]] = field(default_factory=list)
     server: TestServer | None = None
     cdn: TestServer | None = None
@@ -158,35 +160,54 @@ class Relay:
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
-            sent = 0
-            middle = (upstream.content_length or 0) // 2
-            faults = self.faults
-            limit = None
-            if is_blob and faults.faulty_bodies > 0:
-                limit = faults.cut_after if faults.cut_after is not None else faults.stall_after
-                if limit is not None:
-                    faults.faulty_bodies -= 1
-            async for chunk in upstream.content.iter_chunked(64 * 1024):
-                if limit is not None and sent + len(chunk) > limit:
-                    await response.write(chunk[: limit - sent])
-                    if faults.stall_after is not None:
-                        await asyncio.sleep(3600)  # stalled: the peer's read timeout ends it
-                    assert request.transport is not None
-                    request.transport.close()
-                    return response
-                if (is_blob and self.faults.corrupt_blobs) or (
-                    is_manifest and self.faults.corrupt_manifests
-                ):
-                    chunk = _flip(chunk, middle - sent)
-                if is_blob and self.faults.rate:
-                    await asyncio.sleep(len(chunk) / self.faults.rate)
-                sent += len(chunk)
-                try:
-                    await response.write(chunk)
-                except ConnectionError:
-                    break
-            await response.write_eof()
-            return response
+            if is_blob:
+                self.blob_bodies_in_flight += 1
+                self.most_blob_bodies_in_flight = max(
+                    self.most_blob_bodies_in_flight, self.blob_bodies_in_flight
+                )
+            try:
+                return await self._send_body(request, upstream, response, is_blob, is_manifest)
+            finally:
+                if is_blob:
+                    self.blob_bodies_in_flight -= 1
+
+    async def _send_body(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        is_blob: bool,
+        is_manifest: bool,
+    ) -> web.StreamResponse:
+        sent = 0
+        middle = (upstream.content_length or 0) // 2
+        faults = self.faults
+        limit = None
+        if is_blob and faults.faulty_bodies > 0:
+            limit = faults.cut_after if faults.cut_after is not None else faults.stall_after
+            if limit is not None:
+                faults.faulty_bodies -= 1
+        async for chunk in upstream.content.iter_chunked(64 * 1024):
+            if limit is not None and sent + len(chunk) > limit:
+                await response.write(chunk[: limit - sent])
+                if faults.stall_after is not None:
+                    await asyncio.sleep(3600)  # stalled: the peer's read timeout ends it
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            if (is_blob and self.faults.corrupt_blobs) or (
+                is_manifest and self.faults.corrupt_manifests
+            ):
+                chunk = _flip(chunk, middle - sent)
+            if is_blob and self.faults.rate:
+                await asyncio.sleep(len(chunk) / self.faults.rate)
+            sent += len(chunk)
+            try:
+                await response.write(chunk)
+            except ConnectionError:
+                break
+        await response.write_eof()
+        return response
 
 
 def _flip(chunk: bytes, position: int) -> bytes:
