@@ -52,12 +52,13 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     await app[PROXY].close()
     await app[SESSION].close()
     app[TAGS].close()
+    app[STORE].close()
 
 
 async def create_app(config: Config) -> web.Application:
     """Build the app for `config`; must run inside the event loop that will serve it."""
     app = web.Application(middlewares=[error_middleware])
-    store = DiskStore(config.storage.path)
+    store = DiskStore(config.storage.path, config.storage.max_size)
     tags = TagIndex(config.storage.path / "index")
     # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
     # stored them, never as a transport encoding changed them.

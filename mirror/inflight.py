@@ -8,7 +8,9 @@ one writer fills it, each reader getting bytes as they land.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -60,18 +62,25 @@ class TransferFailed(Exception):
 class Transfer:
     """A file being written by one task and read, as it grows, by many.
 
-    Until the writer calls `finish` (after verifying the content), readers never see the
-    last byte: a body that turns out wrong can never reach a client complete.
+    Readers share one descriptor opened at the start, so the file may be renamed or
+    removed under them. Until the writer calls `finish` (after verifying the content),
+    readers never see the last byte: a body that turns out wrong never reaches a client
+    complete. If the writer can no longer write the file (disk full), it `spill`s: the
+    bytes from there on are kept in memory for the readers.
     """
 
-    def __init__(self, path: Path, final_path: Path) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.final_path = final_path
+        self._fd = os.open(path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
         self.size: int | None = None  # total length, once the writer knows it
         self.written = 0
         self.complete = False
         self.error: BaseException | None = None
         self.readers = 0
+        self._spilled_from: int | None = None
+        self._spilled: list[bytes] = []
+        self._spilled_starts: list[int] = []
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
 
@@ -81,7 +90,15 @@ class Transfer:
         self.size = size
         self._started.set()
 
-    def advance(self, count: int) -> None:
+    def spill(self) -> None:
+        """From now on the bytes come with `advance`, not in the file."""
+        self._spilled_from = self.written
+
+    def advance(self, count: int, data: bytes | None = None) -> None:
+        if self._spilled_from is not None:
+            assert data is not None and len(data) == count
+            self._spilled_starts.append(self.written)
+            self._spilled.append(data)
         self.written += count
         self._notify()
 
@@ -107,16 +124,20 @@ class Transfer:
         if self.error is not None and not self.complete:
             raise self.error
 
-    def _open(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            return os.open(self.final_path, os.O_RDONLY)  # finished and renamed meanwhile
+    def _chunk(self, offset: int, stop: int) -> bytes:
+        spilled_from = self._spilled_from
+        if spilled_from is None or offset < spilled_from:
+            if spilled_from is not None:
+                stop = min(stop, spilled_from)
+            return os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
+        index = bisect.bisect_right(self._spilled_starts, offset) - 1
+        start = self._spilled_starts[index]
+        data = self._spilled[index]
+        return data[offset - start : min(len(data), stop - start)]
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, end) as the writer provides them; raises TransferFailed on failure."""
         self.readers += 1
-        fd = self._open()
         try:
             offset = start
             while True:
@@ -124,7 +145,7 @@ class Transfer:
                 if end is not None:
                     stop = min(stop, end)
                 if offset < stop:
-                    data = os.pread(fd, min(READ_CHUNK, stop - offset), offset)
+                    data = self._chunk(offset, stop)
                     if not data:
                         raise TransferFailed("file shrank under a reader")
                     offset += len(data)
@@ -136,5 +157,4 @@ class Transfer:
                     raise TransferFailed(str(self.error)) from self.error
                 await self._changed.wait()
         finally:
-            os.close(fd)
             self.readers -= 1

@@ -8,6 +8,7 @@ per digest, whoever asks, and streamed to every waiting client from the one tran
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -288,7 +289,9 @@ class Proxy:
         claimed = expected or parse_digest(response.headers.get("Docker-Content-Digest", ""))
         digest = claimed or digest_of(data)
         try:
-            self._store.put_manifest(digest, data, media_type)
+            self._store.put_manifest(
+                digest, data, media_type, route.upstream.name, route.repository
+            )
         except DigestMismatch:
             log.warning(
                 "refused manifest %s from %s: content does not match its digest",
@@ -345,13 +348,13 @@ class Proxy:
             await asyncio.sleep(FOREIGN_FILL_POLL)
 
     def _start_fill(self, route: Route, digest: Digest) -> Transfer | None:
-        temp = self._store.begin_blob(digest)
+        temp = self._store.begin_blob(digest, route.upstream.name, route.repository)
         if temp is None:
             return None
         if self._store.blob_path(digest) is not None:  # finished while we took the lock
             temp.discard()
             return None
-        transfer = Transfer(temp.path, self._store.final_path(digest))
+        transfer = Transfer(temp.path)
         self._transfers[str(digest)] = transfer
         task = asyncio.create_task(self._fill(route, digest, temp, transfer))
         self._fills.add(task)
@@ -367,9 +370,13 @@ class Proxy:
         try:
             async with client.transfer_slots:
                 await self._download(client, route, digest, temp, transfer)
-            temp.commit()
+            # Content larger than the whole bound is served straight through, not kept.
+            kept = temp.commit(keep=temp.written <= self._store.max_size)
             transfer.finish()
-            log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
+            if kept is not None:
+                log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
+            else:
+                log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
         except (RegistryError, DigestMismatch, OSError, aiohttp.ClientError, TimeoutError) as exc:
             temp.discard()
             error = _as_registry_error(exc, client.name, digest)
@@ -383,6 +390,24 @@ class Proxy:
             log.exception("fetch of %s from %s failed", digest, client.name)
         finally:
             self._transfers.pop(str(digest), None)
+
+    def _write(self, temp: TempBlob, transfer: Transfer, chunk: bytes, digest: Digest) -> None:
+        """Append a chunk; on a full disk, keep serving the readers from memory."""
+        try:
+            temp.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            self._store.counters.disk_full += 1
+            log.error(
+                "disk full writing %s at byte %d: serving it through without keeping it",
+                digest,
+                temp.written,
+            )
+            temp.spill()
+            transfer.spill()
+            temp.write(chunk)
+        transfer.advance(len(chunk), chunk if temp.spilled else None)
 
     async def _download(
         self,
@@ -421,8 +446,7 @@ class Proxy:
                         chunk, skip = chunk[skip:], 0
                     if size is not None and temp.written + len(chunk) > size:
                         raise DigestMismatch(f"upstream sent more than {size} bytes for {digest}")
-                    temp.write(chunk)
-                    transfer.advance(len(chunk))
+                    self._write(temp, transfer, chunk, digest)
                 if size is None or temp.written == size:
                     return
                 cut = f"ended at byte {temp.written} of {size}"

@@ -1,12 +1,14 @@
-"""The content-addressed store: verified blobs and manifests on disk, keyed by digest.
+"""The content-addressed store: verified blobs and manifests on disk, keyed by digest,
+bounded by an LRU on their exact sizes.
 
 A file under `blobs/` or `manifests/` is always complete and correct: content is written
 to a temporary under `tmp/`, and renamed into place only once its length and digest
-match. Start-up removes temporaries that no live writer holds.
+match. Every change is recorded in the LRU index as pending before the file operation
+and confirmed after it, so start-up repairs a crash by checking the pending rows only.
 
 Writers of one blob coordinate across processes with a lock file per digest
-(`tmp/<hex>.lock`, flock'd while the fill runs), so several worker processes over one
-store never write the same temporary twice.
+(`tmp/<alg>-<hex>.lock`, flock'd while the fill runs), so several worker processes over
+one store never write the same temporary twice.
 """
 
 from __future__ import annotations
@@ -16,20 +18,36 @@ import errno
 import fcntl
 import logging
 import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .reference import Digest, manifest_matches
+from .lru import Entry, UsageIndex
+from .reference import Digest, manifest_matches, parse_digest
 
 log = logging.getLogger("mirror.storage")
+
+EVICTION_GRACE = 1.0  # seconds: content used this recently is not evicted (it is being sent)
+HASH_CHUNK = 1024 * 1024
 
 
 class DigestMismatch(Exception):
     """The bytes received do not hash to the digest they were asked for."""
 
 
+@dataclass
+class Counters:
+    """What the store did, for metrics: evictions and write failures."""
+
+    evictions: int = 0
+    evicted_bytes: int = 0
+    disk_full: int = 0
+
+
 class TempBlob(Protocol):
-    """A blob being written; `commit` makes it visible only when it verifies."""
+    """A blob being written; `commit` keeps it only when it verifies."""
 
     @property
     def path(self) -> Path: ...
@@ -37,9 +55,14 @@ class TempBlob(Protocol):
     @property
     def written(self) -> int: ...
 
+    @property
+    def spilled(self) -> bool: ...
+
     def write(self, data: bytes) -> None: ...
 
-    def commit(self) -> Path: ...
+    def spill(self) -> None: ...
+
+    def commit(self, *, keep: bool = True) -> Path | None: ...
 
     def discard(self) -> None: ...
 
@@ -47,31 +70,68 @@ class TempBlob(Protocol):
 class BlobStore(Protocol):
     """What the pull-through policy needs from a store; the contract tests run on each."""
 
+    max_size: int
+    counters: Counters
+
     def blob_path(self, digest: Digest) -> Path | None:
-        """The complete blob's file, or None when it is not stored."""
+        """The complete blob's file (its use noted for the LRU), or None."""
 
-    def final_path(self, digest: Digest) -> Path: ...
-
-    def begin_blob(self, digest: Digest) -> TempBlob | None:
-        """A temporary to fill, or None when another process is filling this digest."""
+    def begin_blob(
+        self, digest: Digest, upstream: str = "", repository: str = ""
+    ) -> TempBlob | None:
+        """A temporary to fill, or None when another writer is filling this digest."""
 
     def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         """A stored manifest's exact bytes and media type."""
 
-    def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
-        """Keep a manifest; raises DigestMismatch when `data` does not hash to `digest`."""
+    def put_manifest(
+        self,
+        digest: Digest,
+        data: bytes,
+        media_type: str,
+        upstream: str = "",
+        repository: str = "",
+    ) -> None:
+        """Keep a manifest; raises DigestMismatch when `data` is not what `digest` names."""
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes, entries) kept."""
+
+    def close(self) -> None: ...
+
+
+def hash_file(path: Path, digest: Digest, progress: Callable[[int], None] | None = None) -> bool:
+    """Whether the file's content hashes to `digest`."""
+    hasher = digest.hasher()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            hasher.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
+    return hasher.hexdigest() == digest.hex
 
 
 class DiskTempBlob:
     """A temporary file owned by this process (its lock file is flock'd)."""
 
-    def __init__(self, store: DiskStore, digest: Digest, fd: int, lock_fd: int) -> None:
+    def __init__(
+        self,
+        store: DiskStore,
+        digest: Digest,
+        fd: int,
+        lock_fd: int,
+        upstream: str,
+        repository: str,
+    ) -> None:
         self._store = store
         self._digest = digest
         self._fd = fd
         self._lock_fd = lock_fd
+        self._upstream = upstream
+        self._repository = repository
         self._hasher = digest.hasher()
         self._written = 0
+        self._spilled = False
         self._closed = False
 
     @property
@@ -82,24 +142,42 @@ class DiskTempBlob:
     def written(self) -> int:
         return self._written
 
+    @property
+    def spilled(self) -> bool:
+        return self._spilled
+
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            count = os.write(self._fd, view)
-            view = view[count:]
+        """Append to the file (once spilled: only hash and count). OSError leaves `written`
+        at the last whole chunk, so the file's first `written` bytes stay right."""
+        if not self._spilled:
+            view = memoryview(data)
+            while view:
+                count = os.write(self._fd, view)
+                view = view[count:]
         self._hasher.update(data)
         self._written += len(data)
 
-    def commit(self) -> Path:
-        """Verify, flush to disk, and rename into place; DigestMismatch discards the file."""
+    def spill(self) -> None:
+        """Stop writing the file (disk full): the rest is only hashed, and nothing is kept."""
+        self._spilled = True
+
+    def commit(self, *, keep: bool = True) -> Path | None:
+        """Verify; then rename into place (or, not kept, remove). DigestMismatch discards."""
         if self._hasher.hexdigest() != self._digest.hex:
             self.discard()
             raise DigestMismatch(f"content does not match {self._digest}")
+        if not keep or self._spilled:
+            self.discard()
+            return None
         os.fsync(self._fd)
         final = self._store.final_path(self._digest)
         final.parent.mkdir(parents=True, exist_ok=True)
+        key = blob_key(self._digest)
+        self._store.index.begin(key, self._written, self._upstream, self._repository)
         os.rename(self.path, final)
+        self._store.index.confirm(key)
         self._release()
+        self._store.make_room(keep=key)
         return final
 
     def discard(self) -> None:
@@ -119,17 +197,40 @@ class DiskTempBlob:
         os.close(self._lock_fd)  # closing drops the flock
 
 
-class DiskStore:
-    """Blobs and manifests as files under one folder."""
+def blob_key(digest: Digest) -> str:
+    return f"blob:{digest}"
 
-    def __init__(self, root: Path) -> None:
+
+def manifest_key(digest: Digest) -> str:
+    return f"manifest:{digest}"
+
+
+def parse_key(key: str) -> tuple[str, Digest] | None:
+    kind, _, text = key.partition(":")
+    digest = parse_digest(text)
+    if kind not in ("blob", "manifest") or digest is None:
+        return None
+    return kind, digest
+
+
+class DiskStore:
+    """Blobs and manifests as files under one folder, with an LRU index beside them."""
+
+    def __init__(self, root: Path, max_size: int) -> None:
         self.root = root
+        self.max_size = max_size
+        self.counters = Counters()
         self._blobs = root / "blobs"
         self._manifests = root / "manifests"
         self._tmp = root / "tmp"
         for folder in (self._blobs, self._manifests, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
-        self.remove_stale_temporaries()
+        self.index = UsageIndex(root / "lru.sqlite")
+        self._usage = (0, 0)
+        self.recover()
+
+    def close(self) -> None:
+        self.index.close()
 
     # layout
 
@@ -139,19 +240,34 @@ class DiskStore:
     def manifest_path(self, digest: Digest) -> Path:
         return self._manifests / digest.algorithm / digest.hex[:2] / digest.hex
 
+    def _type_path(self, digest: Digest) -> Path:
+        return self._manifests / digest.algorithm / digest.hex[:2] / f"{digest.hex}.type"
+
     def temp_path(self, digest: Digest) -> Path:
         return self._tmp / f"{digest.algorithm}-{digest.hex}.part"
 
     def lock_path(self, digest: Digest) -> Path:
         return self._tmp / f"{digest.algorithm}-{digest.hex}.lock"
 
+    def path_of(self, key: str) -> Path | None:
+        parsed = parse_key(key)
+        if parsed is None:
+            return None
+        kind, digest = parsed
+        return self.final_path(digest) if kind == "blob" else self.manifest_path(digest)
+
     # blobs
 
     def blob_path(self, digest: Digest) -> Path | None:
         path = self.final_path(digest)
-        return path if path.exists() else None
+        if not path.exists():
+            return None
+        self.index.touch(blob_key(digest))
+        return path
 
-    def begin_blob(self, digest: Digest) -> DiskTempBlob | None:
+    def begin_blob(
+        self, digest: Digest, upstream: str = "", repository: str = ""
+    ) -> DiskTempBlob | None:
         lock_path = self.lock_path(digest)
         lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -177,16 +293,193 @@ class DiskStore:
         except OSError:
             os.close(lock_fd)
             raise
-        return DiskTempBlob(self, digest, fd, lock_fd)
+        return DiskTempBlob(self, digest, fd, lock_fd, upstream, repository)
+
+    # manifests
+
+    def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
+        try:
+            data = self.manifest_path(digest).read_bytes()
+            media_type = self._type_path(digest).read_text()
+        except FileNotFoundError:
+            return None
+        self.index.touch(manifest_key(digest))
+        return data, media_type
+
+    def put_manifest(
+        self,
+        digest: Digest,
+        data: bytes,
+        media_type: str,
+        upstream: str = "",
+        repository: str = "",
+    ) -> None:
+        if not manifest_matches(digest, data, media_type):
+            raise DigestMismatch(f"manifest does not match {digest}")
+        path = self.manifest_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = manifest_key(digest)
+        self.index.begin(key, len(data), upstream, repository)
+        # The type is written first: a manifest file without its type is never visible.
+        self._write_atomically(self._type_path(digest), media_type.encode())
+        self._write_atomically(path, data)
+        self.index.confirm(key)
+        self.make_room(keep=key)
+
+    def _write_atomically(self, path: Path, data: bytes) -> None:
+        temp = self._tmp / f"{path.name}.{os.getpid()}.tmp"
+        fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(temp)
+            if exc.errno == errno.ENOSPC:
+                self.counters.disk_full += 1
+                log.error("disk full while storing %s", path.name)
+            raise
+        os.close(fd)
+        os.rename(temp, path)
+
+    # the bound
+
+    def usage(self) -> tuple[int, int]:
+        return self.index.total()
+
+    def make_room(self, keep: str | None = None, need: int = 0) -> int:
+        """Evict least recently used content until `need` more bytes fit under the bound.
+
+        Content used within EVICTION_GRACE seconds is spared (a response may be opening
+        it); an open file that is unlinked goes on being read by whoever has it open.
+        Returns the bytes evicted.
+        """
+        used, _ = self.index.total()
+        freed = 0
+        while used + need > self.max_size:
+            victims = [
+                e
+                for e in self.index.oldest(64, used_before=time.time() - EVICTION_GRACE)
+                if e.key != keep
+            ]
+            if not victims:
+                break
+            for entry in victims:
+                self.evict(entry)
+                used -= entry.size
+                freed += entry.size
+                if used + need <= self.max_size:
+                    break
+        return freed
+
+    def evict(self, entry: Entry) -> None:
+        self.index.mark_pending(entry.key)
+        self._unlink(entry.key)
+        self.index.remove(entry.key)
+        self.counters.evictions += 1
+        self.counters.evicted_bytes += entry.size
+        log.info("evicted %s (%d bytes)", entry.key, entry.size)
+
+    def remove(self, key: str) -> None:
+        """Drop one entry and its file (a corrupt one, found by verify)."""
+        self.index.mark_pending(key)
+        self._unlink(key)
+        self.index.remove(key)
+
+    def _unlink(self, key: str) -> None:
+        parsed = parse_key(key)
+        if parsed is None:
+            return
+        kind, digest = parsed
+        paths = [self.final_path(digest)]
+        if kind == "manifest":
+            paths = [self.manifest_path(digest), self._type_path(digest)]
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    # start-up repair
+
+    def recover(self) -> None:
+        """Make files and index agree after any stop, a crash included.
+
+        Temporaries whose writer is gone are removed; pending rows are settled against
+        their files (a file that verifies is confirmed, anything else removed). Only a new
+        index over existing files (the index lost) makes it walk the whole store.
+        """
+        removed = self.remove_stale_temporaries()
+        settled = 0
+        for entry in self.index.pending():
+            self._settle(entry.key, entry.size)
+            settled += 1
+        adopted = self.adopt_unindexed() if self.index.created else 0
+        if removed or settled or adopted:
+            log.warning(
+                "store repaired: %d temporaries removed, %d pending entries settled, "
+                "%d files adopted",
+                removed,
+                settled,
+                adopted,
+            )
+
+    def verify(self, key: str, progress: Callable[[int], None] | None = None) -> bool:
+        """Whether the file behind `key` exists and holds exactly what its digest names."""
+        parsed = parse_key(key)
+        path = self.path_of(key)
+        if parsed is None or path is None or not path.is_file():
+            return False
+        kind, digest = parsed
+        if kind == "blob":
+            return hash_file(path, digest, progress)
+        try:
+            data, media_type = path.read_bytes(), self._type_path(digest).read_text()
+        except FileNotFoundError:
+            return False
+        if progress is not None:
+            progress(len(data))
+        return manifest_matches(digest, data, media_type)
+
+    def _settle(self, key: str, size: int) -> None:
+        path = self.path_of(key)
+        fits = path is not None and path.is_file() and path.stat().st_size == size
+        if fits and self.verify(key):
+            self.index.confirm(key)
+            return
+        self.remove(key)
+
+    def adopt_unindexed(self) -> int:
+        """Index files that have no entry, once each verifies; remove those that do not."""
+        adopted = 0
+        for key, path in self.walk_files():
+            if self.index.get(key) is not None:
+                continue
+            if self.verify(key):
+                self.index.add(key, path.stat().st_size)
+                adopted += 1
+            else:
+                log.warning("removing %s: its content does not match its name", path)
+                self._unlink(key)
+        return adopted
+
+    def walk_files(self) -> Iterator[tuple[str, Path]]:
+        """Every content file in the store, as (index key, path)."""
+        for kind, folder in (("blob", self._blobs), ("manifest", self._manifests)):
+            for path in folder.glob("*/*/*"):
+                if path.suffix == ".type":
+                    continue
+                digest = parse_digest(f"{path.parent.parent.name}:{path.name}")
+                if digest is not None:
+                    yield f"{kind}:{digest}", path
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporaries whose writer is gone (their lock is free); returns how many."""
         removed = 0
         for entry in os.scandir(self._tmp):
-            if not entry.name.endswith(".part") and not entry.name.endswith(".lock"):
-                if entry.name.endswith(".tmp"):
-                    os.unlink(entry.path)
-                    removed += 1
+            if entry.name.endswith(".tmp"):
+                os.unlink(entry.path)
+                removed += 1
+                continue
+            if not entry.name.endswith((".part", ".lock")):
                 continue
             stem = entry.name.rsplit(".", 1)[0]
             lock_path = self._tmp / f"{stem}.lock"
@@ -207,38 +500,3 @@ class DiskStore:
                     pass
             os.close(lock_fd)
         return removed
-
-    # manifests
-
-    def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
-        path = self.manifest_path(digest)
-        try:
-            data = path.read_bytes()
-            media_type = (path.parent / f"{digest.hex}.type").read_text()
-        except FileNotFoundError:
-            return None
-        return data, media_type
-
-    def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
-        if not manifest_matches(digest, data, media_type):
-            raise DigestMismatch(f"manifest does not match {digest}")
-        path = self.manifest_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The type is written first: a manifest file without its type is never visible.
-        self._write_atomically(path.parent / f"{digest.hex}.type", media_type.encode())
-        self._write_atomically(path, data)
-
-    def _write_atomically(self, path: Path, data: bytes) -> None:
-        temp = self._tmp / f"{path.name}.{os.getpid()}.tmp"
-        fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(temp)
-            if exc.errno == errno.ENOSPC:
-                log.error("disk full while storing %s", path.name)
-            raise
-        os.close(fd)
-        os.rename(temp, path)

@@ -39,9 +39,9 @@ async def _collect(transfer: Transfer, start: int = 0, end: int | None = None) -
 
 async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_path: Path) -> None:
     path, final = tmp_path / "blob.part", tmp_path / "blob"
-    transfer = Transfer(path, final)
     data = bytes(range(256)) * 64
     with path.open("wb") as out:
+        transfer = Transfer(path)
         transfer.start(len(data))
         readers = [asyncio.create_task(_collect(transfer)) for _ in range(3)]
         ranged = asyncio.create_task(_collect(transfer, 100, 200))
@@ -56,13 +56,15 @@ async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_pat
     transfer.finish()
     assert await asyncio.gather(*readers) == [data] * 3
     assert await ranged == data[100:200]
-    assert await _collect(transfer) == data  # a late reader opens the renamed file
+    assert await _collect(transfer) == data  # a late reader: the file was renamed meanwhile
+    final.unlink()
+    assert await _collect(transfer, 5, 50) == data[5:50]  # ...or even removed
 
 
 async def test_failure_reaches_every_reader(tmp_path: Path) -> None:
     path = tmp_path / "blob.part"
     path.write_bytes(b"x" * 10)
-    transfer = Transfer(path, tmp_path / "blob")
+    transfer = Transfer(path)
     transfer.start(100)
     transfer.advance(10)
     reader = asyncio.create_task(_collect(transfer))
@@ -70,3 +72,20 @@ async def test_failure_reaches_every_reader(tmp_path: Path) -> None:
     transfer.fail(RuntimeError("digest mismatch"))
     with pytest.raises(TransferFailed):
         await reader
+
+
+async def test_spilled_bytes_come_from_memory(tmp_path: Path) -> None:
+    path = tmp_path / "blob.part"
+    data = bytes(range(200)) * 50
+    path.write_bytes(data[:3000] + b"garbage past the last whole chunk")
+    transfer = Transfer(path)
+    transfer.start(len(data))
+    transfer.advance(3000)
+    early = asyncio.create_task(_collect(transfer))
+    transfer.spill()  # disk full: the rest arrives in memory
+    for offset in range(3000, len(data), 700):
+        transfer.advance(len(data[offset : offset + 700]), data[offset : offset + 700])
+        await asyncio.sleep(0)
+    transfer.finish()
+    assert await early == data
+    assert await _collect(transfer, 2900, 4000) == data[2900:4000]

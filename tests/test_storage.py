@@ -11,7 +11,7 @@ import pytest
 from mirror.reference import Digest, digest_of
 from mirror.storage import BlobStore, DigestMismatch, DiskStore
 
-STORES: dict[str, Callable[[Path], BlobStore]] = {"disk": DiskStore}
+STORES: dict[str, Callable[[Path], BlobStore]] = {"disk": lambda p: DiskStore(p, 1 << 30)}
 
 
 @pytest.fixture(params=sorted(STORES))
@@ -72,7 +72,7 @@ def test_manifests_keep_exact_bytes_and_type(make_store: Callable[[], BlobStore]
 
 
 def test_restart_removes_dead_writers_temporaries(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path / "store")
+    store = DiskStore(tmp_path / "store", 1 << 30)
     digest = digest_of(b"abc")
     temp = store.begin_blob(digest)
     assert temp is not None
@@ -81,6 +81,6 @@ def test_restart_removes_dead_writers_temporaries(tmp_path: Path) -> None:
     # a writer that died: its lock went with its process; simulate by closing our handles
     temp._release()  # type: ignore[attr-defined]
     part.write_bytes(b"ab")
-    DiskStore(tmp_path / "store")
+    DiskStore(tmp_path / "store", 1 << 30)
     assert not part.exists()
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
