@@ -11,20 +11,39 @@ from pathlib import Path
 
 from aiohttp import web
 
+from . import maintenance
 from .app import create_app
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, load, parse_size
+from .storage import DiskStore
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the mirror")
-    serve.add_argument(
-        "--config",
-        type=Path,
-        default=Path(os.environ.get("MIRROR_CONFIG", "mirror.yaml")),
-        help="configuration file (default: $MIRROR_CONFIG or ./mirror.yaml)",
-    )
+    subcommands = {
+        "serve": "run the mirror",
+        "verify": "re-hash every stored blob and manifest; remove corrupt ones (exit 1 if any)",
+        "gc": "evict cached content down to a size or by age",
+        "du": "show cache usage by upstream and repository",
+    }
+    for name, help_text in subcommands.items():
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument(
+            "--config",
+            type=Path,
+            default=Path(os.environ.get("MIRROR_CONFIG", "mirror.yaml")),
+            help="configuration file (default: $MIRROR_CONFIG or ./mirror.yaml)",
+        )
+        if name == "gc":
+            command.add_argument(
+                "--max-size", help="evict down to this size (default: storage.max_size)"
+            )
+            command.add_argument(
+                "--older-than",
+                type=float,
+                metavar="SECONDS",
+                help="evict everything not used for this many seconds",
+            )
     return parser
 
 
@@ -60,20 +79,43 @@ def serve(config: Config) -> None:
     )
 
 
+def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
+    _configure_logging("warning")
+    store = DiskStore(config.storage.path, config.storage.max_size)
+    try:
+        if command == "verify":
+            report = maintenance.verify(store, sys.stdout)
+            return 1 if report.corrupt or report.missing else 0
+        if command == "gc":
+            size = (
+                parse_size(args.max_size, "--max-size")
+                if args.max_size is not None
+                else None
+                if args.older_than is not None
+                else config.storage.max_size
+            )
+            maintenance.gc(store, sys.stdout, size, args.older_than)
+            return 0
+        maintenance.du(store, sys.stdout)
+        return 0
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "serve":
-        try:
-            config = load(args.config)
-        except ConfigError as error:
-            print(f"mirror: config error: {error}", file=sys.stderr)
-            return 2
-        try:
+    try:
+        config = load(args.config)
+        if args.command == "serve":
             serve(config)
-        except OSError as error:
-            print(f"mirror: cannot start: {error}", file=sys.stderr)
-            return 1
-    return 0
+            return 0
+        return maintain(args.command, config, args)
+    except ConfigError as error:
+        print(f"mirror: config error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"mirror: {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

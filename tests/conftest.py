@@ -95,12 +95,15 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
     servers: list[TestServer] = []
 
     async def factory(
-        upstreams: dict[str, Any], storage: Path | None = None, **settings: Any
+        upstreams: dict[str, Any],
+        storage: Path | None = None,
+        max_size: int | str = "10GiB",
+        **settings: Any,
     ) -> Mirror:
         storage = storage or tmp_path / f"cache{len(servers)}"
         raw = {
             "listen": "127.0.0.1:0",
-            "storage": {"path": str(storage), "max_size": "10GiB"},
+            "storage": {"path": str(storage), "max_size": max_size},
             "default_upstream": "docker.io",
             "upstreams": {
                 name: value if isinstance(value, dict) else {"url": value}

@@ -2,53 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from tests.conftest import Seeded
 from tests.support.clients import skopeo_copy_to_dir
-from tests.support.registry import Registry, free_port
-
-MIRROR = [sys.executable, "-m", "mirror"]
+from tests.support.process import MIRROR, MirrorProcess
+from tests.support.registry import Registry
 
 
 @pytest.fixture
 async def served(tmp_path: Path, upstream: Registry) -> AsyncIterator[str]:
-    port = free_port()
-    config = tmp_path / "mirror.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"127.0.0.1:{port}",
-                "storage": {"path": str(tmp_path / "cache")},
-                "upstreams": {"docker.io": {"url": upstream.url}},
-            }
-        )
+    mirror = MirrorProcess(
+        tmp_path,
+        {
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": {"url": upstream.url}},
+        },
     )
-    process = await asyncio.create_subprocess_exec(
-        *MIRROR, "serve", "--config", str(config), stdin=subprocess.DEVNULL
-    )
-    host = f"127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://{host}/v2/") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-        yield host
-    finally:
-        process.terminate()
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+    await mirror.start()
+    yield mirror.host
+    assert await mirror.stop() == 0
 
 
 async def test_served_process_pulls_with_skopeo(

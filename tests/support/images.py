@@ -33,8 +33,9 @@ def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def make_layer(size: int, name: str = "payload.bin") -> tuple[bytes, str]:
-    """A gzip'd tar holding one file of `size` random bytes; returns (blob, diff_id)."""
+def make_layer(size: int, name: str = "payload.bin", *, compress: bool = True) -> tuple[bytes, str]:
+    """A tar (gzip'd unless told not to) holding one file of `size` random bytes;
+    returns (blob, diff_id)."""
     payload = os.urandom(size)
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -43,6 +44,8 @@ def make_layer(size: int, name: str = "payload.bin") -> tuple[bytes, str]:
         info.mode = 0o644
         tar.addfile(info, io.BytesIO(payload))
     tar_bytes = raw.getvalue()
+    if not compress:
+        return tar_bytes, sha256(tar_bytes)
     # Random bytes do not compress: level 1 keeps large layers quick to make.
     return gzip.compress(tar_bytes, compresslevel=1, mtime=0), sha256(tar_bytes)
 
@@ -120,12 +123,13 @@ class Pusher:
         docker: bool = False,
         architecture: str = "amd64",
         push_tag: bool = True,
+        compress: bool = True,
     ) -> Image:
         """Make and push a single-platform image (OCI, or Docker schema2 with docker=True)."""
         blobs: dict[str, bytes] = {}
         layers, diff_ids = [], []
         for index, size in enumerate(layer_sizes):
-            blob, diff_id = make_layer(size, f"layer{index}.bin")
+            blob, diff_id = make_layer(size, f"layer{index}.bin", compress=compress)
             layers.append(blob)
             diff_ids.append(diff_id)
         config = json.dumps(
@@ -141,6 +145,8 @@ class Pusher:
         for blob in layers:
             blobs[self.push_blob(repository, blob)] = blob
         layer_type = DOCKER_LAYER if docker else OCI_LAYER
+        if not compress:
+            layer_type = layer_type.removesuffix(".gzip").removesuffix("+gzip")
         media_type = DOCKER_MANIFEST if docker else OCI_MANIFEST
         manifest = json.dumps(
             {

@@ -1,0 +1,132 @@
+"""The store's maintenance commands: verify, gc and du, with a progress bar on a terminal.
+
+They work on the store directly (files and LRU index), so they run beside a serving mirror
+or with it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from .storage import DiskStore
+
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human(size: float) -> str:
+    for unit in UNITS:
+        if abs(size) < 1024 or unit == UNITS[-1]:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class Progress:
+    """A one-line progress bar on a terminal; silent when the output is not one."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self._drawn = 0.0
+
+    def advance(self, amount: int) -> None:
+        self.done += amount
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn > 0.1 or self.done >= self.total):
+            self._drawn = now
+            share = min(self.done / self.total, 1.0)
+            bar = "#" * int(share * 30)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {share:6.1%} {human(self.done)}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    corrupt: int = 0
+    missing: int = 0
+
+
+def verify(store: DiskStore, out: TextIO) -> VerifyReport:
+    """Re-hash every stored blob and manifest; remove and report those that do not match."""
+    report = VerifyReport()
+    files = list(store.walk_files())
+    total = sum(path.stat().st_size for _, path in files)
+    progress = Progress(total, "verify")
+    for key, _ in files:
+        report.checked += 1
+        if not store.verify(key, progress.advance):
+            report.corrupt += 1
+            store.remove(key)
+            out.write(f"corrupt, removed: {key}\n")
+    on_disk = {key for key, _ in files}
+    for entry in list(store.index.entries()):
+        if entry.key not in on_disk:
+            report.missing += 1
+            store.index.remove(entry.key)
+            out.write(f"missing file, entry dropped: {entry.key}\n")
+    progress.close()
+    out.write(
+        f"verified {report.checked} files: {report.corrupt} corrupt, "
+        f"{report.missing} index entries without a file\n"
+    )
+    return report
+
+
+def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | None) -> int:
+    """Evict unused content: everything unused for `older_than` seconds, then down to
+    `max_size` bytes by least recent use. Returns the bytes freed."""
+    freed = 0
+    count = 0
+    if older_than is not None:
+        cutoff = time.time() - older_than
+        while batch := store.index.oldest(256, used_before=cutoff):
+            for entry in batch:
+                store.evict(entry)
+                freed += entry.size
+                count += 1
+    if max_size is not None:
+        used, _ = store.usage()
+        while used > max_size:
+            batch = store.index.oldest(256, used_before=time.time())
+            if not batch:
+                break
+            for entry in batch:
+                if used <= max_size:
+                    break
+                store.evict(entry)
+                used -= entry.size
+                freed += entry.size
+                count += 1
+    used, entries = store.usage()
+    out.write(f"evicted {count} entries, {human(freed)}; now {human(used)} in {entries} entries\n")
+    return freed
+
+
+def du(store: DiskStore, out: TextIO) -> None:
+    """Usage by upstream and repository, largest first."""
+    used, entries = store.usage()
+    out.write(
+        f"total {human(used)} in {entries} entries, bound {human(store.max_size)} "
+        f"({used / store.max_size:.1%})\n"
+    )
+    by_upstream: dict[str, int] = {}
+    rows = store.index.usage_by()
+    for upstream, _, size, _ in rows:
+        by_upstream[upstream or "-"] = by_upstream.get(upstream or "-", 0) + size
+    for upstream, size in sorted(by_upstream.items(), key=lambda item: -item[1]):
+        out.write(f"{human(size):>12}  {upstream}\n")
+        for up, repository, repo_size, count in rows:
+            if (up or "-") == upstream:
+                out.write(f"{human(repo_size):>12}    {repository or '-'} ({count} entries)\n")

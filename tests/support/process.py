@@ -1,0 +1,80 @@
+"""`mirror serve` as a real child process, for tests that restart or kill it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from tests.support.registry import free_port
+
+MIRROR = [sys.executable, "-m", "mirror"]
+
+
+class MirrorProcess:
+    def __init__(self, workdir: Path, settings: dict[str, Any]) -> None:
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.config = workdir / f"mirror-{self.port}.yaml"
+        self.config.write_text(yaml.safe_dump({"listen": self.host, **settings}))
+        self.log = workdir / f"mirror-{self.port}.log"
+        self._process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> MirrorProcess:
+        with self.log.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *MIRROR,
+                "serve",
+                "--config",
+                str(self.config),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                if self._process.returncode is not None:
+                    raise RuntimeError(f"mirror exited: {self.log.read_text()[-2000:]}")
+                try:
+                    async with session.get(f"{self.url}/v2/") as response:
+                        if response.status == 200:
+                            return self
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+        raise RuntimeError("mirror did not start")
+
+    async def kill(self) -> None:
+        """SIGKILL: no clean-up of any kind runs."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGKILL)
+        await self._process.wait()
+
+    async def stop(self) -> int:
+        assert self._process is not None
+        if self._process.returncode is None:
+            self._process.terminate()
+            await asyncio.wait_for(self._process.wait(), 15)
+        return self._process.returncode or 0
+
+    async def command(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a maintenance command (`mirror verify`, ...) on this mirror's config."""
+        process = await asyncio.create_subprocess_exec(
+            *MIRROR,
+            *args,
+            "--config",
+            str(self.config),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        return subprocess.CompletedProcess(
+            list(args), process.returncode or 0, out.decode(), err.decode()
+        )
