@@ -123,6 +123,10 @@ class UsageIndex:
         ).fetchall()
         return [Entry(*row) for row in rows]
 
+    def is_pending(self, key: str) -> bool:
+        row = self._db.execute("SELECT pending FROM entries WHERE key = ?", (key,)).fetchone()
+        return bool(row and row[0])
+
     def pending(self) -> list[Entry]:
         rows = self._db.execute(
             "SELECT key, size, atime, upstream, repository FROM entries WHERE pending = 1"

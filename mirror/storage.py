@@ -261,9 +261,15 @@ class DiskStore:
     def blob_path(self, digest: Digest) -> Path | None:
         path = self.final_path(digest)
         if not path.exists():
+            self._forget_missing(blob_key(digest))
             return None
         self.index.touch(blob_key(digest))
         return path
+
+    def _forget_missing(self, key: str) -> None:
+        """An index entry whose file went away (removed by hand): drop it when met."""
+        if self.index.get(key) is not None and not self.index.is_pending(key):
+            self.index.remove(key)
 
     def begin_blob(
         self, digest: Digest, upstream: str = "", repository: str = ""
@@ -302,6 +308,7 @@ class DiskStore:
             data = self.manifest_path(digest).read_bytes()
             media_type = self._type_path(digest).read_text()
         except FileNotFoundError:
+            self._forget_missing(manifest_key(digest))
             return None
         self.index.touch(manifest_key(digest))
         return data, media_type

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,16 +12,19 @@ import pytest
 from mirror.reference import Digest, digest_of
 from mirror.storage import BlobStore, DigestMismatch, DiskStore
 
-STORES: dict[str, Callable[[Path], BlobStore]] = {"disk": lambda p: DiskStore(p, 1 << 30)}
+# Every BlobStore implementation, by name: (folder, max_size) -> store.
+STORES: dict[str, Callable[[Path, int], BlobStore]] = {"disk": DiskStore}
+
+StoreFactory = Callable[..., BlobStore]
 
 
 @pytest.fixture(params=sorted(STORES))
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], BlobStore]:
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
     factory = STORES[request.param]
-    return lambda: factory(tmp_path / "store")
+    return lambda max_size=1 << 30: factory(tmp_path / "store", max_size)
 
 
-def test_blob_is_visible_only_after_a_verified_commit(make_store: Callable[[], BlobStore]) -> None:
+def test_blob_is_visible_only_after_a_verified_commit(make_store: StoreFactory) -> None:
     store = make_store()
     data = b"layer bytes" * 1000
     digest = digest_of(data)
@@ -34,7 +38,7 @@ def test_blob_is_visible_only_after_a_verified_commit(make_store: Callable[[], B
     assert path.read_bytes() == data
 
 
-def test_wrong_bytes_are_discarded(make_store: Callable[[], BlobStore]) -> None:
+def test_wrong_bytes_are_discarded(make_store: StoreFactory) -> None:
     store = make_store()
     digest = digest_of(b"the right bytes")
     temp = store.begin_blob(digest)
@@ -46,7 +50,7 @@ def test_wrong_bytes_are_discarded(make_store: Callable[[], BlobStore]) -> None:
     assert not temp.path.exists()
 
 
-def test_one_writer_per_digest(make_store: Callable[[], BlobStore]) -> None:
+def test_one_writer_per_digest(make_store: StoreFactory) -> None:
     store = make_store()
     digest = digest_of(b"x")
     first = store.begin_blob(digest)
@@ -59,7 +63,7 @@ def test_one_writer_per_digest(make_store: Callable[[], BlobStore]) -> None:
     second.commit()
 
 
-def test_manifests_keep_exact_bytes_and_type(make_store: Callable[[], BlobStore]) -> None:
+def test_manifests_keep_exact_bytes_and_type(make_store: StoreFactory) -> None:
     store = make_store()
     data = b'{"schemaVersion": 2,   "odd":  "spacing"}'
     digest = digest_of(data)
@@ -84,3 +88,82 @@ def test_restart_removes_dead_writers_temporaries(tmp_path: Path) -> None:
     DiskStore(tmp_path / "store", 1 << 30)
     assert not part.exists()
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def _put_blob(store: BlobStore, data: bytes) -> Digest:
+    digest = digest_of(data)
+    temp = store.begin_blob(digest)
+    assert temp is not None
+    temp.write(data)
+    temp.commit()
+    return digest
+
+
+def test_usage_is_exact_and_the_least_recently_used_go_first(make_store: StoreFactory) -> None:
+    store = make_store(3000)
+    first = _put_blob(store, b"a" * 1000)
+    second = _put_blob(store, b"b" * 1000)
+    assert store.usage() == (2000, 2)
+    time.sleep(1.1)  # past the eviction grace
+    assert store.blob_path(first) is not None  # used: now the most recent
+    third = _put_blob(store, b"c" * 1500)
+    assert store.blob_path(second) is None  # the least recently used went
+    assert store.blob_path(first) is not None and store.blob_path(third) is not None
+    assert store.usage() == (2500, 2)
+    assert store.counters.evictions == 1
+    store.close()
+
+
+def test_content_over_the_bound_is_not_kept(make_store: StoreFactory) -> None:
+    store = make_store(100)
+    data = b"z" * 200
+    temp = store.begin_blob(digest_of(data))
+    assert temp is not None
+    temp.write(data)
+    assert temp.commit(keep=len(data) <= store.max_size) is None
+    assert store.blob_path(digest_of(data)) is None and store.usage() == (0, 0)
+
+
+def test_pending_rows_are_settled_at_start_up(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = DiskStore(root, 1 << 30)
+    kept = _put_blob(store, b"kept")
+    # A crash between the index row and the rename: a pending row, no file.
+    store.index.begin(f"blob:{digest_of(b'lost')}", 4)
+    # A crash after the rename, before the confirmation: a pending row and its file.
+    landed = _put_blob(store, b"landed")
+    store.index.mark_pending(f"blob:{landed}")
+    # A pending row whose file is corrupt.
+    corrupt = _put_blob(store, b"corrupt")
+    store.index.mark_pending(f"blob:{corrupt}")
+    store.final_path(corrupt).write_bytes(b"CORRUPT")
+    store.close()
+
+    reopened = DiskStore(root, 1 << 30)
+    assert reopened.index.pending() == []
+    assert reopened.blob_path(kept) is not None and reopened.blob_path(landed) is not None
+    assert reopened.blob_path(corrupt) is None
+    assert reopened.usage() == (len(b"kept") + len(b"landed"), 2)
+
+
+def test_a_lost_index_is_rebuilt_from_verified_files(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = DiskStore(root, 1 << 30)
+    good = _put_blob(store, b"good")
+    bad = _put_blob(store, b"bad")
+    store.put_manifest(digest_of(b"{}"), b"{}", "application/json")
+    store.close()
+    store.final_path(bad).write_bytes(b"tampered")
+    for name in ("lru.sqlite", "lru.sqlite-wal", "lru.sqlite-shm"):
+        (root / name).unlink(missing_ok=True)
+    rebuilt = DiskStore(root, 1 << 30)
+    assert rebuilt.usage() == (len(b"good") + 2, 2)
+    assert rebuilt.blob_path(good) is not None and rebuilt.blob_path(bad) is None
+
+
+def test_a_file_removed_by_hand_is_forgotten(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "store", 1 << 30)
+    digest = _put_blob(store, b"gone")
+    store.final_path(digest).unlink()
+    assert store.blob_path(digest) is None
+    assert store.usage() == (0, 0)
