@@ -265,3 +265,51 @@ async def test_disk_full_during_a_fill_still_serves_the_client(
     status, digest, _ = await _sha256_of(http, f"{mirror.url}/v2/library/alpine/blobs/{small}")
     assert (status, digest) == (200, small)
     assert store.blob_path(_digest(small)) is not None
+
+
+@pytest.mark.slow
+async def test_eviction_does_not_break_a_response_in_flight(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+) -> None:
+    mirror = await make_mirror({"docker.io": upstream.url})
+    layer = seeded.big.layers[0]
+    url = f"{mirror.url}/v2/big/layer/blobs/{layer}"
+    store = mirror.app[STORE]
+    async with aiohttp.ClientSession() as session:
+        assert (await _sha256_of(session, url))[1] == layer  # now cached
+        hasher = hashlib.sha256()
+        size = 0
+        async with session.get(url) as response:
+            assert response.headers["X-Mirror-Cache"] == "hit"
+            hasher.update(await response.content.readexactly(MiB))
+            size += MiB
+            await asyncio.sleep(1.1)  # past the eviction grace
+            for entry in list(store.index.entries()):
+                store.evict(entry)
+            assert store.blob_path(_digest(layer)) is None
+            async for chunk in response.content.iter_any():
+                hasher.update(chunk)
+                size += len(chunk)
+    assert "sha256:" + hasher.hexdigest() == layer
+    assert size == len(seeded.big.blobs[layer])
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    import io
+
+    from mirror.maintenance import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    quiet, terminal = io.StringIO(), Terminal()
+    for stream in (quiet, terminal):
+        progress = Progress(100, "verify", stream)
+        progress.advance(50)
+        progress.advance(50)
+        progress.close()
+    assert quiet.getvalue() == ""
+    assert "verify [" in terminal.getvalue() and "100.0%" in terminal.getvalue()
