@@ -199,9 +199,12 @@ class Proxy:
                     return cached
         self._check_reachable(route, tag)
         key = (upstream.name, route.repository, tag, accept, "HEAD" if head else "GET")
+        # A tag seen before is revalidated with a HEAD (free under Docker Hub's limit); an
+        # unknown one asked with GET is fetched at once, saving the HEAD's round trip.
+        revalidate = head or entry is not None
         try:
             return await self._manifest_fetches.run(
-                key, lambda: self._refresh_tag(route, tag, accept, head=head)
+                key, lambda: self._refresh_tag(route, tag, accept, head=head, revalidate=revalidate)
             )
         except (ManifestUnknown, NameUnknown):
             self._negative.remember((upstream.name, route.repository, tag))
@@ -235,10 +238,17 @@ class Proxy:
             )
         return cached
 
-    async def _refresh_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
-        """Ask the upstream what the tag points to: HEAD first, GET only for what is missing."""
+    async def _refresh_tag(
+        self, route: Route, tag: str, accept: str, *, head: bool, revalidate: bool
+    ) -> Manifest:
+        """Ask the upstream what the tag points to: HEAD first (when revalidating), GET only
+        for what is missing."""
         client = self._client(route)
         send_accept = upstream_accept(accept)
+        if not revalidate:
+            manifest = await self._get_manifest(route, tag, send_accept, None)
+            self._remember_tag(route, tag, manifest.digest, manifest.media_type)
+            return manifest
         response = await client.request(
             "HEAD", route.repository, f"manifests/{tag}", headers={"Accept": send_accept}
         )
