@@ -60,6 +60,7 @@ async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
     ]  # 420 MiB: more than twice the bound
     mirror = await make_mirror({"docker.io": upstream.url}, max_size=bound)
     store = mirror.app[STORE]
+    peak = 0
     for index, image in enumerate(images):
         target = tmp_path / f"pull{index}"
         assert await skopeo_copy_to_dir(f"{mirror.host}/bound/img{index}:1", target) == image.digest
@@ -67,6 +68,7 @@ async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
             assert (target / digest[7:]).read_bytes() == data
         used, _ = store.usage()
         assert used <= bound
+        peak = max(peak, used)
         on_disk = sum(p.stat().st_size for p in mirror.storage.rglob("*") if p.is_file())
         assert on_disk - used < 10 * MiB  # the index's count is the files' real size
         await asyncio.sleep(1.1)  # past the eviction grace of the pull before
@@ -81,6 +83,12 @@ async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
     assert await skopeo_copy_to_dir(f"{mirror.host}/bound/img9:1", tmp_path / "new")
     assert _blob_gets(upstream, mark, newest.layers[0]) == 0
     assert store.counters.evictions >= 5
+    pulled = sum(len(blob) for image in images for blob in image.blobs.values())
+    print(
+        f"bound {bound / MiB:.0f} MiB, pulled {pulled / MiB:.0f} MiB: "
+        f"peak usage {peak / MiB:.1f} MiB, {store.counters.evictions} evictions "
+        f"({store.counters.evicted_bytes / MiB:.0f} MiB)"
+    )
 
 
 def _digest(text: str) -> Digest:
