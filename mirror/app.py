@@ -5,6 +5,7 @@ All state lives on the app (typed AppKeys); nothing is kept in module globals.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,8 +14,10 @@ from aiohttp import web
 from .config import Config
 from .errors import error_middleware
 from .handlers import RegistryHandlers
-from .metrics import Metrics
+from .metrics import LiveState, Metrics
+from .observe import observe_middleware
 from .proxy import Proxy
+from .status import status_handler
 from .storage import DiskStore
 from .tagindex import TagIndex
 from .upstream import UpstreamClient
@@ -35,14 +38,22 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """The store is usable; upstreams being down does not make a cache unready."""
-    store = request.app[STORE]
-    if not store.root.is_dir():
-        return web.Response(status=503, text="store unavailable\n")
-    return web.Response(text="ready\n")
+    """The store is usable. Upstreams are reported, not required: a mirror with a cache is
+    useful while they are down."""
+    store, metrics = request.app[STORE], request.app[METRICS]
+    usable = store.root.is_dir() and os.access(store.root / "tmp", os.W_OK)
+    upstreams = {
+        name: {
+            "reachable": metrics.upstream(name).reachable,
+            "last_error": metrics.upstream(name).last_error,
+        }
+        for name in request.app[CONFIG].upstreams
+    }
+    body = {"store": "ok" if usable else "unavailable", "upstreams": upstreams}
+    return web.json_response(body, status=200 if usable else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics_page(request: web.Request) -> web.Response:
     body = request.app[METRICS].render()
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
@@ -57,7 +68,8 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
 
 async def create_app(config: Config) -> web.Application:
     """Build the app for `config`; must run inside the event loop that will serve it."""
-    app = web.Application(middlewares=[error_middleware])
+    metrics = Metrics()
+    app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
     store = DiskStore(config.storage.path, config.storage.max_size)
     tags = TagIndex(config.storage.path / "index")
     # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
@@ -68,12 +80,20 @@ async def create_app(config: Config) -> web.Application:
         headers={"Accept-Encoding": "identity"},
     )
     upstreams = {
-        name: UpstreamClient(upstream, session, config.timeouts)
+        name: UpstreamClient(upstream, session, config.timeouts, metrics)
         for name, upstream in config.upstreams.items()
     }
-    proxy = Proxy(config, store, tags, upstreams)
+    proxy = Proxy(config, store, tags, upstreams, metrics)
+    metrics.live = LiveState(
+        cache_bytes=store.usage,
+        cache_bound=store.max_size,
+        evictions=lambda: (store.counters.evictions, store.counters.evicted_bytes),
+        disk_full=lambda: store.counters.disk_full,
+        transfers_in_flight=proxy.transfers_in_flight,
+        waiting_clients=proxy.waiting_clients,
+    )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app[STORE] = store
     app[TAGS] = tags
     app[SESSION] = session
@@ -88,7 +108,8 @@ async def create_app(config: Config) -> web.Application:
     router.add_get("/v2/{name:.+}/tags/list", handlers.tags, name="tags")
     router.add_get("/v2/{name:.+}/referrers/{digest}", handlers.referrers, name="referrers")
     router.add_route("*", "/v2/{tail:.*}", handlers.other, name="other")
+    router.add_get("/", status_handler(config, metrics, store), name="status")
     router.add_get("/healthz", health, name="healthz")
     router.add_get("/readyz", ready, name="readyz")
-    router.add_get("/metrics", metrics, name="metrics")
+    router.add_get("/metrics", metrics_page, name="metrics")
     return app

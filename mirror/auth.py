@@ -20,6 +20,7 @@ import aiohttp
 from .config import UpstreamConfig
 from .errors import UpstreamError, UpstreamTimeout
 from .inflight import SingleFlight
+from .metrics import Metrics
 
 log = logging.getLogger("mirror.auth")
 
@@ -82,9 +83,12 @@ class _Token:
 class TokenCache:
     """Bearer tokens of one upstream, by (realm, service, scope)."""
 
-    def __init__(self, upstream: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, upstream: UpstreamConfig, session: aiohttp.ClientSession, metrics: Metrics
+    ) -> None:
         self._upstream = upstream
         self._session = session
+        self._requests = metrics.token_requests
         self._tokens: dict[tuple[str, str, str], _Token] = {}
         self._fetches: SingleFlight[tuple[str, str, str], _Token] = SingleFlight()
 
@@ -112,6 +116,15 @@ class TokenCache:
         return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scope)
 
     async def _request(self, challenge: Challenge, scope: str) -> _Token:
+        try:
+            token = await self._ask(challenge, scope)
+        except UpstreamError:
+            self._requests.labels(self._upstream.name, "failed").inc()
+            raise
+        self._requests.labels(self._upstream.name, "granted").inc()
+        return token
+
+    async def _ask(self, challenge: Challenge, scope: str) -> _Token:
         name = self._upstream.name
         realm = challenge.params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):

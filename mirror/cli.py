@@ -11,7 +11,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import maintenance
+from . import logs, maintenance
 from .app import create_app
 from .config import Config, ConfigError, load, parse_size
 from .storage import DiskStore
@@ -47,16 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def serve(config: Config) -> None:
-    _configure_logging(config.log_level)
+    logs.configure(config.log_level, config.log_format)
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -75,12 +67,12 @@ def serve(config: Config) -> None:
         host=config.listen_host,
         port=config.listen_port,
         print=None,
-        access_log_format='%a "%r" %s %b %Tf',
+        access_log=None,
     )
 
 
 def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
-    _configure_logging("warning")
+    logs.configure("warning")
     store = DiskStore(config.storage.path, config.storage.max_size)
     try:
         if command == "verify":

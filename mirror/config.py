@@ -100,6 +100,7 @@ class Config:
     )
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     log_level: str = "info"  # debug, info, warning, error
+    log_format: str = "text"  # text, or json: one object per line
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         """The upstream a registry name refers to (Docker Hub's aliases included)."""
@@ -278,6 +279,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         "MIRROR_MANIFEST_TTL": ("manifest_ttl",),
         "MIRROR_DEFAULT_UPSTREAM": ("default_upstream",),
         "MIRROR_LOG_LEVEL": ("log_level",),
+        "MIRROR_LOG_FORMAT": ("log_format",),
     }
     for var, path in simple.items():
         if var in env:
@@ -313,6 +315,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "upstreams",
         "timeouts",
         "log_level",
+        "log_format",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -375,6 +378,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level: expected debug, info, warning or error, got {log_level!r}")
 
+    log_format = str(data.get("log_format", defaults.log_format)).lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: expected text or json, got {log_format!r}")
+
     return Config(
         listen_host=host,
         listen_port=port,
@@ -386,6 +393,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         upstreams=upstreams,
         timeouts=timeouts,
         log_level=log_level,
+        log_format=log_format,
     )
 
 

@@ -16,6 +16,7 @@ from aiohttp import web
 log = logging.getLogger("mirror.errors")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RESULT = "mirror.result"  # request key: hit, miss, coalesced, stale, negative or error
 
 
 class RegistryError(Exception):
@@ -24,6 +25,7 @@ class RegistryError(Exception):
     code = "UNKNOWN"
     status = 500
     default_message = "unknown error"
+    result = "error"  # how the request counts in metrics
 
     def __init__(
         self,
@@ -60,6 +62,12 @@ class NameUnknown(RegistryError):
 
 class ManifestUnknown(RegistryError):
     code, status, default_message = "MANIFEST_UNKNOWN", 404, "manifest unknown"
+
+
+class KnownMissing(ManifestUnknown):
+    """An upstream 404 remembered for negative_ttl: answered without asking again."""
+
+    result = "negative"
 
 
 class BlobUnknown(RegistryError):
@@ -119,6 +127,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except RegistryError as error:
+        request[RESULT] = error.result
         return render(error)
     except web.HTTPMethodNotAllowed:
         if request.path.startswith("/v2/"):
@@ -132,4 +141,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
+        request[RESULT] = "error"
         return render(InternalError())

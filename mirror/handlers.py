@@ -10,9 +10,11 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from .config import Config
 from .errors import (
+    RESULT,
     DigestInvalid,
     ManifestUnknown,
     NameUnknown,
@@ -31,6 +33,7 @@ API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
 WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
 # Where an answer came from: hit, miss, or stale (the upstream could not confirm it).
 CACHE_HEADER = "X-Mirror-Cache"
+ROUTE = "mirror.route"  # request key: the Route a request was given
 
 
 def _digest(text: str) -> Digest:
@@ -45,6 +48,16 @@ def _etag_matches(request: web.Request, digest: str) -> bool:
     return any(tag.strip().strip('"') == digest for tag in header.split(",")) if header else False
 
 
+class BlobFile(web.FileResponse):
+    """A hit, sent with sendfile; preparing it twice is harmless, so the observing
+    middleware may send it before aiohttp would."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
+
+
 class RegistryHandlers:
     """The OCI pull API over one Proxy."""
 
@@ -53,10 +66,13 @@ class RegistryHandlers:
         self._proxy = proxy
 
     def _route(self, request: web.Request) -> Route:
-        return resolve(self._config, request.match_info["name"], request.query.get("ns"))
+        route = resolve(self._config, request.match_info["name"], request.query.get("ns"))
+        request[ROUTE] = route
+        return route
 
     async def base(self, request: web.Request) -> web.StreamResponse:
         """GET|HEAD /v2/: the API version check every client starts with."""
+        request[RESULT] = HIT
         return web.json_response({}, headers=API_HEADERS)
 
     async def manifest(self, request: web.Request) -> web.StreamResponse:
@@ -71,6 +87,7 @@ class RegistryHandlers:
         # Clients may send one Accept header per media type: take them all.
         accept = ", ".join(request.headers.getall("Accept", []))
         answer: Manifest = await self._proxy.manifest(route, reference, accept, head=head)
+        request[RESULT] = answer.source
         headers = {
             **API_HEADERS,
             "Docker-Content-Digest": answer.digest,
@@ -97,14 +114,15 @@ class RegistryHandlers:
         if _etag_matches(request, str(digest)):
             return web.Response(status=304, headers={**headers, "ETag": f'"{digest}"'})
         if request.method == "HEAD":
-            size = await self._proxy.blob_size(route, digest)
+            size, request[RESULT] = await self._proxy.blob_size(route, digest)
             headers["Content-Length"] = str(size)
             headers["Accept-Ranges"] = "bytes"
             return web.Response(headers=headers)
-        source = await self._proxy.open_blob(route, digest)
+        source, result = await self._proxy.open_blob(route, digest)
+        request[RESULT] = result
         if isinstance(source, Path):
-            return web.FileResponse(source, headers={**headers, CACHE_HEADER: HIT})
-        return await self._stream(request, source, {**headers, CACHE_HEADER: MISS})
+            return BlobFile(source, headers={**headers, CACHE_HEADER: result})
+        return await self._stream(request, source, {**headers, CACHE_HEADER: result})
 
     async def _stream(
         self, request: web.Request, transfer: Transfer, headers: dict[str, str]
@@ -152,6 +170,7 @@ class RegistryHandlers:
         route = self._route(request)
         params = {k: request.query[k] for k in ("n", "last") if k in request.query}
         page = await self._proxy.page(route, "tags/list", params, NameUnknown)
+        request[RESULT] = MISS
         return self._page_response(request, page.body, page.content_type, page.next_query)
 
     async def referrers(self, request: web.Request) -> web.StreamResponse:
@@ -160,6 +179,7 @@ class RegistryHandlers:
         digest = _digest(request.match_info["digest"])
         params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
         page = await self._proxy.page(route, f"referrers/{digest}", params, ManifestUnknown)
+        request[RESULT] = MISS
         return self._page_response(request, page.body, page.content_type, page.next_query)
 
     def _page_response(

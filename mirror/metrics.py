@@ -1,38 +1,178 @@
-"""Every Prometheus metric of the mirror, defined once, on a registry owned by the app."""
+"""Every Prometheus metric of the mirror, defined once, on a registry owned by the app.
+
+Label values stay bounded: route kinds, methods, status classes, results, upstream names.
+Never a repository name or a digest. What describes live state (cache size, transfers in
+flight) is read when scraped, by `StateCollector`.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+RESULTS = ("hit", "miss", "coalesced", "stale", "negative", "error")
+TOP_REPOSITORIES = 1000  # repositories tallied for the status page, at most
 
 
+@dataclass
+class UpstreamHealth:
+    """What the last answers of one upstream said, for /readyz and the status page."""
+
+    reachable: bool | None = None  # None: not asked yet
+    last_error: str = ""
+    ratelimit_limit: float | None = None
+    ratelimit_remaining: float | None = None
+
+
+@dataclass
+class LiveState:
+    """Callbacks that read the app's live state at scrape time."""
+
+    cache_bytes: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    cache_bound: int = 0
+    evictions: Callable[[], tuple[int, int]] = lambda: (0, 0)  # (entries, bytes)
+    disk_full: Callable[[], int] = lambda: 0
+    transfers_in_flight: Callable[[], int] = lambda: 0
+    waiting_clients: Callable[[], int] = lambda: 0
+
+
+class StateCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        state = self._metrics.live
+        evicted, evicted_bytes = state.evictions()
+        yield CounterMetricFamily(
+            "mirror_cache_evictions", "Cached entries evicted to stay under the bound.", evicted
+        )
+        yield CounterMetricFamily(
+            "mirror_cache_evicted_bytes", "Bytes evicted to stay under the bound.", evicted_bytes
+        )
+        yield CounterMetricFamily(
+            "mirror_cache_disk_full",
+            "Transfers not kept because the disk was full.",
+            state.disk_full(),
+        )
+        used, entries = state.cache_bytes()
+        yield GaugeMetricFamily("mirror_cache_size_bytes", "Bytes of cached content.", used)
+        yield GaugeMetricFamily("mirror_cache_entries", "Cached blobs and manifests.", entries)
+        yield GaugeMetricFamily(
+            "mirror_cache_max_size_bytes", "The bound on cached content.", state.cache_bound
+        )
+        yield GaugeMetricFamily(
+            "mirror_transfers_in_flight",
+            "Blob transfers from upstreams running now.",
+            state.transfers_in_flight(),
+        )
+        yield GaugeMetricFamily(
+            "mirror_coalesced_clients",
+            "Clients being sent a blob from a transfer that is still running.",
+            state.waiting_clients(),
+        )
+        limit = GaugeMetricFamily(
+            "mirror_upstream_ratelimit_limit",
+            "Pull limit the upstream announced (ratelimit-limit), as last seen.",
+            labels=["upstream"],
+        )
+        remaining = GaugeMetricFamily(
+            "mirror_upstream_ratelimit_remaining",
+            "Pulls left that the upstream announced (ratelimit-remaining), as last seen.",
+            labels=["upstream"],
+        )
+        up = GaugeMetricFamily(
+            "mirror_upstream_up",
+            "1 when the upstream's last answer came, 0 when it failed.",
+            labels=["upstream"],
+        )
+        for name, health in sorted(self._metrics.health.items()):
+            if health.ratelimit_limit is not None:
+                limit.add_metric([name], health.ratelimit_limit)
+            if health.ratelimit_remaining is not None:
+                remaining.add_metric([name], health.ratelimit_remaining)
+            if health.reachable is not None:
+                up.add_metric([name], 1.0 if health.reachable else 0.0)
+        yield limit
+        yield remaining
+        yield up
+
+
+@dataclass
 class Metrics:
     """The mirror's metrics; one instance per app, so tests and workers never share state."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    live: LiveState = field(default_factory=LiveState)
+    health: dict[str, UpstreamHealth] = field(default_factory=dict)
+    repositories: Tally[str] = field(default_factory=Tally)  # requests per repository
+
+    def __post_init__(self) -> None:
+        registry = self.registry
         self.requests = Counter(
             "mirror_requests",
             "Client requests answered, by route kind, method, status class and result.",
             ["kind", "method", "status", "result"],
-            registry=self.registry,
+            registry=registry,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes",
+            "Bytes of blobs and manifests sent to clients, by where they came from.",
+            ["source"],
+            registry=registry,
+        )
+        self.fetched_bytes = Counter(
+            "mirror_upstream_fetched_bytes",
+            "Blob bytes fetched from each upstream.",
+            ["upstream"],
+            registry=registry,
         )
         self.upstream_requests = Counter(
             "mirror_upstream_requests",
             "Requests sent to an upstream registry, by upstream, method and status.",
             ["upstream", "method", "status"],
-            registry=self.registry,
+            registry=registry,
         )
-        self.upstream_bytes = Counter(
-            "mirror_upstream_fetched_bytes",
-            "Blob bytes fetched from each upstream.",
+        self.upstream_latency = Histogram(
+            "mirror_upstream_request_duration_seconds",
+            "Time until an upstream's answer began, by upstream.",
             ["upstream"],
-            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
         )
-        self.transfers_in_flight = Gauge(
-            "mirror_transfers_in_flight",
-            "Blob transfers from upstreams running now.",
-            registry=self.registry,
+        self.token_requests = Counter(
+            "mirror_upstream_token_requests",
+            "Token requests to an upstream's token realm, by upstream and outcome.",
+            ["upstream", "outcome"],
+            registry=registry,
         )
+        registry.register(StateCollector(self))
+
+    def upstream(self, name: str) -> UpstreamHealth:
+        return self.health.setdefault(name, UpstreamHealth())
+
+    def count_repository(self, upstream: str, repository: str) -> None:
+        key = f"{upstream}/{repository}"
+        if key in self.repositories or len(self.repositories) < TOP_REPOSITORIES:
+            self.repositories[key] += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's value (0 when absent): for the status page and tests."""
+        found = self.registry.get_sample_value(name, labels)
+        return found if found is not None else 0.0
+
+    def total(self, name: str, **labels: str) -> float:
+        """The sum of a metric's samples whose labels include `labels`."""
+        total = 0.0
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name == name and labels.items() <= sample.labels.items():
+                    total += sample.value
+        return total

@@ -20,6 +20,7 @@ from .config import Config
 from .errors import (
     BlobUnknown,
     Denied,
+    KnownMissing,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
@@ -28,6 +29,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .inflight import SingleFlight, Transfer
+from .metrics import Metrics
 from .reference import Digest, digest_of, parse_digest
 from .routing import Route
 from .storage import BlobStore, DigestMismatch, TempBlob
@@ -51,7 +53,7 @@ MAX_RESUMES = 5  # Range requests to finish one blob transfer that keeps breakin
 FOREIGN_FILL_POLL = 0.05  # seconds between looks at a fill another process runs
 
 
-HIT, MISS, STALE = "hit", "miss", "stale"  # where an answer came from
+HIT, MISS, STALE, COALESCED = "hit", "miss", "stale", "coalesced"  # where answers came from
 
 
 @dataclass(frozen=True)
@@ -128,8 +130,10 @@ class Proxy:
         store: BlobStore,
         tags: TagIndex,
         upstreams: dict[str, UpstreamClient],
+        metrics: Metrics,
     ) -> None:
         self._config = config
+        self._metrics = metrics
         self._store = store
         self._tags = tags
         self._upstreams = upstreams
@@ -137,6 +141,12 @@ class Proxy:
         self._negative = NegativeCache(config.negative_ttl)
         self._transfers: dict[str, Transfer] = {}
         self._fills: set[asyncio.Task[None]] = set()
+
+    def transfers_in_flight(self) -> int:
+        return len(self._transfers)
+
+    def waiting_clients(self) -> int:
+        return sum(transfer.readers for transfer in self._transfers.values())
 
     def _client(self, route: Route) -> UpstreamClient:
         return self._upstreams[route.upstream.name]
@@ -165,7 +175,7 @@ class Proxy:
                 "and the mirror is offline for this upstream"
             )
         if self._negative.known_missing((route.upstream.name, route.repository, reference)):
-            raise ManifestUnknown(
+            raise KnownMissing(
                 f"manifest unknown to upstream {route.upstream.name} (answer cached)",
                 detail={"reference": reference},
             )
@@ -316,14 +326,15 @@ class Proxy:
 
     # blobs
 
-    async def blob_size(self, route: Route, digest: Digest) -> int:
-        """Length of a blob, for HEAD: from the store, a running transfer, or an upstream HEAD."""
+    async def blob_size(self, route: Route, digest: Digest) -> tuple[int, str]:
+        """Length of a blob, for HEAD: from the store, a running transfer, or an upstream
+        HEAD; with where the answer came from."""
         path = self._store.blob_path(digest)
         if path is not None:
-            return path.stat().st_size
+            return path.stat().st_size, HIT
         transfer = self._transfers.get(str(digest))
         if transfer is not None and transfer.size is not None:
-            return transfer.size
+            return transfer.size, COALESCED
         self._refuse_offline_blob(route, digest)
         client = self._client(route)
         response = await client.request("HEAD", route.repository, f"blobs/{digest}")
@@ -331,7 +342,7 @@ class Proxy:
         response.release()
         if response.content_length is None:
             raise UpstreamError(f"upstream {client.name} gave no length for {digest}")
-        return response.content_length
+        return response.content_length, MISS
 
     def _refuse_offline_blob(self, route: Route, digest: Digest) -> None:
         if route.upstream.offline and str(digest) not in self._transfers:
@@ -339,18 +350,23 @@ class Proxy:
                 f"{digest} is not cached and the mirror is offline for {route.upstream.name}"
             )
 
-    async def open_blob(self, route: Route, digest: Digest) -> Path | Transfer:
-        """The stored file, or the running transfer (its size known) to stream from."""
+    async def open_blob(self, route: Route, digest: Digest) -> tuple[Path | Transfer, str]:
+        """The stored file (HIT), or a transfer to stream from (its size known): one this
+        request started (MISS) or one already running (COALESCED)."""
         deadline = time.monotonic() + self._config.timeouts.transfer
         while True:
             path = self._store.blob_path(digest)
             if path is not None:
-                return path
+                return path, HIT
             self._refuse_offline_blob(route, digest)
-            transfer = self._transfers.get(str(digest)) or self._start_fill(route, digest)
+            result = COALESCED
+            transfer = self._transfers.get(str(digest))
+            if transfer is None:
+                result = MISS
+                transfer = self._start_fill(route, digest)
             if transfer is not None:
                 await transfer.wait_started()
-                return transfer
+                return transfer, result
             # Another process is filling this digest: wait for its file, or for its lock
             # to free (it died), and look again.
             if time.monotonic() > deadline:
@@ -364,7 +380,7 @@ class Proxy:
         if self._store.blob_path(digest) is not None:  # finished while we took the lock
             temp.discard()
             return None
-        transfer = Transfer(temp.path)
+        transfer = Transfer(temp.path, route.upstream.name)
         self._transfers[str(digest)] = transfer
         task = asyncio.create_task(self._fill(route, digest, temp, transfer))
         self._fills.add(task)
@@ -418,6 +434,7 @@ class Proxy:
             transfer.spill()
             temp.write(chunk)
         transfer.advance(len(chunk), chunk if temp.spilled else None)
+        self._metrics.fetched_bytes.labels(transfer.owner).inc(len(chunk))
 
     async def _download(
         self,

@@ -7,8 +7,10 @@ registry's `Authorization` header never travels to another host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from urllib.parse import urljoin, urlsplit
 
@@ -25,10 +27,16 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from .metrics import Metrics
 
 log = logging.getLogger("mirror.upstream")
 
 REDIRECTS = (301, 302, 303, 307, 308)
+# Docker Hub's pull-limit headers, kept per upstream as last seen.
+RATELIMIT_HEADERS = {
+    "ratelimit-limit": "ratelimit_limit",
+    "ratelimit-remaining": "ratelimit_remaining",
+}
 MAX_REDIRECTS = 5
 USER_AGENT = "mirror/0.1 (pull-through cache)"
 
@@ -37,13 +45,19 @@ class UpstreamClient:
     """Requests to one registry's /v2/ API, authenticated as it asks."""
 
     def __init__(
-        self, config: UpstreamConfig, session: aiohttp.ClientSession, timeouts: TimeoutConfig
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        timeouts: TimeoutConfig,
+        metrics: Metrics,
     ) -> None:
         self.config = config
         self.name = config.name
         self._session = session
         self._timeouts = timeouts
-        self._tokens = TokenCache(config, session)
+        self._metrics = metrics
+        self.health = metrics.upstream(config.name)
+        self._tokens = TokenCache(config, session, metrics)
         self._challenge: Challenge | None = None  # learned from the first 401
         # Bounds the blob transfers running at once from this upstream.
         self.transfer_slots = asyncio.Semaphore(config.max_transfers)
@@ -125,6 +139,7 @@ class UpstreamClient:
         origin = urlsplit(url).netloc
         try:
             for _ in range(MAX_REDIRECTS + 1):
+                started = time.monotonic()
                 response = await self._session.request(
                     method,
                     url,
@@ -133,6 +148,7 @@ class UpstreamClient:
                     allow_redirects=False,
                     timeout=self._timeout(transfer=transfer),
                 )
+                self._observe(method, response, time.monotonic() - started)
                 location = response.headers.get("Location")
                 if response.status not in REDIRECTS or location is None:
                     return response
@@ -144,15 +160,35 @@ class UpstreamClient:
                 if response.status == 303:
                     method = "GET"
         except TimeoutError:
+            self._failed(method, "timed out")
             raise UpstreamTimeout(
                 f"upstream {self.name} timed out", detail={"upstream": self.name}
             ) from None
         except aiohttp.ClientError as exc:
+            self._failed(method, f"unreachable: {type(exc).__name__}")
             raise UpstreamError(
                 f"upstream {self.name} unreachable: {type(exc).__name__}",
                 detail={"upstream": self.name},
             ) from None
         raise UpstreamError(f"upstream {self.name}: too many redirects")
+
+    def _observe(self, method: str, response: aiohttp.ClientResponse, seconds: float) -> None:
+        """Count the answer, time it, and keep what it says of health and rate limits."""
+        self._metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
+        self._metrics.upstream_latency.labels(self.name).observe(seconds)
+        health = self.health
+        health.reachable = response.status < 500
+        health.last_error = "" if health.reachable else f"answered {response.status}"
+        for header, attribute in RATELIMIT_HEADERS.items():
+            value = response.headers.get(header)
+            if value is not None:
+                with contextlib.suppress(ValueError):
+                    setattr(health, attribute, float(value.split(";")[0]))
+
+    def _failed(self, method: str, why: str) -> None:
+        self._metrics.upstream_requests.labels(self.name, method, "error").inc()
+        self.health.reachable = False
+        self.health.last_error = why
 
     async def raise_for_status(
         self, response: aiohttp.ClientResponse, not_found: type[RegistryError]

@@ -39,6 +39,7 @@ class Faults:
     cut_after: int | None = None  # close the connection after this many bytes of a blob body
     stall_after: int | None = None  # stop sending (but keep the connection) after this many
     faulty_bodies: int = 1  # how many blob bodies the cut or stall applies to
+    ratelimit: tuple[int, int] | None = None  # (limit, remaining) headers, as Docker Hub sends
 
 
 @dataclass
@@ -149,6 +150,10 @@ class Relay:
             allow_redirects=False,
         ) as upstream:
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
+            if self.faults.ratelimit is not None:
+                limit, remaining = self.faults.ratelimit
+                out_headers["ratelimit-limit"] = f"{limit};w=21600"
+                out_headers["ratelimit-remaining"] = f"{remaining};w=21600"
             if request.method == "HEAD":
                 response = web.Response(status=upstream.status, headers=out_headers)
                 if upstream.content_length is not None:

@@ -1,0 +1,81 @@
+"""One middleware that counts every request in the metrics and writes its access line."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from .errors import RESULT, Handler
+from .handlers import ROUTE
+from .metrics import Metrics
+
+log = logging.getLogger("mirror.access")
+
+# Route names (see app.py) and the kind they count as.
+KINDS = {"manifest": "manifest", "blob": "blob", "tags": "tags"}
+FROM_CACHE = ("hit", "stale")
+
+
+def observe_middleware(metrics: Metrics) -> Middleware:
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        response = await handler(request)
+        if not response.prepared:
+            # Sent here rather than after the middlewares, so the bytes and the time are
+            # known when the request is counted and logged.
+            with contextlib.suppress(ConnectionError):
+                await response.prepare(request)
+                await response.write_eof()
+        route_name = request.match_info.route.name or ""
+        kind = KINDS.get(route_name, "other")
+        result = request.get(RESULT, "error" if response.status >= 400 else "none")
+        metrics.requests.labels(kind, request.method, f"{response.status // 100}xx", result).inc()
+        sent = _bytes_sent(request, response)
+        route = request.get(ROUTE)
+        upstream = route.upstream.name if route is not None else ""
+        if kind in ("manifest", "blob") and response.status < 300 and sent:
+            metrics.served_bytes.labels("cache" if result in FROM_CACHE else "upstream").inc(sent)
+        if route is not None and kind in ("manifest", "blob"):
+            metrics.count_repository(upstream, route.repository)
+        if route_name not in ("metrics", "healthz", "readyz"):
+            duration = time.monotonic() - started
+            log.info(
+                '%s "%s %s" %d %d %.3fs %s %s',
+                request.remote,
+                request.method,
+                request.path,
+                response.status,
+                sent,
+                duration,
+                result,
+                upstream or "-",
+                extra={
+                    "remote": request.remote,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "bytes": sent,
+                    "duration": round(duration, 6),
+                    "result": result,
+                    "upstream": upstream,
+                },
+            )
+        return response
+
+    return observe
+
+
+def _bytes_sent(request: web.Request, response: web.StreamResponse) -> int:
+    """Body bytes sent: sendfile answers do not count themselves, so take their length."""
+    if request.method == "HEAD":
+        return 0
+    if isinstance(response, web.FileResponse):
+        return response.content_length or 0
+    if isinstance(response, web.Response):
+        return len(response.body) if isinstance(response.body, bytes) else 0
+    return response.content_length or 0  # streamed: what was promised (the client may leave)

@@ -1,0 +1,135 @@
+"""The status page at `/`: server-rendered HTML, no script, readable on a phone.
+
+Its numbers come from the same metrics Prometheus scrapes, plus the store's index for the
+largest cached repositories, so the page and the dashboards never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+from aiohttp import web
+
+from .config import Config
+from .errors import Handler
+from .maintenance import human
+from .metrics import Metrics
+from .storage import DiskStore
+
+STYLE = """
+body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:56rem;padding:1rem;color:#1d232a}
+h1{font-size:1.4rem;margin:.2rem 0 1rem}h2{font-size:1.05rem;margin:1.4rem 0 .4rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(11rem,1fr));gap:.6rem}
+.card{border:1px solid #d5dbe1;border-radius:8px;padding:.6rem .8rem}
+.card b{display:block;font-size:1.35rem}.card span{color:#56606b;font-size:.85rem}
+table{border-collapse:collapse;width:100%}td,th{text-align:left;padding:.3rem .4rem;
+border-bottom:1px solid #e6eaee;font-size:.92rem}th{color:#56606b;font-weight:600}
+td.n{text-align:right;white-space:nowrap}.up{color:#17803d}.down{color:#b42318}
+.bar{background:#e6eaee;border-radius:4px;height:.5rem;margin-top:.3rem}
+.bar i{display:block;height:100%;border-radius:4px;background:#2f6fde}
+footer{margin-top:1.5rem;color:#56606b;font-size:.8rem}
+"""
+
+
+def _card(value: str, label: str, extra: str = "") -> str:
+    return f'<div class="card"><b>{escape(value)}</b><span>{escape(label)}</span>{extra}</div>'
+
+
+def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]], numeric: int = 1) -> str:
+    if not rows:
+        return "<p>Nothing yet.</p>"
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = ""
+    for row in rows:
+        cells = [
+            f'<td class="n">{escape(c)}</td>'
+            if i >= len(row) - numeric
+            else f"<td>{escape(c)}</td>"
+            for i, c in enumerate(row)
+        ]
+        body += "<tr>" + "".join(cells) + "</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render(config: Config, metrics: Metrics, store: DiskStore) -> str:
+    content = {"kind": "blob"}, {"kind": "manifest"}
+    hits = sum(
+        metrics.total("mirror_requests_total", result=r, **k)
+        for k in content
+        for r in ("hit", "stale")
+    )
+    misses = sum(
+        metrics.total("mirror_requests_total", result=r, **k)
+        for k in content
+        for r in ("miss", "coalesced")
+    )
+    ratio = f"{hits / (hits + misses):.1%}" if hits + misses else "-"
+    from_cache = metrics.value("mirror_served_bytes_total", source="cache")
+    fetched = metrics.total("mirror_upstream_fetched_bytes_total")
+    used, entries = store.usage()
+    share = min(used / store.max_size, 1.0) if store.max_size else 0.0
+    bar = f'<div class="bar"><i style="width:{share * 100:.1f}%"></i></div>'
+    in_flight = metrics.live.transfers_in_flight()
+    waiting = metrics.live.waiting_clients()
+
+    cards = "".join(
+        [
+            _card(ratio, f"hit ratio ({hits:.0f} of {hits + misses:.0f} requests)"),
+            _card(human(from_cache), "served from the cache"),
+            _card(human(fetched), "fetched from upstreams"),
+            _card(f"{human(used)} / {human(store.max_size)}", f"cache use, {entries} entries", bar),
+            _card(str(in_flight), f"transfers in flight, {waiting} clients on them"),
+        ]
+    )
+
+    upstream_rows = []
+    for name, upstream in sorted(config.upstreams.items()):
+        health = metrics.upstream(name)
+        if upstream.offline:
+            state = "offline (by configuration)"
+        elif health.reachable is None:
+            state = "not contacted yet"
+        elif health.reachable:
+            state = "up"
+        else:
+            state = f"down: {health.last_error}"
+        limit = (
+            f"{health.ratelimit_remaining:.0f} of {health.ratelimit_limit:.0f}"
+            if health.ratelimit_remaining is not None and health.ratelimit_limit is not None
+            else "-"
+        )
+        requests = metrics.total("mirror_upstream_requests_total", upstream=name)
+        upstream_rows.append((name, state, f"{requests:.0f}", limit))
+
+    popular = [(name, f"{count}") for name, count in metrics.repositories.most_common(10)]
+    largest = [
+        (f"{upstream}/{repository}" if upstream else repository or "-", human(size), str(count))
+        for upstream, repository, size, count in store.index.usage_by()[:10]
+    ]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<meta http-equiv="refresh" content="15">
+<title>mirror status</title><style>{STYLE}</style></head>
+<body>
+<h1>Registry mirror</h1>
+<div class="cards">{cards}</div>
+<h2>Upstreams</h2>
+{_table(("upstream", "state", "requests", "pulls left"), upstream_rows, numeric=2)}
+<h2>Most requested repositories</h2>
+{_table(("repository", "requests"), popular)}
+<h2>Largest cached repositories</h2>
+{_table(("repository", "size", "entries"), largest, numeric=2)}
+<footer>Default upstream: {escape(config.default_upstream)}.
+Metrics for Prometheus at <a href="/metrics">/metrics</a>.</footer>
+</body></html>
+"""
+
+
+def status_handler(config: Config, metrics: Metrics, store: DiskStore) -> Handler:
+    async def status_page(request: web.Request) -> web.StreamResponse:
+        """GET /: the status page."""
+        return web.Response(text=render(config, metrics, store), content_type="text/html")
+
+    return status_page
