@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 
@@ -62,10 +63,15 @@ def serve(config: Config) -> None:
         config.storage.path,
         ", ".join(sorted(config.upstreams)),
     )
+    ssl_context = None
+    if config.tls is not None:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls.cert, config.tls.key)
     web.run_app(
         create_app(config),
         host=config.listen_host,
         port=config.listen_port,
+        ssl_context=ssl_context,
         print=None,
         access_log=None,
     )

@@ -78,6 +78,14 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Serve HTTPS with this certificate (chain) and key, both PEM files."""
+
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class TimeoutConfig:
     connect: float = 10.0  # seconds to open a connection to an upstream
     read: float = 60.0  # seconds an upstream may stay silent mid-answer
@@ -101,6 +109,7 @@ class Config:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # text, or json: one object per line
+    tls: TlsConfig | None = None  # None: plain HTTP
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         """The upstream a registry name refers to (Docker Hub's aliases included)."""
@@ -316,6 +325,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "timeouts",
         "log_level",
         "log_format",
+        "tls",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -382,6 +392,20 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     if log_format not in ("text", "json"):
         raise ConfigError(f"log_format: expected text or json, got {log_format!r}")
 
+    tls = None
+    if data.get("tls") is not None:
+        tls_raw = _mapping(data["tls"], "tls")
+        _check_keys(tls_raw, {"cert", "key"}, "tls")
+        files = {}
+        for key in ("cert", "key"):
+            value = tls_raw.get(key)
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"tls.{key}: required, the path of a PEM file")
+            if not os.access(value, os.R_OK):
+                raise ConfigError(f"tls.{key}: cannot read {value}")
+            files[key] = Path(value)
+        tls = TlsConfig(cert=files["cert"], key=files["key"])
+
     return Config(
         listen_host=host,
         listen_port=port,
@@ -394,6 +418,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         timeouts=timeouts,
         log_level=log_level,
         log_format=log_format,
+        tls=tls,
     )
 
 

@@ -16,7 +16,8 @@ from aiohttp import web
 log = logging.getLogger("mirror.errors")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RESULT = "mirror.result"  # request key: hit, miss, coalesced, stale, negative or error
+# How a request was answered: hit, miss, coalesced, stale, negative or error.
+RESULT = web.RequestKey("result", str)
 
 
 class RegistryError(Exception):

@@ -33,7 +33,7 @@ API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
 WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
 # Where an answer came from: hit, miss, or stale (the upstream could not confirm it).
 CACHE_HEADER = "X-Mirror-Cache"
-ROUTE = "mirror.route"  # request key: the Route a request was given
+ROUTE = web.RequestKey("route", Route)  # the Route a request was given
 
 
 def _digest(text: str) -> Digest:

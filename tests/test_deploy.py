@@ -1,0 +1,93 @@
+"""The deploy files, checked by what can be checked offline: they parse, name the right
+ports, paths and probes, carry a valid mirror.yaml, and the systemd unit verifies."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mirror.config import from_mapping, load
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+
+
+def _kube() -> dict[str, dict[str, Any]]:
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "mirror.yaml").read_text()))
+    return {doc["kind"]: doc for doc in documents}
+
+
+def test_kubernetes_manifests() -> None:
+    kinds = _kube()
+    assert set(kinds) == {"ConfigMap", "StatefulSet", "Service", "ServiceMonitor"}
+    config = yaml.safe_load(kinds["ConfigMap"]["data"]["mirror.yaml"])
+    parsed = from_mapping(config, env={})
+    assert parsed.listen_port == 5000 and str(parsed.storage.path) == "/var/lib/mirror"
+    spec = kinds["StatefulSet"]["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    assert container["ports"][0]["containerPort"] == 5000
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["cache"] == "/var/lib/mirror"
+    assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == "cache"
+    assert spec["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    service = kinds["Service"]["spec"]
+    assert service["ports"][0]["port"] == 5000
+    assert service["selector"] == spec["selector"]["matchLabels"]
+    assert kinds["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def test_compose_file() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"mirror", "prometheus", "grafana"}
+    assert "5000:5000" in services["mirror"]["ports"]
+    assert any(v.endswith(":/var/lib/mirror") for v in services["mirror"]["volumes"])
+    assert services["mirror"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    for mount in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
+        source = mount.split(":")[0]
+        assert (DEPLOY / source).exists(), source
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["mirror:5000"]
+
+
+def test_dockerfile() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    instructions = [line.split()[0] for line in lines if line.split()[0].isupper()]
+    assert instructions[0] == "FROM"
+    assert "USER mirror" in lines and "VOLUME /var/lib/mirror" in lines
+    assert "EXPOSE 5000" in lines
+    assert any(line.startswith("HEALTHCHECK") for line in lines)
+    assert any("/healthz" in line for line in lines)
+    copied = [line.split()[1] for line in lines if line.startswith("COPY")]
+    root = DEPLOY.parent
+    for source in copied:
+        assert (root / source).exists(), source
+    load(root / "mirror.yaml", env={})  # the config it ships is valid
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.fail("systemd-analyze is needed: scripts/test installs systemd")
+    mirror = shutil.which("mirror")
+    assert mirror, "the mirror command is installed by scripts/test"
+    unit = (DEPLOY / "systemd" / "mirror.service").read_text()
+    assert "ExecStart=/opt/mirror/bin/mirror serve" in unit
+    assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit
+    local = tmp_path / "mirror.service"
+    local.write_text(unit.replace("/opt/mirror/bin/mirror", mirror))
+    result = subprocess.run(
+        [analyze, "verify", str(local)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mirror.service" not in result.stdout + result.stderr  # no warning about it
