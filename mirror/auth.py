@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .config import UpstreamConfig
+from .credentials import Credentials
 from .errors import UpstreamError, UpstreamTimeout
 from .inflight import SingleFlight
 from .metrics import Metrics
@@ -84,13 +85,18 @@ class TokenCache:
     """Bearer tokens of one upstream, by (realm, service, scope)."""
 
     def __init__(
-        self, upstream: UpstreamConfig, session: aiohttp.ClientSession, metrics: Metrics
+        self,
+        upstream: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        credentials: Credentials,
     ) -> None:
         self._upstream = upstream
         self._session = session
         self._requests = metrics.token_requests
-        self._tokens: dict[tuple[str, str, str], _Token] = {}
-        self._fetches: SingleFlight[tuple[str, str, str], _Token] = SingleFlight()
+        self._credentials = credentials
+        self._tokens: dict[tuple[str, str, str, str], _Token] = {}
+        self._fetches: SingleFlight[tuple[str, str, str, str], _Token] = SingleFlight()
 
     def cached(self, challenge: Challenge, scope: str) -> str | None:
         key = self._key(challenge, scope)
@@ -112,8 +118,15 @@ class TokenCache:
         token = await self._fetches.run(key, lambda: self._request(challenge, scope))
         return token.value
 
-    def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str]:
-        return (challenge.params.get("realm", ""), challenge.params.get("service", ""), scope)
+    def _key(self, challenge: Challenge, scope: str) -> tuple[str, str, str, str]:
+        """(realm, service, scope, identity): a token is only ever reused for exactly
+        what it was granted for, and to whom."""
+        return (
+            challenge.params.get("realm", ""),
+            challenge.params.get("service", ""),
+            scope,
+            self._credentials.identity,
+        )
 
     async def _request(self, challenge: Challenge, scope: str) -> _Token:
         try:
@@ -133,15 +146,14 @@ class TokenCache:
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
         headers = {}
-        if self._upstream.username is not None and self._upstream.password is not None:
+        pair = await self._credentials.get()
+        if pair is not None:
             if not may_send_credentials(self._upstream.url, realm, self._upstream.auth_hosts):
                 raise UpstreamError(
                     f"upstream {name}: token realm host {urlsplit(realm).hostname} is not trusted "
                     "with credentials (add it to auth_hosts)"
                 )
-            headers["Authorization"] = basic_header(
-                self._upstream.username, self._upstream.password
-            )
+            headers["Authorization"] = basic_header(*pair)
         try:
             async with self._session.get(
                 realm, params=params, headers=headers, allow_redirects=False

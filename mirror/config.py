@@ -7,6 +7,7 @@ stops start-up with a message an operator can act on.
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import math
 import os
 import re
@@ -43,6 +44,25 @@ class TtlRule:
         return fnmatch.fnmatchcase(f"{repository}:{tag}", self.match)
 
 
+@dataclass(frozen=True)
+class EcrConfig:
+    """Amazon ECR: credentials from GetAuthorizationToken (needs `mirror[ecr]`)."""
+
+    region: str
+    registry_id: str | None = None  # the account; default: the caller's
+    endpoint_url: str | None = None  # another ECR API endpoint (VPC endpoint, tests)
+    renew_before: float = 3600.0  # seconds before the 12-hour token expires to renew it
+
+
+@dataclass(frozen=True)
+class AcrConfig:
+    """Azure Container Registry: an Azure AD refresh token exchanged for a registry one."""
+
+    refresh_token_file: str  # file holding the AAD refresh token
+    tenant: str | None = None
+    exchange_url: str | None = None  # default: <url>/oauth2/exchange
+
+
 DEFAULT_MANIFEST_TTL = 300.0
 DEFAULT_NEGATIVE_TTL = 30.0
 DEFAULT_MAX_TRANSFERS = 16
@@ -62,6 +82,8 @@ class UpstreamConfig:
     offline: bool = False  # never contact this upstream; default: the global `offline`
     serve_stale_on_404: bool = False  # an upstream 404 for a cached tag serves the cached copy
     max_transfers: int = DEFAULT_MAX_TRANSFERS  # concurrent blob transfers from this upstream
+    ecr: EcrConfig | None = None  # log in with Amazon ECR tokens
+    acr: AcrConfig | None = None  # log in with an Azure AD refresh token
 
     def ttl_for(self, repository: str, tag: str) -> float:
         """Seconds a tag's digest is trusted: the first matching rule, else manifest_ttl."""
@@ -228,7 +250,48 @@ UPSTREAM_KEYS = {
     "offline",
     "serve_stale_on_404",
     "max_transfers",
+    "ecr",
+    "acr",
 }
+
+
+def _optional_text(section: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = section.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}.{key}: expected a string, got {value!r}")
+    return value
+
+
+def _parse_ecr(raw: Any, where: str) -> EcrConfig:
+    section = _mapping(raw, where)
+    _check_keys(section, {"region", "registry_id", "endpoint_url", "renew_before"}, where)
+    region = _optional_text(section, "region", where)
+    if region is None:
+        raise ConfigError(f"{where}.region: required, e.g. us-east-1")
+    if importlib.util.find_spec("botocore") is None:
+        raise ConfigError(f"{where}: needs botocore: pip install 'mirror[ecr]'")
+    registry_id = section.get("registry_id")
+    return EcrConfig(
+        region=region,
+        registry_id=None if registry_id is None else str(registry_id),
+        endpoint_url=_optional_text(section, "endpoint_url", where),
+        renew_before=_number(section.get("renew_before", 3600), f"{where}.renew_before"),
+    )
+
+
+def _parse_acr(raw: Any, where: str) -> AcrConfig:
+    section = _mapping(raw, where)
+    _check_keys(section, {"refresh_token_file", "tenant", "exchange_url"}, where)
+    token_file = _optional_text(section, "refresh_token_file", where)
+    if token_file is None:
+        raise ConfigError(f"{where}.refresh_token_file: required, a file with the AAD token")
+    return AcrConfig(
+        refresh_token_file=token_file,
+        tenant=_optional_text(section, "tenant", where),
+        exchange_url=_optional_text(section, "exchange_url", where),
+    )
 
 
 def _parse_upstream(
@@ -256,6 +319,12 @@ def _parse_upstream(
     hosts = section.get("auth_hosts") or []
     if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
         raise ConfigError(f"{where}.auth_hosts: expected a list of host names")
+    ecr = _parse_ecr(section["ecr"], f"{where}.ecr") if section.get("ecr") is not None else None
+    acr = _parse_acr(section["acr"], f"{where}.acr") if section.get("acr") is not None else None
+    if (ecr or acr) and username is not None:
+        raise ConfigError(f"{where}: ecr/acr log in by themselves; drop username and password")
+    if ecr and acr:
+        raise ConfigError(f"{where}: ecr and acr exclude each other")
     max_transfers = section.get("max_transfers", defaults.max_transfers)
     if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
         raise ConfigError(f"{where}.max_transfers: expected a whole number >= 1")
@@ -275,6 +344,8 @@ def _parse_upstream(
             section.get("serve_stale_on_404", False), f"{where}.serve_stale_on_404"
         ),
         max_transfers=max_transfers,
+        ecr=ecr,
+        acr=acr,
     )
 
 

@@ -19,6 +19,7 @@ from multidict import CIMultiDict
 
 from .auth import Challenge, TokenCache, basic_header, parse_challenge
 from .config import TimeoutConfig, UpstreamConfig
+from .credentials import credentials_for
 from .errors import (
     PASSED_THROUGH,
     Denied,
@@ -57,7 +58,8 @@ class UpstreamClient:
         self._timeouts = timeouts
         self._metrics = metrics
         self.health = metrics.upstream(config.name)
-        self._tokens = TokenCache(config, session, metrics)
+        self._login = credentials_for(config, session, metrics)
+        self._tokens = TokenCache(config, session, metrics, self._login)
         self._challenge: Challenge | None = None  # learned from the first 401
         # Bounds the blob transfers running at once from this upstream.
         self.transfer_slots = asyncio.Semaphore(config.max_transfers)
@@ -78,8 +80,8 @@ class UpstreamClient:
         if challenge.scheme == "bearer":
             token = refused.removeprefix("Bearer ") if refused else None
             return f"Bearer {await self._tokens.fetch(challenge, scope, refused=token)}"
-        if challenge.scheme == "basic" and self.config.username and self.config.password:
-            return basic_header(self.config.username, self.config.password)
+        if challenge.scheme == "basic" and (pair := await self._login.get()) is not None:
+            return basic_header(*pair)
         return None
 
     async def request(
@@ -110,7 +112,7 @@ class UpstreamClient:
             response.release()
             if challenge is None or challenge.scheme not in ("bearer", "basic") or attempt == 1:
                 break
-            if challenge.scheme == "basic" and not self.config.username:
+            if challenge.scheme == "basic" and await self._login.get() is None:
                 break
             self._challenge = Challenge(
                 challenge.scheme,

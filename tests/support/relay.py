@@ -107,6 +107,7 @@ class Relay:
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "injected"}]},
                 status=self.faults.status or 500,
+                headers={"Retry-After": "17"} if self.faults.status == 429 else None,
             )
         if self.faults.redirect_blobs and "/blobs/" in request.path and request.method == "GET":
             assert self.cdn is not None

@@ -26,7 +26,11 @@ from cryptography.x509.oid import NameOID
 
 SERVICE = "mirror-test-registry"
 ISSUER = "mirror-test-issuer"
-USERS = {"alice": "wonderland"}
+ACR_USER = "00000000-0000-0000-0000-000000000000"
+ACR_REFRESH_TOKEN = "acr-refresh-token-for-tests"
+AAD_REFRESH_TOKEN = "aad-refresh-token-for-tests"
+USERS = {"alice": "wonderland", ACR_USER: ACR_REFRESH_TOKEN}
+PRIVATE_READERS = ("alice", ACR_USER)
 PRIVATE_PREFIX = "private/"
 
 
@@ -51,6 +55,7 @@ class TokenServer:
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         self.grants: list[tuple[str | None, str]] = []  # (user, granted scope)
         self.requests = 0
+        self.exchanges: list[dict[str, str]] = []  # ACR /oauth2/exchange forms received
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -106,7 +111,7 @@ class TokenServer:
             if len(parts) != 3 or parts[0] != "repository":
                 continue
             _, name, _ = parts
-            if name.startswith(PRIVATE_PREFIX) and user != "alice":
+            if name.startswith(PRIVATE_PREFIX) and user not in PRIVATE_READERS:
                 continue
             access.append({"type": "repository", "name": name, "actions": ["pull"]})
             with self._lock:
@@ -127,6 +132,20 @@ class TokenServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                """ACR's /oauth2/exchange: an AAD refresh token for a registry one."""
+                length = int(self.headers.get("Content-Length", "0"))
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+                with server._lock:
+                    server.exchanges.append(form)
+                if (
+                    urlsplit(self.path).path != "/oauth2/exchange"
+                    or form.get("refresh_token") != AAD_REFRESH_TOKEN
+                ):
+                    self._answer(401, {"error": "invalid token"})
+                    return
+                self._answer(200, {"refresh_token": ACR_REFRESH_TOKEN})
 
             def do_GET(self) -> None:
                 with server._lock:
