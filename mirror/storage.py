@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from .reference import Digest, manifest_matches, parse_digest
 
 log = logging.getLogger("mirror.storage")
 
+MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024  # manifests also kept in memory, up to this much
 EVICTION_GRACE = 1.0  # seconds: content used this recently is not evicted (it is being sent)
 HASH_CHUNK = 1024 * 1024
 
@@ -109,6 +111,35 @@ def hash_file(path: Path, digest: Digest, progress: Callable[[int], None] | None
             if progress is not None:
                 progress(len(chunk))
     return hasher.hexdigest() == digest.hex
+
+
+class MemoryLru:
+    """Manifests kept in memory, least recently used dropped past a byte bound: a manifest
+    hit never reads the disk."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._entries: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[bytes, str] | None:
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: str, value: tuple[bytes, str]) -> None:
+        self.drop(key)
+        self._entries[key] = value
+        self._bytes += len(value[0])
+        while self._bytes > self._max_bytes and self._entries:
+            _, (data, _) = self._entries.popitem(last=False)
+            self._bytes -= len(data)
+
+    def drop(self, key: str) -> None:
+        found = self._entries.pop(key, None)
+        if found is not None:
+            self._bytes -= len(found[0])
 
 
 class DiskTempBlob:
@@ -226,6 +257,7 @@ class DiskStore:
         for folder in (self._blobs, self._manifests, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
         self.index = UsageIndex(root / "lru.sqlite")
+        self._manifests_in_memory = MemoryLru(MANIFEST_MEMORY_BYTES)
         self._usage = (0, 0)
         self.recover()
 
@@ -304,14 +336,17 @@ class DiskStore:
     # manifests
 
     def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
-        try:
-            data = self.manifest_path(digest).read_bytes()
-            media_type = self._type_path(digest).read_text()
-        except FileNotFoundError:
-            self._forget_missing(manifest_key(digest))
-            return None
-        self.index.touch(manifest_key(digest))
-        return data, media_type
+        key = manifest_key(digest)
+        found = self._manifests_in_memory.get(key)
+        if found is None:
+            try:
+                found = self.manifest_path(digest).read_bytes(), self._type_path(digest).read_text()
+            except FileNotFoundError:
+                self._forget_missing(key)
+                return None
+            self._manifests_in_memory.put(key, found)
+        self.index.touch(key)
+        return found
 
     def put_manifest(
         self,
@@ -331,6 +366,7 @@ class DiskStore:
         self._write_atomically(self._type_path(digest), media_type.encode())
         self._write_atomically(path, data)
         self.index.confirm(key)
+        self._manifests_in_memory.put(key, (data, media_type))
         self.make_room(keep=key)
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
@@ -394,6 +430,7 @@ class DiskStore:
         self.index.remove(key)
 
     def _unlink(self, key: str) -> None:
+        self._manifests_in_memory.drop(key)
         parsed = parse_key(key)
         if parsed is None:
             return

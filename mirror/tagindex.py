@@ -7,6 +7,7 @@ last confirmed upstream; it survives a restart so a restarted mirror knows its t
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,27 +24,43 @@ class TagEntry:
         return (time.time() if now is None else now) - self.confirmed_at
 
 
+MEMORY_ENTRIES = 100_000  # tag answers also kept in memory, so a hit never reads the disk
+
+
 class TagIndex:
-    """(upstream, repository, tag) -> TagEntry, in a diskcache database."""
+    """(upstream, repository, tag) -> TagEntry, in a diskcache database, written through
+    an in-memory copy that serves the hot path."""
 
     def __init__(self, folder: Path) -> None:
         self._cache = diskcache.Cache(str(folder), eviction_policy="none")
+        self._memory: OrderedDict[str, TagEntry] = OrderedDict()
+
+    def _remember(self, key: str, entry: TagEntry) -> None:
+        self._memory[key] = entry
+        self._memory.move_to_end(key)
+        if len(self._memory) > MEMORY_ENTRIES:
+            self._memory.popitem(last=False)
 
     @staticmethod
     def _key(upstream: str, repository: str, tag: str) -> str:
         return f"{upstream}/{repository}:{tag}"
 
     def get(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        value = self._cache.get(self._key(upstream, repository, tag))
+        key = self._key(upstream, repository, tag)
+        entry = self._memory.get(key)
+        if entry is not None:
+            return entry
+        value = self._cache.get(key)
         if not isinstance(value, tuple) or len(value) != 3:
             return None
-        return TagEntry(*value)
+        entry = TagEntry(*value)
+        self._remember(key, entry)
+        return entry
 
     def put(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
-        self._cache.set(
-            self._key(upstream, repository, tag),
-            (entry.digest, entry.media_type, entry.confirmed_at),
-        )
+        key = self._key(upstream, repository, tag)
+        self._cache.set(key, (entry.digest, entry.media_type, entry.confirmed_at))
+        self._remember(key, entry)
 
     def close(self) -> None:
         self._cache.close()
