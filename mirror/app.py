@@ -66,11 +66,12 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     app[STORE].close()
 
 
-async def create_app(config: Config) -> web.Application:
-    """Build the app for `config`; must run inside the event loop that will serve it."""
+async def create_app(config: Config, *, repair_store: bool = True) -> web.Application:
+    """Build the app for `config`; must run inside the event loop that will serve it.
+    Worker processes pass repair_store=False: their parent repaired the store once."""
     metrics = Metrics()
     app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
-    store = DiskStore(config.storage.path, config.storage.max_size)
+    store = DiskStore(config.storage.path, config.storage.max_size, repair=repair_store)
     tags = TagIndex(config.storage.path / "index")
     # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
     # stored them, never as a transport encoding changed them.

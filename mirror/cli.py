@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
+import signal
 import ssl
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
@@ -57,24 +60,71 @@ def serve(config: Config) -> None:
     else:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     logging.getLogger("mirror").info(
-        "listening on %s:%d, cache in %s, upstreams: %s",
+        "listening on %s:%d, %d worker(s), cache in %s, upstreams: %s",
         config.listen_host,
         config.listen_port,
+        config.workers,
         config.storage.path,
         ", ".join(sorted(config.upstreams)),
     )
+    if config.workers == 1:
+        _run(config, worker=False)
+    else:
+        _supervise(config)
+
+
+def _run(config: Config, *, worker: bool) -> None:
     ssl_context = None
     if config.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls.cert, config.tls.key)
     web.run_app(
-        create_app(config),
+        create_app(config, repair_store=not worker),
         host=config.listen_host,
         port=config.listen_port,
         ssl_context=ssl_context,
+        reuse_port=worker,
         print=None,
         access_log=None,
     )
+
+
+def _supervise(config: Config) -> None:
+    """Run `workers` processes on one port (SO_REUSEPORT) over one store; restart any
+    that dies; stop them all on SIGTERM or SIGINT."""
+    log = logging.getLogger("mirror.workers")
+    DiskStore(config.storage.path, config.storage.max_size).close()  # repair once, here
+    context = multiprocessing.get_context("fork")
+
+    def start(number: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_run, args=(config,), kwargs={"worker": True})
+        process.name = f"mirror-worker-{number}"
+        process.start()
+        return process
+
+    workers = {number: start(number) for number in range(config.workers)}
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers.values():
+            if process.is_alive():
+                process.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while workers:
+        for number, process in list(workers.items()):
+            process.join(timeout=0.2)
+            if process.exitcode is None:
+                continue
+            if stopping:
+                del workers[number]
+            else:
+                log.error("worker %d exited with %s; starting it again", number, process.exitcode)
+                time.sleep(0.5)
+                workers[number] = start(number)
 
 
 def maintain(command: str, config: Config, args: argparse.Namespace) -> int:

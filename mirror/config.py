@@ -132,6 +132,7 @@ class Config:
     log_level: str = "info"  # debug, info, warning, error
     log_format: str = "text"  # text, or json: one object per line
     tls: TlsConfig | None = None  # None: plain HTTP
+    workers: int = 1  # processes serving one port (SO_REUSEPORT) over one store
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         """The upstream a registry name refers to (Docker Hub's aliases included)."""
@@ -360,6 +361,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         "MIRROR_DEFAULT_UPSTREAM": ("default_upstream",),
         "MIRROR_LOG_LEVEL": ("log_level",),
         "MIRROR_LOG_FORMAT": ("log_format",),
+        "MIRROR_WORKERS": ("workers",),
     }
     for var, path in simple.items():
         if var in env:
@@ -397,6 +399,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "log_level",
         "log_format",
         "tls",
+        "workers",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -477,6 +480,12 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
             files[key] = Path(value)
         tls = TlsConfig(cert=files["cert"], key=files["key"])
 
+    workers = data.get("workers", defaults.workers)
+    if isinstance(workers, str) and workers.isdigit():
+        workers = int(workers)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise ConfigError(f"workers: expected a whole number from 1 to 64, got {workers!r}")
+
     return Config(
         listen_host=host,
         listen_port=port,
@@ -490,6 +499,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         log_level=log_level,
         log_format=log_format,
         tls=tls,
+        workers=workers,
     )
 
 

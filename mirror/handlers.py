@@ -22,7 +22,7 @@ from .errors import (
     TagInvalid,
     Unsupported,
 )
-from .inflight import Transfer, TransferFailed
+from .inflight import BlobStream, TransferFailed
 from .proxy import HIT, MISS, Manifest, Proxy
 from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
 from .routing import Route, resolve
@@ -125,7 +125,7 @@ class RegistryHandlers:
         return await self._stream(request, source, {**headers, CACHE_HEADER: result})
 
     async def _stream(
-        self, request: web.Request, transfer: Transfer, headers: dict[str, str]
+        self, request: web.Request, transfer: BlobStream, headers: dict[str, str]
     ) -> web.StreamResponse:
         """Send a blob while it is being fetched; abort the connection if the fetch fails."""
         size = transfer.size

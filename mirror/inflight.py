@@ -13,7 +13,7 @@ import os
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -53,6 +53,15 @@ class SingleFlight(Generic[K, V]):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class BlobStream(Protocol):
+    """What a handler streams from: a Transfer in this process, or one Followed in another."""
+
+    size: int | None
+    readers: int
+
+    def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]: ...
 
 
 class TransferFailed(Exception):
@@ -157,5 +166,70 @@ class Transfer:
                 if self.error is not None:
                     raise TransferFailed(str(self.error)) from self.error
                 await self._changed.wait()
+        finally:
+            self.readers -= 1
+
+
+class Followed:
+    """A file another process is writing, read as it grows by polling its size.
+
+    `size` is read with `announced_size` (None until the writer said); the writer is known
+    to have finished when `finished()` is true and to have given up when `alive()` turns
+    false first. As with Transfer, the last byte waits until the writer finished.
+    """
+
+    POLL_SECONDS = 0.01
+
+    def __init__(
+        self,
+        fd: int,
+        announced_size: Callable[[], int | None],
+        finished: Callable[[], bool],
+        alive: Callable[[], bool],
+    ) -> None:
+        self._fd = fd
+        weakref.finalize(self, os.close, fd)
+        self._announced_size = announced_size
+        self._finished = finished
+        self._alive = alive
+        self.size: int | None = None
+        self.readers = 0
+
+    async def wait_started(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.size is None:
+            self.size = self._announced_size()
+            if self.size is not None:
+                return
+            if self._finished():
+                self.size = os.fstat(self._fd).st_size
+                return
+            if not self._alive() or asyncio.get_running_loop().time() > deadline:
+                raise TransferFailed("the process fetching this blob gave up")
+            await asyncio.sleep(self.POLL_SECONDS)
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        assert self.size is not None, "wait_started first"
+        size = self.size
+        end = size if end is None else min(end, size)
+        self.readers += 1
+        try:
+            offset = start
+            while offset < end:
+                finished = self._finished()
+                written = size if finished else min(os.fstat(self._fd).st_size, size) - 1
+                stop = min(written, end)
+                if offset < stop:
+                    data = os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
+                    if not data:
+                        raise TransferFailed("file shrank under a reader")
+                    offset += len(data)
+                    yield data
+                    continue
+                if not finished and not self._alive():
+                    if self._finished():
+                        continue  # it finished between the two looks
+                    raise TransferFailed("the process fetching this blob gave up")
+                await asyncio.sleep(self.POLL_SECONDS)
         finally:
             self.readers -= 1

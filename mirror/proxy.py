@@ -28,7 +28,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .inflight import SingleFlight, Transfer
+from .inflight import BlobStream, SingleFlight, Transfer, TransferFailed
 from .metrics import Metrics
 from .reference import Digest, digest_of, parse_digest
 from .routing import Route
@@ -350,9 +350,10 @@ class Proxy:
                 f"{digest} is not cached and the mirror is offline for {route.upstream.name}"
             )
 
-    async def open_blob(self, route: Route, digest: Digest) -> tuple[Path | Transfer, str]:
+    async def open_blob(self, route: Route, digest: Digest) -> tuple[Path | BlobStream, str]:
         """The stored file (HIT), or a transfer to stream from (its size known): one this
-        request started (MISS) or one already running (COALESCED)."""
+        request started (MISS) or one already running here or in another worker process
+        (COALESCED)."""
         deadline = time.monotonic() + self._config.timeouts.transfer
         while True:
             path = self._store.blob_path(digest)
@@ -367,8 +368,16 @@ class Proxy:
             if transfer is not None:
                 await transfer.wait_started()
                 return transfer, result
-            # Another process is filling this digest: wait for its file, or for its lock
-            # to free (it died), and look again.
+            # Another process is filling this digest: follow its file as it grows.
+            followed = self._store.follow(digest)
+            if followed is not None:
+                try:
+                    await followed.wait_started(
+                        self._config.timeouts.connect + self._config.timeouts.read
+                    )
+                    return followed, COALESCED
+                except TransferFailed:
+                    pass  # it gave up before it began: look again, and maybe fetch it here
             if time.monotonic() > deadline:
                 raise UpstreamTimeout(f"timed out waiting for another worker to fetch {digest}")
             await asyncio.sleep(FOREIGN_FILL_POLL)
@@ -458,6 +467,7 @@ class Proxy:
                 if not started:
                     started = True
                     size = response.content_length
+                    temp.announce(size)
                     transfer.start(size)
                 elif response.status == 206:
                     content_range = response.headers.get("Content-Range", "")

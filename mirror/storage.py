@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .inflight import Followed
 from .lru import Entry, UsageIndex
 from .reference import Digest, manifest_matches, parse_digest
 
@@ -64,6 +65,8 @@ class TempBlob(Protocol):
 
     def spill(self) -> None: ...
 
+    def announce(self, size: int | None) -> None: ...
+
     def commit(self, *, keep: bool = True) -> Path | None: ...
 
     def discard(self) -> None: ...
@@ -82,6 +85,9 @@ class BlobStore(Protocol):
         self, digest: Digest, upstream: str = "", repository: str = ""
     ) -> TempBlob | None:
         """A temporary to fill, or None when another writer is filling this digest."""
+
+    def follow(self, digest: Digest) -> Followed | None:
+        """Another writer's fill of `digest`, to stream as it grows."""
 
     def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         """A stored manifest's exact bytes and media type."""
@@ -192,6 +198,10 @@ class DiskTempBlob:
         """Stop writing the file (disk full): the rest is only hashed, and nothing is kept."""
         self._spilled = True
 
+    def announce(self, size: int | None) -> None:
+        """Tell other processes following this fill how long the blob is (in the lock file)."""
+        os.pwrite(self._lock_fd, f"{size if size is not None else -1}\n".encode(), 0)
+
     def commit(self, *, keep: bool = True) -> Path | None:
         """Verify; then rename into place (or, not kept, remove). DigestMismatch discards."""
         if self._hasher.hexdigest() != self._digest.hex:
@@ -247,7 +257,7 @@ def parse_key(key: str) -> tuple[str, Digest] | None:
 class DiskStore:
     """Blobs and manifests as files under one folder, with an LRU index beside them."""
 
-    def __init__(self, root: Path, max_size: int) -> None:
+    def __init__(self, root: Path, max_size: int, *, repair: bool = True) -> None:
         self.root = root
         self.max_size = max_size
         self.counters = Counters()
@@ -258,8 +268,8 @@ class DiskStore:
             folder.mkdir(parents=True, exist_ok=True)
         self.index = UsageIndex(root / "lru.sqlite")
         self._manifests_in_memory = MemoryLru(MANIFEST_MEMORY_BYTES)
-        self._usage = (0, 0)
-        self.recover()
+        if repair:  # worker processes leave it to the parent, which repairs once
+            self.recover()
 
     def close(self) -> None:
         self.index.close()
@@ -332,6 +342,39 @@ class DiskStore:
             os.close(lock_fd)
             raise
         return DiskTempBlob(self, digest, fd, lock_fd, upstream, repository)
+
+    def follow(self, digest: Digest) -> Followed | None:
+        """The fill of `digest` another process is running, to stream as it grows; None
+        when there is none to follow (it finished, failed, or has not created its file)."""
+        try:
+            fd = os.open(self.temp_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        final = self.final_path(digest)
+        lock_path = self.lock_path(digest)
+
+        def announced_size() -> int | None:
+            try:
+                text = lock_path.read_text().strip()
+            except FileNotFoundError:
+                return None
+            return int(text) if text.lstrip("-").isdigit() and int(text) >= 0 else None
+
+        def alive() -> bool:
+            """Whether the writer still holds its lock."""
+            try:
+                probe = os.open(lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(probe)  # also drops the shared lock, if we got it
+            return False
+
+        return Followed(fd, announced_size, final.exists, alive)
 
     # manifests
 

@@ -1,0 +1,87 @@
+"""`workers: 2`: two processes on one port over one store, coalescing across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Seeded
+from tests.support.clients import skopeo_copy_to_dir
+from tests.support.process import MirrorProcess
+from tests.support.registry import Registry
+from tests.support.relay import Relay
+
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def two_workers(
+    tmp_path: Path, make_relay: RelayFactory, upstream: Registry
+) -> AsyncIterator[tuple[MirrorProcess, Relay]]:
+    relay = await make_relay(upstream.url)
+    mirror = MirrorProcess(
+        tmp_path,
+        {
+            "workers": 2,
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": {"url": relay.url}},
+        },
+    )
+    await mirror.start()
+    yield mirror, relay
+    assert await mirror.stop() == 0
+
+
+async def test_pulls_with_two_workers(
+    two_workers: tuple[MirrorProcess, Relay], seeded: Seeded, tmp_path: Path
+) -> None:
+    mirror, relay = two_workers
+    for name, image, extra in (
+        ("alpine:3.20", seeded.oci, ()),
+        ("team/app:v1", seeded.docker, ()),
+        ("multi/arch:latest", seeded.index, ("--all",)),
+    ):
+        target = tmp_path / name.replace("/", "-")
+        assert await skopeo_copy_to_dir(f"{mirror.host}/{name}", target, *extra) == image.digest
+    gets = [p for m, p in relay.requests if m == "GET" and "/blobs/" in p]
+    assert len(gets) == len(set(gets))  # each blob fetched once, whichever worker asked
+
+
+async def _fetch(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    hasher = hashlib.sha256()
+    first = None
+    async with session.get(url) as response:
+        async for chunk in response.content.iter_any():
+            first = first or time.monotonic()
+            hasher.update(chunk)
+    return {"digest": "sha256:" + hasher.hexdigest(), "first": first, "done": time.monotonic()}
+
+
+@pytest.mark.slow
+async def test_sixteen_clients_across_two_workers_one_transfer(
+    two_workers: tuple[MirrorProcess, Relay], seeded: Seeded
+) -> None:
+    mirror, relay = two_workers
+    relay.faults.rate = 50 * 1024 * 1024
+    layer = seeded.big.layers[0]
+    url = f"{mirror.url}/v2/big/layer/blobs/{layer}"
+    # separate connections, so the kernel spreads them over both workers
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        results = await asyncio.gather(*(_fetch(session, url) for _ in range(16)))
+    assert all(r["digest"] == layer for r in results)
+    assert max(r["first"] for r in results) < min(r["done"] for r in results)
+    assert relay.count("GET", layer) == 1
+    # the worker that did not fetch it streamed it from the other's growing file
+    lines = [line for line in mirror.log.read_text().splitlines() if layer in line]
+    fetching = {re.search(r"\[(\d+)\]", line).group(1) for line in lines if " miss " in line}  # type: ignore[union-attr]
+    following = {re.search(r"\[(\d+)\]", line).group(1) for line in lines if " coalesced " in line}  # type: ignore[union-attr]
+    assert len(fetching) == 1 and following - fetching
