@@ -1,0 +1,435 @@
+"""The mirror side by side with what users would otherwise run, in one run, on the same
+bytes: Debian's docker-registry in proxy mode (the reference pull-through cache) and
+nginx serving the same blob file with sendfile (the ceiling), all in front of one real
+docker-registry upstream on loopback. Prints a table of ratios.
+
+    python -m bench.run [--rounds 3] [--workers 2] [--quick]
+
+Each figure is the median of several rounds, the subjects alternating within a round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bench.startup import fill, start_once
+from tests.support.images import Pusher
+from tests.support.registry import Registry, free_port
+
+MB = 1000 * 1000
+MiB = 1024 * 1024
+ACCEPT = (
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+def wait_up(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@dataclass
+class Service:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    root: Path
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def pids(self) -> list[int]:
+        """The process and its children (the mirror's workers)."""
+        found = [self.process.pid]
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+            found += [int(pid) for pid in children.read_text().split()]
+        return found
+
+
+def start_mirror(root: Path, upstream: str, workers: int) -> Service:
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = root / "mirror.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "workers": workers,
+                "log_level": "warning",
+                "storage": {"path": str(root / "cache"), "max_size": "50GiB"},
+                "upstreams": {"docker.io": {"url": upstream}},
+            }
+        )
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mirror", "serve", "--config", str(config)],
+        stdout=(root / "log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_up(f"{url}/v2/")
+    return Service("mirror", url, process, root)
+
+
+def start_reference_proxy(root: Path, upstream: str) -> Service:
+    """docker-registry with `proxy: remoteurl`: distribution's own pull-through cache."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = root / "config.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "version": 0.1,
+                "log": {"level": "error", "accesslog": {"disabled": True}},
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+                "proxy": {"remoteurl": upstream},
+            }
+        )
+    )
+    process = subprocess.Popen(
+        ["docker-registry", "serve", str(config)],
+        stdout=(root / "log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_up(f"{url}/v2/")
+    return Service("registry-proxy", url, process, root)
+
+
+def start_nginx(root: Path, files: Path, upstream: str | None = None, rate: str = "") -> Service:
+    """nginx serving `files` with sendfile; or, given `upstream`, a rate-limited proxy."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    if upstream is None:
+        location = f"root {files}; sendfile on; tcp_nopush on;"
+    else:
+        location = f"proxy_pass {upstream}; proxy_buffering off; limit_rate {rate};"
+    (root / "nginx.conf").write_text(
+        f"""
+{"user root;" if os.geteuid() == 0 else ""}
+worker_processes 2;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ {location} }}
+  }}
+}}
+"""
+    )
+    process = subprocess.Popen(
+        ["nginx", "-c", str(root / "nginx.conf"), "-g", "daemon off;"],
+        stdout=(root / "log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_up(f"{url}/")
+    return Service("nginx", url, process, root)
+
+
+def curl_many(urls: list[str], headers: tuple[str, ...] = ()) -> float:
+    """Fetch every URL at once with curl (bodies discarded); the wall time in seconds."""
+    args = [arg for header in headers for arg in ("-H", header)]
+    started = time.monotonic()
+    processes = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", *args, url]) for url in urls]
+    codes = [p.wait() for p in processes]
+    elapsed = time.monotonic() - started
+    if any(codes):
+        raise RuntimeError(f"curl failed: {codes}")
+    return elapsed
+
+
+def wrk_rps(url: str, seconds: int = 5) -> float:
+    out = subprocess.run(
+        ["wrk", "-t2", "-c32", f"-d{seconds}s", "-H", f"Accept: {ACCEPT}", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None or "Non-2xx" in out:
+        raise RuntimeError(f"wrk: {out}")
+    return float(match.group(1))
+
+
+def skopeo_pull(reference: str, target: Path) -> float:
+    shutil.rmtree(target, ignore_errors=True)
+    started = time.monotonic()
+    subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--src-tls-verify=false",
+            f"docker://{reference}",
+            f"dir:{target}",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return time.monotonic() - started
+
+
+@contextlib.contextmanager
+def peak_memory(service: Service) -> Iterator[list[float]]:
+    """Peak proportional set size (PSS: shared pages counted once) of a service's
+    processes together, in MiB, sampled every 20 ms."""
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            total = 0
+            for pid in service.pids():
+                with contextlib.suppress(OSError):
+                    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+                    total += int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1))  # type: ignore[union-attr]
+            peak[0] = max(peak[0], total / 1024)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def blob_gets(registry: Registry, since: int, digest: str) -> int:
+    return sum(
+        1 for h in registry.hits(since, settle=0.5) if h.method == "GET" and digest in h.path
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smaller blobs, for a try-out")
+    args = parser.parse_args()
+    big = (25 if args.quick else 250) * MB
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def row(figure: str, mirror: str, reference: str, ratio: str, target: str) -> None:
+        rows.append((figure, mirror, reference, ratio, target))
+        print(f"  {figure}: mirror {mirror}, reference {reference}, {ratio} (target {target})")
+
+    with tempfile.TemporaryDirectory(prefix="mirror-bench-") as workdir:
+        work = Path(workdir)
+        upstream = Registry(work / "upstream")
+        services: list[Service] = []
+        try:
+            pusher = Pusher(upstream.url)
+            print("seeding the upstream...")
+            warm_image = pusher.image("bench/warm", "1", layer_sizes=(big,), compress=False)
+            cold_image = pusher.image(
+                "bench/cold", "1", layer_sizes=(big * 4 // 10,) * 3, compress=False
+            )
+            coalesce_image = pusher.image(
+                "bench/herd", "1", layer_sizes=(big * 4 // 10,), compress=False
+            )
+            memory_images = [
+                pusher.image(f"bench/mem{i}", "1", layer_sizes=(big,), compress=False)
+                for i in range(8)
+            ]
+
+            # 1. warm blob throughput, and 2. warm manifest requests per second
+            mirror = start_mirror(work / "m-warm", upstream.url, args.workers)
+            proxy = start_reference_proxy(work / "p-warm", upstream.url)
+            services += [mirror, proxy]
+            layer = warm_image.layers[0]
+            paths = {
+                "mirror": f"{mirror.url}/v2/bench/warm/blobs/{layer}",
+                "registry-proxy": f"{proxy.url}/v2/bench/warm/blobs/{layer}",
+            }
+            for url in paths.values():
+                curl_many([url])  # warm both caches
+            blob_file = mirror.root / "cache" / "blobs" / "sha256" / layer[7:9] / layer[7:]
+            nginx = start_nginx(work / "nginx", blob_file.parent)
+            services.append(nginx)
+            paths["nginx"] = f"{nginx.url}/{layer[7:]}"
+            for clients in (1, 8):
+                speeds: dict[str, list[float]] = {name: [] for name in paths}
+                for _ in range(args.rounds):
+                    for name, url in paths.items():
+                        seconds = curl_many([url] * clients)
+                        speeds[name].append(clients * big / MB / seconds)
+                m, n, p = (median(speeds[k]) for k in ("mirror", "nginx", "registry-proxy"))
+                row(
+                    f"warm blob, {clients} client(s), MB/s",
+                    f"{m:.0f}",
+                    f"nginx {n:.0f}, registry-proxy {p:.0f}",
+                    f"{m / n:.2f}x nginx",
+                    ">= 0.9x nginx",
+                )
+            for label, reference in (("tag", "1"), ("digest", warm_image.digest)):
+                rps: dict[str, list[float]] = {"mirror": [], "registry-proxy": []}
+                for _ in range(args.rounds):
+                    for name, service in (("mirror", mirror), ("registry-proxy", proxy)):
+                        rps[name].append(
+                            wrk_rps(f"{service.url}/v2/bench/warm/manifests/{reference}")
+                        )
+                m, p = median(rps["mirror"]), median(rps["registry-proxy"])
+                goal = 20 if label == "tag" else 3
+                row(
+                    f"warm manifest by {label}, req/s",
+                    f"{m:.0f}",
+                    f"registry-proxy {p:.0f}",
+                    f"{m / p:.1f}x",
+                    f">= {goal}x registry-proxy",
+                )
+            for service in (mirror, proxy, nginx):
+                service.stop()
+
+            # 3. cold pull of an image through each proxy against pulling it directly
+            times: dict[str, list[float]] = {"direct": [], "mirror": [], "registry-proxy": []}
+            for number in range(args.rounds):
+                times["direct"].append(
+                    skopeo_pull(f"{upstream.url[7:]}/bench/cold:1", work / "pulled")
+                )
+                cold = start_mirror(work / f"m-cold{number}", upstream.url, args.workers)
+                times["mirror"].append(skopeo_pull(f"{cold.url[7:]}/bench/cold:1", work / "pulled"))
+                cold.stop()
+                shutil.rmtree(cold.root)
+                cold_proxy = start_reference_proxy(work / f"p-cold{number}", upstream.url)
+                times["registry-proxy"].append(
+                    skopeo_pull(f"{cold_proxy.url[7:]}/bench/cold:1", work / "pulled")
+                )
+                cold_proxy.stop()
+                shutil.rmtree(cold_proxy.root)
+            d, m, p = (median(times[k]) for k in ("direct", "mirror", "registry-proxy"))
+            size = sum(len(b) for b in cold_image.blobs.values()) / MB
+            row(
+                f"cold pull of a {size:.0f} MB image, s",
+                f"{m:.2f}",
+                f"direct {d:.2f}, registry-proxy {p:.2f}",
+                f"{m / d:.2f}x direct",
+                "<= 1.1x direct",
+            )
+
+            # 4. 16 concurrent cold pulls of one blob, the upstream rate-limited
+            limited = start_nginx(work / "limited", work, upstream=upstream.url, rate="50m")
+            services.append(limited)
+            herd = coalesce_image.layers[0]
+            single, crowd, upstream_gets = [], [], []
+            for number in range(args.rounds):
+                alone = start_mirror(work / f"m-one{number}", limited.url, args.workers)
+                single.append(curl_many([f"{alone.url}/v2/bench/herd/blobs/{herd}"]))
+                alone.stop()
+                shutil.rmtree(alone.root)
+                many = start_mirror(work / f"m-herd{number}", limited.url, args.workers)
+                mark = upstream.mark()
+                crowd.append(curl_many([f"{many.url}/v2/bench/herd/blobs/{herd}"] * 16))
+                upstream_gets.append(blob_gets(upstream, mark, herd))
+                many.stop()
+                shutil.rmtree(many.root)
+            s, c = median(single), median(crowd)
+            row(
+                "16 cold pulls of one blob, upstream at 50 MB/s",
+                f"{c:.2f} s, {max(upstream_gets)} upstream GET(s)",
+                f"one pull {s:.2f} s",
+                f"{c / s:.2f}x one pull",
+                "1 upstream GET, <= 1.3x one pull",
+            )
+            limited.stop()
+
+            # 5. peak memory while 8 clients pull different blobs cold
+            memory = start_mirror(work / "m-memory", upstream.url, args.workers)
+            with peak_memory(memory) as peak:
+                curl_many(
+                    [
+                        f"{memory.url}/v2/bench/mem{i}/blobs/{image.layers[0]}"
+                        for i, image in enumerate(memory_images)
+                    ]
+                )
+            memory.stop()
+            row(
+                f"peak memory, 8 clients pulling 8 different {big // MB} MB blobs cold",
+                f"{peak[0]:.0f} MiB",
+                "-",
+                "-",
+                "< 150 MiB",
+            )
+        finally:
+            for service in services:
+                with contextlib.suppress(Exception):
+                    service.stop()
+            upstream.stop()
+
+        # 6. start-up time with 100,000 cached entries
+        store = work / "startup"
+        fill(store / "cache", 10_000 if args.quick else 100_000)
+        port = free_port()
+        config = store / "mirror.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{port}",
+                    "workers": args.workers,
+                    "storage": {"path": str(store / "cache"), "max_size": "1TiB"},
+                    "upstreams": {"docker.io": {"url": "http://127.0.0.1:9"}},
+                }
+            )
+        )
+        starts = [start_once(config, f"http://127.0.0.1:{port}") for _ in range(args.rounds)]
+        row(
+            f"start-up with {'10,000' if args.quick else '100,000'} entries",
+            f"{median(starts):.2f} s",
+            "-",
+            "-",
+            "< 2 s",
+        )
+
+    print()
+    print("| figure | mirror | reference | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    for figure in rows:
+        print("| " + " | ".join(figure) + " |")
+
+
+if __name__ == "__main__":
+    main()
