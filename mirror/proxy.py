@@ -405,9 +405,13 @@ class Proxy:
         try:
             async with client.transfer_slots:
                 await self._download(client, route, digest, temp, transfer)
+            temp.verify()
+            transfer.finish()  # the right bytes: clients get their last byte now
             # Content larger than the whole bound is served straight through, not kept.
-            kept = temp.commit(keep=temp.written <= self._store.max_size)
-            transfer.finish()
+            keep = temp.written <= self._store.max_size and not temp.spilled
+            if keep:
+                await asyncio.to_thread(temp.sync)  # off the loop: other clients go on
+            kept = temp.commit(keep=keep)
             if kept is not None:
                 log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
             else:

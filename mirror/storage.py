@@ -67,6 +67,10 @@ class TempBlob(Protocol):
 
     def announce(self, size: int | None) -> None: ...
 
+    def verify(self) -> None: ...
+
+    def sync(self) -> None: ...
+
     def commit(self, *, keep: bool = True) -> Path | None: ...
 
     def discard(self) -> None: ...
@@ -169,6 +173,7 @@ class DiskTempBlob:
         self._hasher = digest.hasher()
         self._written = 0
         self._spilled = False
+        self._synced = False
         self._closed = False
 
     @property
@@ -202,15 +207,25 @@ class DiskTempBlob:
         """Tell other processes following this fill how long the blob is (in the lock file)."""
         os.pwrite(self._lock_fd, f"{size if size is not None else -1}\n".encode(), 0)
 
-    def commit(self, *, keep: bool = True) -> Path | None:
-        """Verify; then rename into place (or, not kept, remove). DigestMismatch discards."""
+    def verify(self) -> None:
+        """Raise DigestMismatch (and discard the file) unless the content is right."""
         if self._hasher.hexdigest() != self._digest.hex:
             self.discard()
             raise DigestMismatch(f"content does not match {self._digest}")
+
+    def sync(self) -> None:
+        """Flush the file to disk; safe to run in another thread, before `commit`."""
+        os.fsync(self._fd)
+        self._synced = True
+
+    def commit(self, *, keep: bool = True) -> Path | None:
+        """Verify; then rename into place (or, not kept, remove). DigestMismatch discards."""
+        self.verify()
         if not keep or self._spilled:
             self.discard()
             return None
-        os.fsync(self._fd)
+        if not self._synced:
+            self.sync()
         final = self._store.final_path(self._digest)
         final.parent.mkdir(parents=True, exist_ok=True)
         key = blob_key(self._digest)

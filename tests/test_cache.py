@@ -286,7 +286,11 @@ async def test_eviction_does_not_break_a_response_in_flight(
     url = f"{mirror.url}/v2/big/layer/blobs/{layer}"
     store = mirror.app[STORE]
     async with aiohttp.ClientSession() as session:
-        assert (await _sha256_of(session, url))[1] == layer  # now cached
+        assert (await _sha256_of(session, url))[1] == layer
+        for _ in range(100):  # kept once flushed to disk, just after the client had it all
+            if store.blob_path(_digest(layer)) is not None:
+                break
+            await asyncio.sleep(0.05)
         hasher = hashlib.sha256()
         size = 0
         async with session.get(url) as response:

@@ -13,6 +13,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror.app import STORE
+from mirror.reference import parse_digest
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.clients import run
 from tests.support.images import Pusher
@@ -66,6 +68,9 @@ async def scripted(
     base = f"{mirror.url}/v2/observed/app"
     async with aiohttp.ClientSession() as http:
         assert (await _read(http, f"{base}/blobs/{a}"))[0] == 200  # miss
+        store = mirror.app[STORE]
+        while store.blob_path(parse_digest(a)) is None:  # type: ignore[arg-type]
+            await asyncio.sleep(0.02)  # kept once flushed, just after the client had it
         assert (await _read(http, f"{base}/blobs/{a}"))[0] == 200  # hit
         relay.faults.rate = 4000  # B takes over a second to arrive
         first = asyncio.create_task(_read(http, f"{base}/blobs/{b}"))  # miss
