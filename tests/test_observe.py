@@ -88,6 +88,8 @@ async def scripted(
         assert (await _read(http, f"{base}/manifests/nope"))[0] == 404  # negative
         await asyncio.sleep(1.1)  # everything is past the eviction grace
         assert (await _read(http, f"{base}/blobs/{c}"))[0] == 200  # miss, evicts A
+        while store.blob_path(parse_digest(c)) is None:  # type: ignore[arg-type]
+            await asyncio.sleep(0.02)
         status, metrics_text = await _read(http, f"{mirror.url}/metrics")
     assert status == 200
     return {
