@@ -44,6 +44,15 @@ async def _sha256_of(http: aiohttp.ClientSession, url: str) -> tuple[int, str, i
         return response.status, "sha256:" + hasher.hexdigest(), size
 
 
+async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait for a fill to be kept: it is flushed to disk just after its clients had it."""
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("not kept in time")
+
+
 def _blob_gets(upstream: Registry, since: int, digest: str) -> int:
     return sum(1 for h in upstream.hits(since) if h.method == "GET" and digest in h.path)
 
@@ -189,7 +198,7 @@ async def test_verify_finds_a_corrupt_byte_and_the_blob_is_refetched(
         status, digest, _ = await _sha256_of(http, f"{mirror.url}/v2/team/app/blobs/{layer}")
         assert (status, digest) == (200, layer)
         assert _blob_gets(upstream, mark, layer) == 1
-        assert stored.exists()
+        await _until(stored.exists)
     finally:
         await mirror.stop()
 
@@ -272,7 +281,7 @@ async def test_disk_full_during_a_fill_still_serves_the_client(
     small = seeded.oci.layers[0]
     status, digest, _ = await _sha256_of(http, f"{mirror.url}/v2/library/alpine/blobs/{small}")
     assert (status, digest) == (200, small)
-    assert store.blob_path(_digest(small)) is not None
+    await _until(lambda: store.blob_path(_digest(small)) is not None)
 
 
 @pytest.mark.slow
