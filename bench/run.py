@@ -252,7 +252,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smaller blobs, for a try-out")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=("warm", "cold", "herd", "memory", "startup"),
+        help="run only these figures (repeatable)",
+    )
     args = parser.parse_args()
+
+    def want(figure: str) -> bool:
+        return args.only is None or figure in args.only
+
     big = (25 if args.quick else 250) * MB
     rows: list[tuple[str, str, str, str, str]] = []
 
@@ -267,136 +277,149 @@ def main() -> None:
         try:
             pusher = Pusher(upstream.url)
             print("seeding the upstream...")
-            warm_image = pusher.image("bench/warm", "1", layer_sizes=(big,), compress=False)
+            size = (big,)
+            warm_image = pusher.image("bench/warm", "1", layer_sizes=size, compress=False)
             cold_image = pusher.image(
-                "bench/cold", "1", layer_sizes=(big * 4 // 10,) * 3, compress=False
+                "bench/cold",
+                "1",
+                layer_sizes=(big * 4 // 10,) * 3 if want("cold") else (1,),
+                compress=False,
             )
             coalesce_image = pusher.image(
-                "bench/herd", "1", layer_sizes=(big * 4 // 10,), compress=False
+                "bench/herd",
+                "1",
+                layer_sizes=(big * 4 // 10,) if want("herd") else (1,),
+                compress=False,
             )
             memory_images = [
-                pusher.image(f"bench/mem{i}", "1", layer_sizes=(big,), compress=False)
-                for i in range(8)
+                pusher.image(f"bench/mem{i}", "1", layer_sizes=size, compress=False)
+                for i in range(8 if want("memory") else 0)
             ]
 
-            # 1. warm blob throughput, and 2. warm manifest requests per second
-            mirror = start_mirror(work / "m-warm", upstream.url, args.workers)
-            proxy = start_reference_proxy(work / "p-warm", upstream.url)
-            services += [mirror, proxy]
-            layer = warm_image.layers[0]
-            paths = {
-                "mirror": f"{mirror.url}/v2/bench/warm/blobs/{layer}",
-                "registry-proxy": f"{proxy.url}/v2/bench/warm/blobs/{layer}",
-            }
-            for url in paths.values():
-                curl_many([url])  # warm both caches
-            blob_file = mirror.root / "cache" / "blobs" / "sha256" / layer[7:9] / layer[7:]
-            nginx = start_nginx(work / "nginx", blob_file.parent)
-            services.append(nginx)
-            paths["nginx"] = f"{nginx.url}/{layer[7:]}"
-            for clients in (1, 8):
-                speeds: dict[str, list[float]] = {name: [] for name in paths}
-                repeat = 8 // clients  # a single download is short: repeat it to time it well
-                for _ in range(args.rounds):
-                    for name, url in paths.items():
-                        seconds = sum(curl_many([url] * clients) for _ in range(repeat))
-                        speeds[name].append(repeat * clients * big / MB / seconds)
-                m, n, p = (median(speeds[k]) for k in ("mirror", "nginx", "registry-proxy"))
+            if want("warm"):
+                # 1. warm blob throughput, and 2. warm manifest requests per second
+                mirror = start_mirror(work / "m-warm", upstream.url, args.workers)
+                proxy = start_reference_proxy(work / "p-warm", upstream.url)
+                services += [mirror, proxy]
+                layer = warm_image.layers[0]
+                paths = {
+                    "mirror": f"{mirror.url}/v2/bench/warm/blobs/{layer}",
+                    "registry-proxy": f"{proxy.url}/v2/bench/warm/blobs/{layer}",
+                }
+                for url in paths.values():
+                    curl_many([url])  # warm both caches
+                blob_file = mirror.root / "cache" / "blobs" / "sha256" / layer[7:9] / layer[7:]
+                nginx = start_nginx(work / "nginx", blob_file.parent)
+                services.append(nginx)
+                paths["nginx"] = f"{nginx.url}/{layer[7:]}"
+                for clients in (1, 8):
+                    speeds: dict[str, list[float]] = {name: [] for name in paths}
+                    repeat = 8 // clients  # a single download is short: repeat it to time it well
+                    for _ in range(args.rounds):
+                        for name, url in paths.items():
+                            seconds = sum(curl_many([url] * clients) for _ in range(repeat))
+                            speeds[name].append(repeat * clients * big / MB / seconds)
+                    m, n, p = (median(speeds[k]) for k in ("mirror", "nginx", "registry-proxy"))
+                    row(
+                        f"warm blob, {clients} client(s), MB/s",
+                        f"{m:.0f}",
+                        f"nginx {n:.0f}, registry-proxy {p:.0f}",
+                        f"{m / n:.2f}x nginx",
+                        ">= 0.9x nginx",
+                    )
+                for label, reference in (("tag", "1"), ("digest", warm_image.digest)):
+                    rps: dict[str, list[float]] = {"mirror": [], "registry-proxy": []}
+                    for _ in range(args.rounds):
+                        for name, service in (("mirror", mirror), ("registry-proxy", proxy)):
+                            rps[name].append(
+                                wrk_rps(f"{service.url}/v2/bench/warm/manifests/{reference}")
+                            )
+                    m, p = median(rps["mirror"]), median(rps["registry-proxy"])
+                    goal = 20 if label == "tag" else 3
+                    row(
+                        f"warm manifest by {label}, req/s",
+                        f"{m:.0f}",
+                        f"registry-proxy {p:.0f}",
+                        f"{m / p:.1f}x",
+                        f">= {goal}x registry-proxy",
+                    )
+                for service in (mirror, proxy, nginx):
+                    service.stop()
+
+            if want("cold"):
+                # 3. cold pull of an image through each proxy against pulling it directly
+                times: dict[str, list[float]] = {"direct": [], "mirror": [], "registry-proxy": []}
+                for number in range(args.rounds):
+                    times["direct"].append(
+                        skopeo_pull(f"{upstream.url[7:]}/bench/cold:1", work / "pulled")
+                    )
+                    cold = start_mirror(work / f"m-cold{number}", upstream.url, args.workers)
+                    times["mirror"].append(
+                        skopeo_pull(f"{cold.url[7:]}/bench/cold:1", work / "pulled")
+                    )
+                    cold.stop()
+                    shutil.rmtree(cold.root)
+                    cold_proxy = start_reference_proxy(work / f"p-cold{number}", upstream.url)
+                    times["registry-proxy"].append(
+                        skopeo_pull(f"{cold_proxy.url[7:]}/bench/cold:1", work / "pulled")
+                    )
+                    cold_proxy.stop()
+                    shutil.rmtree(cold_proxy.root)
+                d, m, p = (median(times[k]) for k in ("direct", "mirror", "registry-proxy"))
+                size = sum(len(b) for b in cold_image.blobs.values()) / MB
                 row(
-                    f"warm blob, {clients} client(s), MB/s",
-                    f"{m:.0f}",
-                    f"nginx {n:.0f}, registry-proxy {p:.0f}",
-                    f"{m / n:.2f}x nginx",
-                    ">= 0.9x nginx",
+                    f"cold pull of a {size:.0f} MB image, s",
+                    f"{m:.2f}",
+                    f"direct {d:.2f}, registry-proxy {p:.2f}",
+                    f"{m / d:.2f}x direct",
+                    "<= 1.1x direct",
                 )
-            for label, reference in (("tag", "1"), ("digest", warm_image.digest)):
-                rps: dict[str, list[float]] = {"mirror": [], "registry-proxy": []}
-                for _ in range(args.rounds):
-                    for name, service in (("mirror", mirror), ("registry-proxy", proxy)):
-                        rps[name].append(
-                            wrk_rps(f"{service.url}/v2/bench/warm/manifests/{reference}")
-                        )
-                m, p = median(rps["mirror"]), median(rps["registry-proxy"])
-                goal = 20 if label == "tag" else 3
+
+            if want("herd"):
+                # 4. 16 concurrent cold pulls of one blob, the upstream rate-limited
+                limited = start_nginx(work / "limited", work, upstream=upstream.url, rate="40m")
+                services.append(limited)
+                herd = coalesce_image.layers[0]
+                single, crowd, upstream_gets = [], [], []
+                for number in range(args.rounds):
+                    alone = start_mirror(work / f"m-one{number}", limited.url, args.workers)
+                    single.append(curl_many([f"{alone.url}/v2/bench/herd/blobs/{herd}"]))
+                    alone.stop()
+                    shutil.rmtree(alone.root)
+                    many = start_mirror(work / f"m-herd{number}", limited.url, args.workers)
+                    mark = upstream.mark()
+                    crowd.append(curl_many([f"{many.url}/v2/bench/herd/blobs/{herd}"] * 16))
+                    upstream_gets.append(blob_gets(upstream, mark, herd))
+                    many.stop()
+                    shutil.rmtree(many.root)
+                s, c = median(single), median(crowd)
                 row(
-                    f"warm manifest by {label}, req/s",
-                    f"{m:.0f}",
-                    f"registry-proxy {p:.0f}",
-                    f"{m / p:.1f}x",
-                    f">= {goal}x registry-proxy",
+                    "16 cold pulls of one blob, upstream at ~50 MB/s",
+                    f"{c:.2f} s, {max(upstream_gets)} upstream GET(s)",
+                    f"one pull {s:.2f} s",
+                    f"{c / s:.2f}x one pull",
+                    "1 upstream GET, <= 1.3x one pull",
                 )
-            for service in (mirror, proxy, nginx):
-                service.stop()
+                limited.stop()
 
-            # 3. cold pull of an image through each proxy against pulling it directly
-            times: dict[str, list[float]] = {"direct": [], "mirror": [], "registry-proxy": []}
-            for number in range(args.rounds):
-                times["direct"].append(
-                    skopeo_pull(f"{upstream.url[7:]}/bench/cold:1", work / "pulled")
+            if want("memory"):
+                # 5. peak memory while 8 clients pull different blobs cold
+                memory = start_mirror(work / "m-memory", upstream.url, args.workers)
+                with peak_memory(memory) as peak:
+                    curl_many(
+                        [
+                            f"{memory.url}/v2/bench/mem{i}/blobs/{image.layers[0]}"
+                            for i, image in enumerate(memory_images)
+                        ]
+                    )
+                memory.stop()
+                row(
+                    f"peak memory, 8 clients pulling 8 different {big // MB} MB blobs cold",
+                    f"{peak[0]:.0f} MiB",
+                    "-",
+                    "-",
+                    "< 150 MiB",
                 )
-                cold = start_mirror(work / f"m-cold{number}", upstream.url, args.workers)
-                times["mirror"].append(skopeo_pull(f"{cold.url[7:]}/bench/cold:1", work / "pulled"))
-                cold.stop()
-                shutil.rmtree(cold.root)
-                cold_proxy = start_reference_proxy(work / f"p-cold{number}", upstream.url)
-                times["registry-proxy"].append(
-                    skopeo_pull(f"{cold_proxy.url[7:]}/bench/cold:1", work / "pulled")
-                )
-                cold_proxy.stop()
-                shutil.rmtree(cold_proxy.root)
-            d, m, p = (median(times[k]) for k in ("direct", "mirror", "registry-proxy"))
-            size = sum(len(b) for b in cold_image.blobs.values()) / MB
-            row(
-                f"cold pull of a {size:.0f} MB image, s",
-                f"{m:.2f}",
-                f"direct {d:.2f}, registry-proxy {p:.2f}",
-                f"{m / d:.2f}x direct",
-                "<= 1.1x direct",
-            )
-
-            # 4. 16 concurrent cold pulls of one blob, the upstream rate-limited
-            limited = start_nginx(work / "limited", work, upstream=upstream.url, rate="40m")
-            services.append(limited)
-            herd = coalesce_image.layers[0]
-            single, crowd, upstream_gets = [], [], []
-            for number in range(args.rounds):
-                alone = start_mirror(work / f"m-one{number}", limited.url, args.workers)
-                single.append(curl_many([f"{alone.url}/v2/bench/herd/blobs/{herd}"]))
-                alone.stop()
-                shutil.rmtree(alone.root)
-                many = start_mirror(work / f"m-herd{number}", limited.url, args.workers)
-                mark = upstream.mark()
-                crowd.append(curl_many([f"{many.url}/v2/bench/herd/blobs/{herd}"] * 16))
-                upstream_gets.append(blob_gets(upstream, mark, herd))
-                many.stop()
-                shutil.rmtree(many.root)
-            s, c = median(single), median(crowd)
-            row(
-                "16 cold pulls of one blob, upstream at ~50 MB/s",
-                f"{c:.2f} s, {max(upstream_gets)} upstream GET(s)",
-                f"one pull {s:.2f} s",
-                f"{c / s:.2f}x one pull",
-                "1 upstream GET, <= 1.3x one pull",
-            )
-            limited.stop()
-
-            # 5. peak memory while 8 clients pull different blobs cold
-            memory = start_mirror(work / "m-memory", upstream.url, args.workers)
-            with peak_memory(memory) as peak:
-                curl_many(
-                    [
-                        f"{memory.url}/v2/bench/mem{i}/blobs/{image.layers[0]}"
-                        for i, image in enumerate(memory_images)
-                    ]
-                )
-            memory.stop()
-            row(
-                f"peak memory, 8 clients pulling 8 different {big // MB} MB blobs cold",
-                f"{peak[0]:.0f} MiB",
-                "-",
-                "-",
-                "< 150 MiB",
-            )
         finally:
             for service in services:
                 with contextlib.suppress(Exception):
@@ -404,6 +427,8 @@ def main() -> None:
             upstream.stop()
 
         # 6. start-up time with 100,000 cached entries
+        if not want("startup"):
+            return print_table(rows)
         store = work / "startup"
         fill(store / "cache", 10_000 if args.quick else 100_000)
         port = free_port()
@@ -427,6 +452,10 @@ def main() -> None:
             "< 2 s",
         )
 
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str, str, str, str]]) -> None:
     print()
     print("| figure | mirror | reference | ratio | target |")
     print("| --- | --- | --- | --- | --- |")
