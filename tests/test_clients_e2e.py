@@ -137,6 +137,7 @@ def served(
     host, process, log = start_mirror(
         workdir,
         {
+            "workers": 2,  # real clients through two worker processes over one store
             "storage": {"path": str(workdir / "cache")},
             "upstreams": {
                 "docker.io": {"url": upstream.url},
