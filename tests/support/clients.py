@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from pathlib import Path
 
 
@@ -38,9 +37,3 @@ async def skopeo_copy_to_dir(source: str, target: Path, *extra: str) -> str:
     """`skopeo copy docker://source dir:target`; returns the digest of the manifest it wrote."""
     await skopeo("copy", "--src-tls-verify=false", *extra, f"docker://{source}", f"dir:{target}")
     return "sha256:" + hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
-
-
-async def skopeo_raw_digest(source: str) -> str:
-    raw = await skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{source}")
-    json.loads(raw)
-    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()

@@ -91,10 +91,6 @@ class Registry:
             self._process.wait()
             self._process = None
 
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
     def mark(self) -> int:
         """A position in the access log; `hits(since=mark)` lists what came after."""
         time.sleep(0.05)
