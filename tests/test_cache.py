@@ -165,13 +165,16 @@ async def test_sigkill_mid_fill_leaves_nothing_partial_and_restart_serves_right(
         await restarted.stop()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_verify_finds_a_corrupt_byte_and_the_blob_is_refetched(
     upstream: Registry,
     seeded: Seeded,
     tmp_path: Path,
     http: aiohttp.ClientSession,
+    workers: int,
 ) -> None:
     settings = {
+        "workers": workers,
         "storage": {"path": str(tmp_path / "cache")},
         "upstreams": {"docker.io": {"url": upstream.url}},
     }
@@ -203,8 +206,10 @@ async def test_verify_finds_a_corrupt_byte_and_the_blob_is_refetched(
         await mirror.stop()
 
 
-async def test_du_and_gc(upstream: Registry, seeded: Seeded, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_du_and_gc(upstream: Registry, seeded: Seeded, tmp_path: Path, workers: int) -> None:
     settings = {
+        "workers": workers,
         "storage": {"path": str(tmp_path / "cache")},
         "upstreams": {"docker.io": {"url": upstream.url}, "ghcr.io": {"url": upstream.url}},
     }

@@ -15,11 +15,14 @@ from tests.support.process import MIRROR, MirrorProcess
 from tests.support.registry import Registry
 
 
-@pytest.fixture
-async def served(tmp_path: Path, upstream: Registry) -> AsyncIterator[str]:
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+async def served(
+    tmp_path: Path, upstream: Registry, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
     mirror = MirrorProcess(
         tmp_path,
         {
+            "workers": request.param,
             "storage": {"path": str(tmp_path / "cache")},
             "upstreams": {"docker.io": {"url": upstream.url}},
         },
