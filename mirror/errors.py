@@ -79,6 +79,10 @@ class NotFound(RegistryError):
     code, status, default_message = "NOT_FOUND", 404, "no such route"
 
 
+class RangeInvalid(RegistryError):
+    code, status, default_message = "RANGE_INVALID", 416, "requested range not satisfiable"
+
+
 class Unsupported(RegistryError):
     code, status, default_message = "UNSUPPORTED", 405, "this mirror is read-only"
 

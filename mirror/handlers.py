@@ -19,6 +19,7 @@ from .errors import (
     ManifestUnknown,
     NameUnknown,
     NotFound,
+    RangeInvalid,
     TagInvalid,
     Unsupported,
 )
@@ -41,6 +42,26 @@ def _digest(text: str) -> Digest:
     if digest is None:
         raise DigestInvalid(f"invalid or unsupported digest {text!r}", detail={"digest": text})
     return digest
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """The [start, end) a `Range` header asks of `size` bytes; None for all of them."""
+    if "Range" not in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None  # a Range we cannot read is ignored, as HTTP allows
+    first = wanted.start or 0
+    if wanted.start is not None and wanted.start < 0:
+        first = max(0, size + wanted.start)
+    last = size if wanted.stop is None else min(wanted.stop, size)
+    if first >= size or first >= last:
+        raise RangeInvalid(
+            f"range not satisfiable for {size} bytes",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return None if (first, last) == (0, size) else (first, last)
 
 
 def _etag_matches(request: web.Request, digest: str) -> bool:
@@ -121,6 +142,7 @@ class RegistryHandlers:
         source, result = await self._proxy.open_blob(route, digest)
         request[RESULT] = result
         if isinstance(source, Path):
+            _byte_range(request, source.stat().st_size)  # an impossible range: an OCI 416
             return BlobFile(source, headers={**headers, CACHE_HEADER: result})
         return await self._stream(request, source, {**headers, CACHE_HEADER: result})
 
@@ -131,22 +153,9 @@ class RegistryHandlers:
         size = transfer.size
         start, end = 0, size
         status = 200
-        if size is not None and "Range" in request.headers:
-            try:
-                wanted = request.http_range
-            except ValueError:
-                wanted = slice(None, None)
-            first = wanted.start or 0
-            if wanted.start is not None and wanted.start < 0:
-                first = max(0, size + wanted.start)
-            last = size if wanted.stop is None else min(wanted.stop, size)
-            if first >= size or first >= last:
-                raise web.HTTPRequestRangeNotSatisfiable(
-                    headers={"Content-Range": f"bytes */{size}"}
-                )
-            if (first, last) != (0, size):
-                start, end, status = first, last, 206
-                headers["Content-Range"] = f"bytes {first}-{last - 1}/{size}"
+        if size is not None and (wanted := _byte_range(request, size)) is not None:
+            start, end, status = wanted[0], wanted[1], 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
         headers["Accept-Ranges"] = "bytes"
         response = web.StreamResponse(status=status, headers=headers)
         if end is not None:

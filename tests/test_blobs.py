@@ -188,3 +188,24 @@ async def test_redirect_to_another_host_drops_the_registry_authorization(
     assert all("Authorization" not in h for h in relay.redirected_headers)
     # ...while the registry itself was sent a Bearer token
     assert relay.count("GET", "/blobs/") == len(image.blobs)
+
+
+async def test_unsatisfiable_range_is_an_oci_416_on_hit_and_miss(
+    mirror: Mirror, seeded: Seeded
+) -> None:
+    digest = seeded.docker.layers[1]
+    size = len(seeded.docker.blobs[digest])
+    url = f"{mirror.url}/v2/team/app/blobs/{digest}"
+    async with aiohttp.ClientSession() as session:
+        for _ in ("miss", "hit"):
+            async with session.get(url, headers={"Range": f"bytes={size + 10}-"}) as response:
+                assert response.status == 416
+                assert response.headers["Content-Range"] == f"bytes */{size}"
+                body = await response.json()
+                assert body["errors"][0]["code"] == "RANGE_INVALID"
+            async with session.get(url) as response:  # fetched, then kept
+                assert await response.read() == seeded.docker.blobs[digest]
+            for _ in range(100):
+                if any((mirror.storage / "blobs").rglob(digest[7:])):
+                    break
+                await asyncio.sleep(0.02)
