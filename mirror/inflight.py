@@ -195,6 +195,12 @@ class Followed:
         self.size: int | None = None
         self.readers = 0
 
+    def size_if_known(self) -> int | None:
+        """The length the writer announced, without waiting."""
+        if self.size is None:
+            self.size = self._announced_size()
+        return self.size
+
     async def wait_started(self, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while self.size is None:

@@ -67,30 +67,6 @@ class Manifest:
     source: str  # HIT, MISS or STALE
 
 
-class NegativeCache:
-    """Upstream 404s for manifests, remembered briefly so a retry loop does not hammer it."""
-
-    def __init__(self, ttl: float) -> None:
-        self._ttl = ttl
-        self._until: dict[tuple[str, str, str], float] = {}
-
-    def remember(self, key: tuple[str, str, str]) -> None:
-        if self._ttl > 0:
-            if len(self._until) > 10_000:  # bounded: drop what has expired
-                now = time.monotonic()
-                self._until = {k: t for k, t in self._until.items() if t > now}
-            self._until[key] = time.monotonic() + self._ttl
-
-    def known_missing(self, key: tuple[str, str, str]) -> bool:
-        until = self._until.get(key)
-        if until is None:
-            return False
-        if until <= time.monotonic():
-            del self._until[key]
-            return False
-        return True
-
-
 @dataclass(frozen=True)
 class Page:
     """A passed-through JSON answer (tags list, referrers) and its `Link` to the next page."""
@@ -138,7 +114,6 @@ class Proxy:
         self._tags = tags
         self._upstreams = upstreams
         self._manifest_fetches: SingleFlight[tuple[str, ...], Manifest] = SingleFlight()
-        self._negative = NegativeCache(config.negative_ttl)
         self._transfers: dict[str, Transfer] = {}
         self._fills: set[asyncio.Task[None]] = set()
 
@@ -174,7 +149,7 @@ class Proxy:
                 f"{route.upstream.name}/{route.repository}:{reference} is not cached "
                 "and the mirror is offline for this upstream"
             )
-        if self._negative.known_missing((route.upstream.name, route.repository, reference)):
+        if self._tags.known_missing(route.upstream.name, route.repository, reference):
             raise KnownMissing(
                 f"manifest unknown to upstream {route.upstream.name} (answer cached)",
                 detail={"reference": reference},
@@ -191,7 +166,7 @@ class Proxy:
                 key, lambda: self._get_manifest(route, str(digest), ALL_MANIFEST_TYPES, digest)
             )
         except (ManifestUnknown, NameUnknown):
-            self._negative.remember(key)
+            self._remember_missing(route, str(digest))
             raise
 
     async def _manifest_by_tag(
@@ -217,7 +192,7 @@ class Proxy:
                 key, lambda: self._refresh_tag(route, tag, accept, head=head, revalidate=revalidate)
             )
         except (ManifestUnknown, NameUnknown):
-            self._negative.remember((upstream.name, route.repository, tag))
+            self._remember_missing(route, tag)
             if upstream.serve_stale_on_404:
                 stale = self._stale(route, tag, entry, head, "the upstream answered 404")
                 if stale is not None:
@@ -228,6 +203,11 @@ class Proxy:
             if stale is not None:
                 return stale
             raise
+
+    def _remember_missing(self, route: Route, reference: str) -> None:
+        self._tags.remember_missing(
+            route.upstream.name, route.repository, reference, self._config.negative_ttl
+        )
 
     def _stale(
         self, route: Route, tag: str, entry: TagEntry | None, head: bool, why: str
@@ -335,6 +315,9 @@ class Proxy:
         transfer = self._transfers.get(str(digest))
         if transfer is not None and transfer.size is not None:
             return transfer.size, COALESCED
+        followed = self._store.follow(digest)  # another worker may be fetching it
+        if followed is not None and followed.size_if_known() is not None:
+            return followed.size_if_known() or 0, COALESCED
         self._refuse_offline_blob(route, digest)
         client = self._client(route)
         response = await client.request("HEAD", route.repository, f"blobs/{digest}")

@@ -62,5 +62,15 @@ class TagIndex:
         self._cache.set(key, (entry.digest, entry.media_type, entry.confirmed_at))
         self._remember(key, entry)
 
+    # Upstream 404s for manifests, remembered for a short while in the same database, so
+    # every worker process sees them and a retry loop does not hammer the upstream.
+
+    def remember_missing(self, upstream: str, repository: str, reference: str, ttl: float) -> None:
+        if ttl > 0:
+            self._cache.set(("missing", upstream, repository, reference), True, expire=ttl)
+
+    def known_missing(self, upstream: str, repository: str, reference: str) -> bool:
+        return self._cache.get(("missing", upstream, repository, reference)) is True
+
     def close(self) -> None:
         self._cache.close()

@@ -3,6 +3,7 @@ session with images the tests make, and mirrors built on the app under test."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from aiohttp.test_utils import TestServer
 from mirror.app import create_app
 from mirror.config import from_mapping
 from tests.support.images import Image, Pusher
+from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
 from tests.support.relay import Faults, Relay
 from tests.support.tokens import TokenServer
@@ -71,19 +73,32 @@ def auth_pusher(auth_upstream: Registry, token_server: TokenServer) -> Pusher:
     return Pusher(auth_upstream.url, token_server.admin_authorization)
 
 
+# MIRROR_TEST_WORKERS=N runs every mirror of the HTTP-level tests as a real `mirror serve`
+# process with `workers: N`; tests that look inside the app are marked in_process.
+TEST_WORKERS = int(os.environ.get("MIRROR_TEST_WORKERS", "0"))
+
+
 @dataclass
 class Mirror:
-    server: TestServer
-    app: web.Application
+    host: str
     storage: Path
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+    server: TestServer | None = None
+    process: MirrorProcess | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}"
+
+    @property
+    def app(self) -> web.Application:
+        assert self.server is not None, "an in_process test: this mirror runs in a process"
+        return self.server.app  # type: ignore[no-any-return]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.process is not None:
+            await self.process.stop()
 
 
 MirrorFactory = Callable[..., Awaitable[Mirror]]
@@ -91,8 +106,9 @@ MirrorFactory = Callable[..., Awaitable[Mirror]]
 
 @pytest.fixture
 async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
-    """Start mirrors (real TCP servers on ephemeral loopback ports) over given upstreams."""
-    servers: list[TestServer] = []
+    """Start mirrors (real TCP servers on ephemeral loopback ports) over given upstreams:
+    in this process, or as `mirror serve` processes when MIRROR_TEST_WORKERS is set."""
+    mirrors: list[Mirror] = []
 
     async def factory(
         upstreams: dict[str, Any],
@@ -100,9 +116,8 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         max_size: int | str = "10GiB",
         **settings: Any,
     ) -> Mirror:
-        storage = storage or tmp_path / f"cache{len(servers)}"
+        storage = storage or tmp_path / f"cache{len(mirrors)}"
         raw = {
-            "listen": "127.0.0.1:0",
             "storage": {"path": str(storage), "max_size": max_size},
             "default_upstream": "docker.io",
             "upstreams": {
@@ -111,16 +126,20 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
             },
             **settings,
         }
-        config = from_mapping(raw, env={})
-        app = await create_app(config)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return Mirror(server, app, storage)
+        if TEST_WORKERS:
+            process = await MirrorProcess(tmp_path, {"workers": TEST_WORKERS, **raw}).start()
+            mirror = Mirror(process.host, storage, process=process)
+        else:
+            app = await create_app(from_mapping({"listen": "127.0.0.1:0", **raw}, env={}))
+            server = TestServer(app, host="127.0.0.1")
+            await server.start_server()
+            mirror = Mirror(f"127.0.0.1:{server.port}", storage, server=server)
+        mirrors.append(mirror)
+        return mirror
 
     yield factory
-    for server in servers:
-        await server.close()
+    for mirror in mirrors:
+        await mirror.stop()
 
 
 @pytest.fixture

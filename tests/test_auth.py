@@ -87,6 +87,7 @@ async def _json(text: str) -> dict[str, list[dict[str, str]]]:
     return dict(json.loads(text))
 
 
+@pytest.mark.in_process  # tokens are shared within one process
 async def test_token_is_per_repository_and_shared_by_concurrent_requests(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,

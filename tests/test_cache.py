@@ -57,6 +57,7 @@ def _blob_gets(upstream: Registry, since: int, digest: str) -> int:
     return sum(1 for h in upstream.hits(since) if h.method == "GET" and digest in h.path)
 
 
+@pytest.mark.in_process  # looks inside the store
 @pytest.mark.slow
 async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
     make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path
@@ -106,6 +107,7 @@ def _digest(text: str) -> Digest:
     return digest
 
 
+@pytest.mark.in_process  # looks inside the store
 async def test_content_larger_than_the_bound_is_served_but_not_kept(
     make_mirror: MirrorFactory,
     upstream: Registry,
@@ -264,6 +266,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         storage_module.os.write = real_write  # type: ignore[attr-defined]
 
 
+@pytest.mark.in_process  # looks inside the store
 async def test_disk_full_during_a_fill_still_serves_the_client(
     make_mirror: MirrorFactory,
     upstream: Registry,
@@ -289,6 +292,7 @@ async def test_disk_full_during_a_fill_still_serves_the_client(
     await _until(lambda: store.blob_path(_digest(small)) is not None)
 
 
+@pytest.mark.in_process  # looks inside the store
 @pytest.mark.slow
 async def test_eviction_does_not_break_a_response_in_flight(
     make_mirror: MirrorFactory,

@@ -108,6 +108,7 @@ def _token_requests(text: str, outcome: str) -> float:
     return 0.0
 
 
+@pytest.mark.in_process  # counts in one process's metrics
 async def test_ecr_tokens_from_get_authorization_token_renewed_without_failures(
     make_mirror: MirrorFactory,
     basic_upstream: tuple[Registry, Pusher],
@@ -175,6 +176,7 @@ async def test_ecr_without_aws_credentials_is_a_clean_error(
     assert status == 502 and "GetAuthorizationToken" in body
 
 
+@pytest.mark.in_process  # each worker process exchanges once
 async def test_acr_refresh_token_exchange(
     make_mirror: MirrorFactory,
     auth_upstream: Registry,

@@ -102,6 +102,7 @@ async def scripted(
     }
 
 
+@pytest.mark.in_process  # metrics and health are per process
 async def test_counters_after_a_scripted_sequence(scripted: dict[str, object]) -> None:
     samples = _samples(str(scripted["metrics"]))
     sizes: dict[str, int] = scripted["sizes"]  # type: ignore[assignment]
@@ -141,6 +142,7 @@ async def test_counters_after_a_scripted_sequence(scripted: dict[str, object]) -
     assert "sha256" not in str(scripted["metrics"])
 
 
+@pytest.mark.in_process  # metrics and health are per process
 async def test_status_page_in_headless_chromium(scripted: dict[str, object]) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     assert browser, "chromium is needed (apt-get install chromium): scripts/test installs it"
@@ -171,6 +173,7 @@ async def test_status_page_in_headless_chromium(scripted: dict[str, object]) -> 
     shutil.rmtree(ARTIFACTS / "chromium-profile", ignore_errors=True)
 
 
+@pytest.mark.in_process  # metrics and health are per process
 async def test_health_and_readiness_with_the_upstream_down(
     make_mirror: MirrorFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -235,6 +238,7 @@ async def test_json_logs_parse_and_hold_no_secret(
     assert granted == 2  # one token per repository scope
 
 
+@pytest.mark.in_process  # metrics and health are per process
 async def test_dashboard_and_scrape_example_use_metrics_that_exist(
     scripted: dict[str, object],
 ) -> None:

@@ -72,7 +72,7 @@ async def test_restart_with_upstream_down_serves_stale(
     storage = tmp_path / "kept-cache"
     first = await make_mirror({"docker.io": own_upstream.url}, storage=storage, manifest_ttl=0)
     assert await skopeo_copy_to_dir(f"{first.host}/team/restart:1", tmp_path / "a") == image.digest
-    await first.server.close()
+    await first.stop()
     own_upstream.stop()
     # a new mirror process over the same store; it must start with its upstream down
     second = await make_mirror({"docker.io": own_upstream.url}, storage=storage, manifest_ttl=0)
@@ -152,7 +152,7 @@ async def test_offline_mode_never_contacts_the_upstream(
     storage = tmp_path / "air-gapped"
     online = await make_mirror({"docker.io": relay.url}, storage=storage)
     assert await skopeo_copy_to_dir(f"{online.host}/team/app:v1", tmp_path / "a")
-    await online.server.close()
+    await online.stop()
     relay.requests.clear()
     offline = await make_mirror({"docker.io": relay.url}, storage=storage, offline=True)
     digest = await skopeo_copy_to_dir(f"{offline.host}/team/app:v1", tmp_path / "b")
@@ -188,6 +188,7 @@ async def test_ttl_rules_per_tag_pattern(
     assert relay.count("GET", "/manifests/") == 2  # bodies fetched once each
 
 
+@pytest.mark.in_process  # revalidations are shared within one process
 async def test_concurrent_revalidations_share_one_head(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,
@@ -233,6 +234,7 @@ async def test_cut_or_stalled_transfer_resumes_with_range(
     assert relay.count("GET", layer) == 2  # the first transfer, and one resume
 
 
+@pytest.mark.in_process  # the bound is per worker process
 async def test_transfers_per_upstream_are_bounded(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,

@@ -57,7 +57,8 @@ class MirrorProcess:
         await self._process.wait()
 
     async def stop(self) -> int:
-        assert self._process is not None
+        if self._process is None:
+            return 0
         if self._process.returncode is None:
             self._process.terminate()
             await asyncio.wait_for(self._process.wait(), 15)
