@@ -18,6 +18,7 @@ from aiohttp import web
 from . import logs, maintenance
 from .app import create_app
 from .config import Config, ConfigError, load, parse_size
+from .metrics import share_between_workers, start_worker_metrics
 from .storage import DiskStore
 
 
@@ -74,6 +75,8 @@ def serve(config: Config) -> None:
 
 
 def _run(config: Config, *, worker: bool) -> None:
+    if worker:
+        start_worker_metrics()
     ssl_context = None
     if config.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -94,6 +97,7 @@ def _supervise(config: Config) -> None:
     that dies; stop them all on SIGTERM or SIGINT."""
     log = logging.getLogger("mirror.workers")
     DiskStore(config.storage.path, config.storage.max_size).close()  # repair once, here
+    share_between_workers(config.storage.path / "metrics")
     context = multiprocessing.get_context("fork")
 
     def start(number: int) -> multiprocessing.process.BaseProcess:

@@ -7,12 +7,15 @@ flight) is read when scraped, by `StateCollector`.
 
 from __future__ import annotations
 
+import os
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 RESULTS = ("hit", "miss", "coalesced", "stale", "negative", "error")
@@ -160,19 +163,48 @@ class Metrics:
         if key in self.repositories or len(self.repositories) < TOP_REPOSITORIES:
             self.repositories[key] += 1
 
+    def _collecting(self) -> CollectorRegistry:
+        """The registry to read: this process's, or, with worker processes, every
+        worker's counters and histograms added up (from their files), plus live state."""
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if not directory:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        registry.register(StateCollector(self))
+        return registry
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._collecting())
 
     def value(self, name: str, **labels: str) -> float:
         """One sample's value (0 when absent): for the status page and tests."""
-        found = self.registry.get_sample_value(name, labels)
-        return found if found is not None else 0.0
+        return self.total(name, **labels)
 
     def total(self, name: str, **labels: str) -> float:
         """The sum of a metric's samples whose labels include `labels`."""
         total = 0.0
-        for family in self.registry.collect():
+        for family in self._collecting().collect():
             for sample in family.samples:
                 if sample.name == name and labels.items() <= sample.labels.items():
                     total += sample.value
         return total
+
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_between_workers(directory: Path) -> None:
+    """Before worker processes start: counters and histograms are kept in files under
+    `directory`, one per process, and every scrape adds them all up. Clears what an
+    earlier run left there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROCESS_ENV] = str(directory)
+
+
+def start_worker_metrics() -> None:
+    """In a worker process, before its Metrics are made: values go to this process's file."""
+    if os.environ.get(MULTIPROCESS_ENV):
+        values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]

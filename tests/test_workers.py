@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Seeded
 from tests.support.clients import skopeo_copy_to_dir
@@ -85,3 +86,34 @@ async def test_sixteen_clients_across_two_workers_one_transfer(
     fetching = {re.search(r"\[(\d+)\]", line).group(1) for line in lines if " miss " in line}  # type: ignore[union-attr]
     following = {re.search(r"\[(\d+)\]", line).group(1) for line in lines if " coalesced " in line}  # type: ignore[union-attr]
     assert len(fetching) == 1 and following - fetching
+
+
+async def test_metrics_add_up_every_worker(
+    two_workers: tuple[MirrorProcess, Relay], seeded: Seeded
+) -> None:
+    mirror, _ = two_workers
+    blobs = seeded.index.all_blobs()
+    connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for digest in blobs:
+            async with session.get(f"{mirror.url}/v2/multi/arch/blobs/{digest}") as response:
+                assert response.status == 200
+        totals = set()
+        for _ in range(6):  # whichever worker answers the scrape, the sums are the same
+            async with session.get(f"{mirror.url}/metrics") as response:
+                text = await response.text()
+            totals.add(
+                sum(
+                    sample.value
+                    for family in text_string_to_metric_families(text)
+                    for sample in family.samples
+                    if sample.name == "mirror_requests_total" and sample.labels["kind"] == "blob"
+                )
+            )
+    assert totals == {len(blobs)}
+    pids = {
+        re.search(r"\[(\d+)\]", line).group(1)
+        for line in mirror.log.read_text().splitlines()
+        if "/blobs/" in line
+    }  # type: ignore[union-attr]
+    assert len(pids) == 2  # both workers answered some of them
