@@ -277,6 +277,22 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.wait(30)
 
 
+def ctr_pull(socket: str, hosts_dir: str, reference: str) -> None:
+    """`ctr image pull` through the mirrors that `hosts_dir` names (native snapshotter)."""
+    run(
+        "ctr",
+        "--address",
+        socket,
+        "image",
+        "pull",
+        "--snapshotter",
+        "native",
+        "--hosts-dir",
+        hosts_dir,
+        reference,
+    )
+
+
 def _hosts_dir(root: Path, mirror_host: str) -> Path:
     hosts = root / "certs.d"
     for registry in ("docker.io", "ghcr.io"):
@@ -297,18 +313,7 @@ def test_containerd_pulls_two_registries_routed_by_ns(
     hosts = _hosts_dir(tmp_path, served.host)
     mark = auth_upstream.mark()
     for reference in ("docker.io/library/alpine:3.20", "ghcr.io/private/tool:1"):
-        run(
-            "ctr",
-            "--address",
-            containerd,
-            "image",
-            "pull",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
-            str(hosts),
-            reference,
-        )
+        ctr_pull(containerd, str(hosts), reference)
     listing = run("ctr", "--address", containerd, "image", "ls")
     assert re.search(rf"docker.io/library/alpine:3.20\s+\S+\s+{seeded.oci.digest}", listing)
     assert re.search(rf"ghcr.io/private/tool:1\s+\S+\s+{served.private.digest}", listing)
@@ -421,18 +426,7 @@ def test_tls_with_skopeo_all_and_containerd(
             f'server = "http://127.0.0.1:{CLOSED}"\n\n'
             f'[host."https://{host}"]\n  capabilities = ["pull", "resolve"]\n  ca = "{cert}"\n'
         )
-        run(
-            "ctr",
-            "--address",
-            containerd,
-            "image",
-            "pull",
-            "--snapshotter",
-            "native",
-            "--hosts-dir",
-            str(tmp_path / "certs.d"),
-            "docker.io/team/app:v1",
-        )
+        ctr_pull(containerd, str(tmp_path / "certs.d"), "docker.io/team/app:v1")
         listing = run("ctr", "--address", containerd, "image", "ls")
         assert re.search(rf"docker.io/team/app:v1\s+\S+\s+{seeded.docker.digest}", listing)
     finally:
