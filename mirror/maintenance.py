@@ -89,11 +89,13 @@ def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | 
     `max_size` bytes by least recent use. Returns the bytes freed."""
     freed = 0
     count = 0
+    progress = Progress(store.usage()[0], "gc")  # the share of the cache evicted so far
     if older_than is not None:
         cutoff = time.time() - older_than
         while batch := store.index.oldest(256, used_before=cutoff):
             for entry in batch:
                 store.evict(entry)
+                progress.advance(entry.size)
                 freed += entry.size
                 count += 1
     if max_size is not None:
@@ -106,16 +108,18 @@ def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | 
                 if used <= max_size:
                     break
                 store.evict(entry)
+                progress.advance(entry.size)
                 used -= entry.size
                 freed += entry.size
                 count += 1
+    progress.close()
     used, entries = store.usage()
     out.write(f"evicted {count} entries, {human(freed)}; now {human(used)} in {entries} entries\n")
     return freed
 
 
 def du(store: DiskStore, out: TextIO) -> None:
-    """Usage by upstream and repository, largest first."""
+    """Usage by upstream and repository, largest first (one query: no progress to show)."""
     used, entries = store.usage()
     out.write(
         f"total {human(used)} in {entries} entries, bound {human(store.max_size)} "
