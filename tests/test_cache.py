@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -225,6 +226,14 @@ async def test_du_and_gc(upstream: Registry, seeded: Seeded, tmp_path: Path, wor
         assert usage.returncode == 0
         assert "docker.io" in usage.stdout and "team/app" in usage.stdout
         assert "ghcr.io" in usage.stdout and "library/alpine" in usage.stdout
+        # on a terminal (a pty, by `script`) verify draws its progress bar; piped, it does not
+        command = f"{sys.executable} -m mirror verify --config {mirror.config}"
+        on_tty = subprocess.run(
+            ["script", "-qec", command, "/dev/null"], capture_output=True, text=True, check=False
+        )
+        assert on_tty.returncode == 0 and "verify [" in on_tty.stdout
+        piped = await mirror.command("verify")
+        assert "verify [" not in piped.stdout + piped.stderr
         swept = await mirror.command("gc", "--max-size", "1")
         assert swept.returncode == 0 and "now 0 B in 0 entries" in swept.stdout
         assert not any(p.is_file() for p in (tmp_path / "cache" / "blobs").rglob("*"))
