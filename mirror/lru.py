@@ -28,6 +28,26 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE INDEX IF NOT EXISTS entries_by_atime ON entries (atime);
 CREATE INDEX IF NOT EXISTS entries_pending ON entries (pending) WHERE pending = 1;
+
+-- The sum of sizes and the count, kept up to date by triggers: reading usage, as every
+-- commit does to keep the bound, is one row, not a scan of every entry.
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    bytes INTEGER NOT NULL,
+    entries INTEGER NOT NULL
+);
+INSERT INTO totals (id, bytes, entries)
+    SELECT 0, COALESCE(SUM(size), 0), COUNT(*) FROM entries
+    WHERE NOT EXISTS (SELECT 1 FROM totals);
+CREATE TRIGGER IF NOT EXISTS entries_added AFTER INSERT ON entries BEGIN
+    UPDATE totals SET bytes = bytes + NEW.size, entries = entries + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_removed AFTER DELETE ON entries BEGIN
+    UPDATE totals SET bytes = bytes - OLD.size, entries = entries - 1;
+END;
+CREATE TRIGGER IF NOT EXISTS entries_resized AFTER UPDATE OF size ON entries BEGIN
+    UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
+END;
 """
 
 
@@ -61,8 +81,11 @@ class UsageIndex:
 
     def begin(self, key: str, size: int, upstream: str = "", repository: str = "") -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO entries (key, size, atime, pending, upstream, repository)"
-            " VALUES (?, ?, ?, 1, ?, ?)",
+            # An upsert, not INSERT OR REPLACE: its hidden delete would skip the triggers.
+            "INSERT INTO entries (key, size, atime, pending, upstream, repository)"
+            " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (key) DO UPDATE SET size = excluded.size,"
+            " atime = excluded.atime, pending = 1, upstream = excluded.upstream,"
+            " repository = excluded.repository",
             (key, size, time.time(), upstream, repository),
         )
 
@@ -102,9 +125,7 @@ class UsageIndex:
 
     def total(self) -> tuple[int, int]:
         """(bytes, entries) in the store."""
-        size, count = self._db.execute(
-            "SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries"
-        ).fetchone()
+        size, count = self._db.execute("SELECT bytes, entries FROM totals").fetchone()
         return int(size), int(count)
 
     def get(self, key: str) -> Entry | None:
