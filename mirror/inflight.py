@@ -78,9 +78,8 @@ class Transfer:
     bytes from there on are kept in memory for the readers.
     """
 
-    def __init__(self, path: Path, owner: str = "") -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.owner = owner  # an opaque name of where the bytes come from, for accounting
         self._fd = os.open(path, os.O_RDONLY)
         weakref.finalize(self, os.close, self._fd)
         self.size: int | None = None  # total length, once the writer knows it

@@ -372,7 +372,7 @@ class Proxy:
         if self._store.blob_path(digest) is not None:  # finished while we took the lock
             temp.discard()
             return None
-        transfer = Transfer(temp.path, route.upstream.name)
+        transfer = Transfer(temp.path)
         self._transfers[str(digest)] = transfer
         task = asyncio.create_task(self._fill(route, digest, temp, transfer))
         self._fills.add(task)
@@ -430,7 +430,6 @@ class Proxy:
             transfer.spill()
             temp.write(chunk)
         transfer.advance(len(chunk), chunk if temp.spilled else None)
-        self._metrics.fetched_bytes.labels(transfer.owner).inc(len(chunk))
 
     async def _download(
         self,
@@ -447,6 +446,7 @@ class Proxy:
         started = False
         size: int | None = None
         resumes = 0
+        fetched = self._metrics.fetched_bytes.labels(client.name)  # looked up once, not per chunk
         while True:
             try:
                 await client.raise_for_status(response, BlobUnknown)
@@ -471,6 +471,7 @@ class Proxy:
                     if size is not None and temp.written + len(chunk) > size:
                         raise DigestMismatch(f"upstream sent more than {size} bytes for {digest}")
                     self._write(temp, transfer, chunk, digest)
+                    fetched.inc(len(chunk))
                 if size is None or temp.written == size:
                     return
                 cut = f"ended at byte {temp.written} of {size}"
