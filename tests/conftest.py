@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -148,8 +149,18 @@ async def mirror(make_mirror: MirrorFactory, upstream: Registry) -> Mirror:
     return await make_mirror({"docker.io": upstream.url, "ghcr.io": upstream.url})
 
 
+RelayFactory = Callable[..., Awaitable[Relay]]
+
+
 @pytest.fixture
-async def make_relay() -> AsyncIterator[Callable[..., Awaitable[Relay]]]:
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for the test's own requests."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def make_relay() -> AsyncIterator[RelayFactory]:
     """Start fault-injecting relays in front of a registry; closed after the test."""
     relays: list[Relay] = []
 

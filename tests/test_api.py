@@ -5,24 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import Mirror, MirrorFactory, Seeded
+from tests.conftest import Mirror, MirrorFactory, RelayFactory, Seeded
 from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Pusher
 from tests.support.registry import Registry, free_port
 from tests.support.relay import Relay
-
-RelayFactory = Callable[..., Awaitable[Relay]]
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _error(response: aiohttp.ClientResponse) -> dict[str, Any]:

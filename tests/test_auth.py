@@ -4,21 +4,18 @@ docker-registry behind `auth: token`, with a JWT-issuing token server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import jwt
 import pytest
 
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorFactory, RelayFactory
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.images import Pusher
 from tests.support.registry import Registry
-from tests.support.relay import Relay
 from tests.support.tokens import TokenServer
 
-RelayFactory = Callable[..., Awaitable[Relay]]
 ALICE = {"username": "alice", "password": "wonderland"}
 
 

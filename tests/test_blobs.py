@@ -6,18 +6,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import BIG_LAYER, Mirror, MirrorFactory, Seeded
+from tests.conftest import BIG_LAYER, Mirror, MirrorFactory, RelayFactory, Seeded
 from tests.support.registry import Registry
-from tests.support.relay import Relay
 from tests.support.tokens import TokenServer
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 def _big_blob(seeded: Seeded) -> tuple[str, bytes]:

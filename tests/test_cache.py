@@ -10,7 +10,7 @@ import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -18,21 +18,13 @@ import pytest
 
 from mirror.app import STORE
 from mirror.reference import Digest, parse_digest
-from tests.conftest import MirrorFactory, Seeded
+from tests.conftest import MirrorFactory, RelayFactory, Seeded
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.images import Image, Pusher
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
-from tests.support.relay import Relay
 
-RelayFactory = Callable[..., Awaitable[Relay]]
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _sha256_of(http: aiohttp.ClientSession, url: str) -> tuple[int, str, int]:

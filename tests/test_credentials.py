@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +14,7 @@ import bcrypt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MirrorFactory
+from tests.conftest import MirrorFactory, RelayFactory
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.images import Pusher
 from tests.support.registry import Registry, free_port
@@ -49,12 +49,6 @@ def basic_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[R
     header = "Basic " + base64.b64encode(b"robot:robot-secret").decode()
     yield registry, Pusher(registry.url, lambda scope: header)
     registry.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _status(http: aiohttp.ClientSession, url: str) -> tuple[int, str]:
@@ -210,11 +204,11 @@ async def test_acr_refresh_token_exchange(
 
 async def test_429_is_passed_on_with_retry_after(
     make_mirror: MirrorFactory,
-    make_relay: object,
+    make_relay: RelayFactory,
     upstream: Registry,
     http: aiohttp.ClientSession,
 ) -> None:
-    relay = await make_relay(upstream.url, status=429)  # type: ignore[operator]
+    relay = await make_relay(upstream.url, status=429)
     mirror = await make_mirror({"docker.io": relay.url})
     async with http.get(f"{mirror.url}/v2/alpine/manifests/3.20") as response:
         assert response.status == 429

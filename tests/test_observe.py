@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,22 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.app import STORE
 from mirror.reference import parse_digest
-from tests.conftest import MirrorFactory, Seeded
+from tests.conftest import MirrorFactory, RelayFactory, Seeded
 from tests.support.clients import run
 from tests.support.images import Pusher
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
-from tests.support.relay import Relay
 from tests.support.tokens import TokenServer
 
-RelayFactory = Callable[..., Awaitable[Relay]]
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _read(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:

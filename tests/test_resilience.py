@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.conftest import MirrorFactory, Seeded
+from tests.conftest import MirrorFactory, RelayFactory, Seeded
 from tests.support.clients import CommandFailed, skopeo_copy_to_dir
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry
-from tests.support.relay import Relay
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 @pytest.fixture
@@ -27,12 +24,6 @@ def own_upstream(tmp_path: Path) -> Iterator[Registry]:
     registry = Registry(tmp_path / "own-upstream")
     yield registry
     registry.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes, dict[str, str]]:

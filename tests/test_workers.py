@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Seeded
+from tests.conftest import RelayFactory, Seeded
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
 from tests.support.relay import Relay
-
-RelayFactory = Callable[..., Awaitable[Relay]]
 
 
 @pytest.fixture
