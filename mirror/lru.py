@@ -36,9 +36,9 @@ CREATE TABLE IF NOT EXISTS totals (
     bytes INTEGER NOT NULL,
     entries INTEGER NOT NULL
 );
-INSERT INTO totals (id, bytes, entries)
-    SELECT 0, COALESCE(SUM(size), 0), COUNT(*) FROM entries
-    WHERE NOT EXISTS (SELECT 1 FROM totals);
+-- Counted once, when an index made before this table is first opened; then kept.
+INSERT OR IGNORE INTO totals (id, bytes, entries)
+    SELECT 0, COALESCE(SUM(size), 0), COUNT(*) FROM entries;
 CREATE TRIGGER IF NOT EXISTS entries_added AFTER INSERT ON entries BEGIN
     UPDATE totals SET bytes = bytes + NEW.size, entries = entries + 1;
 END;
