@@ -11,6 +11,7 @@ import asyncio
 import bisect
 import os
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -61,7 +62,7 @@ class BlobStream(Protocol):
     size: int | None
     readers: int
 
-    def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]: ...
+    def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | memoryview]: ...
 
 
 class TransferFailed(Exception):
@@ -74,9 +75,12 @@ class Transfer:
     Readers share one descriptor opened at the start, so the file may be renamed or
     removed under them. Until the writer calls `finish` (after verifying the content),
     readers never see the last byte: a body that turns out wrong never reaches a client
-    complete. If the writer can no longer write the file (disk full), it `spill`s: the
-    bytes from there on are kept in memory for the readers.
+    complete. The newest chunks stay in memory too, so readers keeping up with the writer
+    (the usual case) are served without reading the file back. If the writer can no longer
+    write the file (disk full), it `spill`s: from there on every chunk stays in memory.
     """
+
+    RECENT_BYTES = 1024 * 1024
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -87,6 +91,8 @@ class Transfer:
         self.complete = False
         self.error: BaseException | None = None
         self.readers = 0
+        self._recent: deque[tuple[int, bytes]] = deque()  # (offset, chunk), newest last
+        self._recent_bytes = 0
         self._spilled_from: int | None = None
         self._spilled: list[bytes] = []
         self._spilled_starts: list[int] = []
@@ -100,15 +106,22 @@ class Transfer:
         self._started.set()
 
     def spill(self) -> None:
-        """From now on the bytes come with `advance`, not in the file."""
+        """From now on the bytes are only in memory, not in the file."""
         self._spilled_from = self.written
+        self._recent.clear()
+        self._recent_bytes = 0
 
-    def advance(self, count: int, data: bytes | None = None) -> None:
+    def advance(self, data: bytes) -> None:
+        """`data` was appended to the file (or, once spilled, only arrived)."""
         if self._spilled_from is not None:
-            assert data is not None and len(data) == count
             self._spilled_starts.append(self.written)
             self._spilled.append(data)
-        self.written += count
+        else:
+            self._recent.append((self.written, data))
+            self._recent_bytes += len(data)
+            while self._recent_bytes > self.RECENT_BYTES and len(self._recent) > 1:
+                self._recent_bytes -= len(self._recent.popleft()[1])
+        self.written += len(data)
         self._notify()
 
     def finish(self) -> None:
@@ -133,18 +146,23 @@ class Transfer:
         if self.error is not None and not self.complete:
             raise self.error
 
-    def _chunk(self, offset: int, stop: int) -> bytes:
+    def _chunk(self, offset: int, stop: int) -> bytes | memoryview:
         spilled_from = self._spilled_from
-        if spilled_from is None or offset < spilled_from:
-            if spilled_from is not None:
-                stop = min(stop, spilled_from)
-            return os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
-        index = bisect.bisect_right(self._spilled_starts, offset) - 1
-        start = self._spilled_starts[index]
-        data = self._spilled[index]
-        return data[offset - start : min(len(data), stop - start)]
+        if spilled_from is not None and offset >= spilled_from:
+            index = bisect.bisect_right(self._spilled_starts, offset) - 1
+            return _window(self._spilled[index], self._spilled_starts[index], offset, stop)
+        for start, data in reversed(self._recent):
+            if start <= offset:
+                if offset < start + len(data):
+                    return _window(data, start, offset, stop)
+                break
+        if spilled_from is not None:
+            stop = min(stop, spilled_from)
+        return os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
 
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def read(
+        self, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) as the writer provides them; raises TransferFailed on failure."""
         self.readers += 1
         try:
@@ -167,6 +185,12 @@ class Transfer:
                 await self._changed.wait()
         finally:
             self.readers -= 1
+
+
+def _window(data: bytes, start: int, offset: int, stop: int) -> memoryview:
+    """The part of `data` (which begins at file offset `start`) from `offset` to `stop`,
+    without a copy."""
+    return memoryview(data)[offset - start : min(len(data), stop - start)]
 
 
 class Followed:

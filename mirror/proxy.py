@@ -429,7 +429,7 @@ class Proxy:
             temp.spill()
             transfer.spill()
             temp.write(chunk)
-        transfer.advance(len(chunk), chunk if temp.spilled else None)
+        transfer.advance(chunk)
 
     async def _download(
         self,
@@ -462,7 +462,10 @@ class Proxy:
                         raise UpstreamError(f"upstream {client.name} resumed {digest} wrongly")
                 else:
                     skip = temp.written  # the upstream ignored Range: drop what we have
-                async for chunk in response.content.iter_any():
+                # iter_chunks hands over each buffer as received; iter_any would join them.
+                async for chunk, _ in response.content.iter_chunks():
+                    if not chunk:
+                        continue
                     if skip:
                         if len(chunk) <= skip:
                             skip -= len(chunk)

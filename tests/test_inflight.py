@@ -48,7 +48,7 @@ async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_pat
         for offset in range(0, len(data), 1000):
             out.write(data[offset : offset + 1000])
             out.flush()
-            transfer.advance(len(data[offset : offset + 1000]))
+            transfer.advance(data[offset : offset + 1000])
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
         assert not any(r.done() for r in readers)  # all but the last byte, until verified
@@ -66,7 +66,7 @@ async def test_failure_reaches_every_reader(tmp_path: Path) -> None:
     path.write_bytes(b"x" * 10)
     transfer = Transfer(path)
     transfer.start(100)
-    transfer.advance(10)
+    transfer.advance(b"x" * 10)
     reader = asyncio.create_task(_collect(transfer))
     await asyncio.sleep(0.01)
     transfer.fail(RuntimeError("digest mismatch"))
@@ -80,12 +80,31 @@ async def test_spilled_bytes_come_from_memory(tmp_path: Path) -> None:
     path.write_bytes(data[:3000] + b"garbage past the last whole chunk")
     transfer = Transfer(path)
     transfer.start(len(data))
-    transfer.advance(3000)
+    transfer.advance(data[:3000])
     early = asyncio.create_task(_collect(transfer))
     transfer.spill()  # disk full: the rest arrives in memory
     for offset in range(3000, len(data), 700):
-        transfer.advance(len(data[offset : offset + 700]), data[offset : offset + 700])
+        transfer.advance(data[offset : offset + 700])
         await asyncio.sleep(0)
     transfer.finish()
     assert await early == data
     assert await _collect(transfer, 2900, 4000) == data[2900:4000]
+
+
+async def test_readers_keeping_up_are_served_from_memory(tmp_path: Path) -> None:
+    """The newest chunks are not read back from the file; older ones are. (The file's
+    bytes are overwritten below to tell the two sources apart.)"""
+    path = tmp_path / "blob.part"
+    path.touch()
+    data = bytes(range(250)) * 1200  # 300,000 bytes
+    transfer = Transfer(path)
+    transfer.RECENT_BYTES = 100_000
+    transfer.start(len(data))
+    with path.open("wb") as out:
+        for offset in range(0, len(data), 50_000):
+            out.write(b"\0" * 50_000)  # what the file says, unlike what arrived
+            out.flush()
+            transfer.advance(data[offset : offset + 50_000])
+    transfer.finish()
+    assert await _collect(transfer, 200_000) == data[200_000:]  # the last two chunks
+    assert await _collect(transfer, 150_000, 190_000) == b"\0" * 40_000  # an older one

@@ -79,8 +79,15 @@ async def test_sixteen_clients_across_two_workers_one_transfer(
     assert all(r["digest"] == layer for r in results)
     assert max(r["first"] for r in results) < min(r["done"] for r in results)
     assert relay.count("GET", layer) == 1
-    # the worker that did not fetch it streamed it from the other's growing file
-    lines = [line for line in mirror.log.read_text().splitlines() if layer in line]
+    # the worker that did not fetch it streamed it from the other's growing file (each
+    # request is logged once its last byte is out, so a client may be done a moment before)
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in mirror.log.read_text().splitlines() if layer in line]
+        if len([line for line in lines if "mirror.access" in line]) == 16:
+            break
+        assert time.monotonic() < deadline, "\n".join(lines)
+        await asyncio.sleep(0.05)
     fetching = {re.search(r"\[(\d+)\]", line).group(1) for line in lines if " miss " in line}  # type: ignore[union-attr]
     following = {re.search(r"\[(\d+)\]", line).group(1) for line in lines if " coalesced " in line}  # type: ignore[union-attr]
     assert len(fetching) == 1 and following - fetching
