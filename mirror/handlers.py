@@ -6,7 +6,9 @@ Errors are raised, never rendered here: `errors.error_middleware` renders them.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -27,6 +29,7 @@ from .inflight import BlobStream, TransferFailed
 from .proxy import HIT, MISS, Manifest, Proxy
 from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
 from .routing import Route, resolve
+from .sendfile import FileShrank, send_file
 
 log = logging.getLogger("mirror.handlers")
 
@@ -67,16 +70,6 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
 def _etag_matches(request: web.Request, digest: str) -> bool:
     header = request.headers.get("If-None-Match", "")
     return any(tag.strip().strip('"') == digest for tag in header.split(",")) if header else False
-
-
-class BlobFile(web.FileResponse):
-    """A hit, sent with sendfile; preparing it twice is harmless, so the observing
-    middleware may send it before aiohttp would."""
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self.prepared:
-            return None
-        return await super().prepare(request)
 
 
 class RegistryHandlers:
@@ -139,18 +132,23 @@ class RegistryHandlers:
             headers["Content-Length"] = str(size)
             headers["Accept-Ranges"] = "bytes"
             return web.Response(headers=headers)
-        source, result = await self._proxy.open_blob(route, digest)
-        request[RESULT] = result
-        if isinstance(source, Path):
-            _byte_range(request, source.stat().st_size)  # an impossible range: an OCI 416
-            return BlobFile(source, headers={**headers, CACHE_HEADER: result})
-        return await self._stream(request, source, {**headers, CACHE_HEADER: result})
+        while True:
+            source, result = await self._proxy.open_blob(route, digest)
+            request[RESULT] = result
+            if not isinstance(source, Path):
+                return await self._stream(request, source, {**headers, CACHE_HEADER: result})
+            try:
+                file = source.open("rb")  # open now: eviction may unlink the path, not this
+            except FileNotFoundError:
+                continue  # evicted between the two looks: fetch it again
+            with file:
+                return await self._send_file(request, file, {**headers, CACHE_HEADER: result})
 
-    async def _stream(
-        self, request: web.Request, transfer: BlobStream, headers: dict[str, str]
-    ) -> web.StreamResponse:
-        """Send a blob while it is being fetched; abort the connection if the fetch fails."""
-        size = transfer.size
+    async def _start(
+        self, request: web.Request, size: int | None, headers: dict[str, str]
+    ) -> tuple[web.StreamResponse, AbstractStreamWriter, int, int | None]:
+        """Prepare a blob response (206 for a Range of it): the response, its writer, and
+        the [start, end) of the blob it carries."""
         start, end = 0, size
         status = 200
         if size is not None and (wanted := _byte_range(request, size)) is not None:
@@ -160,7 +158,37 @@ class RegistryHandlers:
         response = web.StreamResponse(status=status, headers=headers)
         if end is not None:
             response.content_length = end - start
-        await response.prepare(request)
+        writer = await response.prepare(request)
+        assert writer is not None
+        return response, writer, start, end
+
+    async def _send_file(
+        self, request: web.Request, file: BinaryIO, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """A hit: the kernel sends it from the page cache (sendfile)."""
+        size = os.fstat(file.fileno()).st_size
+        _byte_range(request, size)  # an impossible range: an OCI 416, before any header
+        response, writer, start, end = await self._start(request, size, headers)
+        assert end is not None
+        transport = request.transport
+        try:
+            if transport is None:
+                raise ConnectionResetError("the client left")
+            await send_file(response, writer, transport, file.fileno(), start, end - start)
+        except FileShrank as exc:
+            log.error("aborting %s: cached file %s", request.path, exc)
+            transport.abort()  # type: ignore[union-attr]
+            return response
+        except ConnectionError:
+            return response  # the client left
+        await response.write_eof()
+        return response
+
+    async def _stream(
+        self, request: web.Request, transfer: BlobStream, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """Send a blob while it is being fetched; abort the connection if the fetch fails."""
+        response, _, start, end = await self._start(request, transfer.size, headers)
         try:
             async for chunk in transfer.read(start, end):
                 await response.write(chunk)
@@ -169,7 +197,7 @@ class RegistryHandlers:
             if request.transport is not None:
                 request.transport.abort()
             return response
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:
             return response  # the client left; the fill goes on without it
         await response.write_eof()
         return response

@@ -71,11 +71,10 @@ def observe_middleware(metrics: Metrics) -> Middleware:
 
 
 def _bytes_sent(request: web.Request, response: web.StreamResponse) -> int:
-    """Body bytes sent: sendfile answers do not count themselves, so take their length."""
+    """Body bytes sent: streamed and sendfile answers do not count themselves, so take
+    their length."""
     if request.method == "HEAD":
         return 0
-    if isinstance(response, web.FileResponse):
-        return response.content_length or 0
     if isinstance(response, web.Response):
         return len(response.body) if isinstance(response.body, bytes) else 0
     return response.content_length or 0  # streamed: what was promised (the client may leave)

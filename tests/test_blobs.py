@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import time
 from typing import Any
 
@@ -205,3 +206,51 @@ async def test_unsatisfiable_range_is_an_oci_416_on_hit_and_miss(
                 if any((mirror.storage / "blobs").rglob(digest[7:])):
                     break
                 await asyncio.sleep(0.02)
+
+
+async def _raw_get(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, extra: str = ""
+) -> tuple[int, dict[str, str], asyncio.StreamReader]:
+    """Send a keep-alive GET on a raw connection; return its status and headers."""
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n{extra}\r\n".encode())
+    await writer.drain()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in head[1:] if line)
+    return int(head[0].split()[1]), {k.lower(): v for k, v in headers.items()}, reader
+
+
+@pytest.mark.slow
+async def test_big_hit_to_a_slow_reader_then_more_on_the_same_connection(
+    mirror: Mirror, seeded: Seeded
+) -> None:
+    """A hit goes out with sendfile; a client reading slowly fills its socket (the
+    mirror waits for room, then goes on), and the connection stays usable after."""
+    digest, data = _big_blob(seeded)
+    path = f"/v2/big/layer/blobs/{digest}"
+    async with aiohttp.ClientSession() as session:
+        assert (await _fetch(session, mirror.url + path))["sha256"] == digest  # now cached
+    for _ in range(250):
+        if any((mirror.storage / "blobs").rglob(digest[7:])):
+            break
+        await asyncio.sleep(0.02)
+    host, port = mirror.host.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1024 * 1024)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    try:
+        status, headers, _ = await _raw_get(reader, writer, path)
+        assert status == 200 and headers["x-mirror-cache"] == "hit"
+        assert int(headers["content-length"]) == len(data)
+        hasher, received = hashlib.sha256(), 0
+        while received < len(data):
+            chunk = await reader.read(min(256 * 1024, len(data) - received))
+            assert chunk, f"connection closed after {received} bytes"
+            hasher.update(chunk)
+            received += len(chunk)
+            if received < 4 * 1024 * 1024:
+                await asyncio.sleep(0.02)  # slow at first: the mirror's socket fills up
+        assert "sha256:" + hasher.hexdigest() == digest
+        status, headers, _ = await _raw_get(reader, writer, path, "Range: bytes=5-104\r\n")
+        assert status == 206 and headers["content-range"] == f"bytes 5-104/{len(data)}"
+        assert await reader.readexactly(100) == data[5:105]
+    finally:
+        writer.close()

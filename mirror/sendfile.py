@@ -1,0 +1,70 @@
+"""A region of a file sent on a client connection by the kernel (os.sendfile), on any loop.
+
+asyncio's `loop.sendfile` is native only on asyncio's own loop; uvloop has none, and aiohttp
+then reads the file through a thread pool chunk by chunk, which halves the speed of a hit.
+So the mirror drives os.sendfile on the connection's socket itself. When the socket is full,
+one small piece goes through the transport instead, with the transport's write limit at
+zero: its flush completing is the signal that the socket has room again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+
+PIECE = 64 * 1024  # what goes through the transport when the socket is full, or over TLS
+
+
+class FileShrank(Exception):
+    """The file ended before the bytes promised to the client: abort the connection."""
+
+
+async def send_file(
+    response: web.StreamResponse,
+    writer: AbstractStreamWriter,
+    transport: asyncio.Transport,
+    fd: int,
+    offset: int,
+    count: int,
+) -> None:
+    """Send `count` bytes of `fd` from `offset` as (part of) a prepared response's body."""
+    if transport.get_extra_info("sslcontext") is not None:
+        await _copy(response, fd, offset, count)  # TLS: the bytes must pass through Python
+        return
+    sock = transport.get_extra_info("socket").fileno()
+    low, high = transport.get_write_buffer_limits()
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        await writer.drain()  # the headers are out before the kernel sends the body
+        while count > 0:
+            if transport.is_closing():
+                raise ConnectionResetError("the client left")
+            try:
+                sent = os.sendfile(sock, fd, offset, count)
+            except BlockingIOError:
+                piece = os.pread(fd, min(PIECE, count), offset)
+                if not piece:
+                    raise FileShrank(f"file ended at byte {offset}") from None
+                await response.write(piece)
+                await writer.drain()  # returns once the socket took it all: room again
+                sent = len(piece)
+            if sent == 0:
+                raise FileShrank(f"file ended at byte {offset}")
+            offset += sent
+            count -= sent
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits(high=high, low=low)
+
+
+async def _copy(response: web.StreamResponse, fd: int, offset: int, count: int) -> None:
+    while count > 0:
+        piece = os.pread(fd, min(PIECE * 4, count), offset)
+        if not piece:
+            raise FileShrank(f"file ended at byte {offset}")
+        await response.write(piece)
+        offset += len(piece)
+        count -= len(piece)
