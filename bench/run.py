@@ -251,6 +251,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--cold-rounds", type=int, default=7, help="rounds of the cold pull (cheap, and noisy)"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller blobs, for a try-out")
     parser.add_argument(
         "--only",
@@ -349,22 +352,28 @@ def main() -> None:
             if want("cold"):
                 # 3. cold pull of an image through each proxy against pulling it directly
                 times: dict[str, list[float]] = {"direct": [], "mirror": [], "registry-proxy": []}
-                for number in range(args.rounds):
-                    times["direct"].append(
-                        skopeo_pull(f"{upstream.url[7:]}/bench/cold:1", work / "pulled")
-                    )
-                    cold = start_mirror(work / f"m-cold{number}", upstream.url, args.workers)
-                    times["mirror"].append(
-                        skopeo_pull(f"{cold.url[7:]}/bench/cold:1", work / "pulled")
-                    )
-                    cold.stop()
-                    shutil.rmtree(cold.root)
-                    cold_proxy = start_reference_proxy(work / f"p-cold{number}", upstream.url)
-                    times["registry-proxy"].append(
-                        skopeo_pull(f"{cold_proxy.url[7:]}/bench/cold:1", work / "pulled")
-                    )
-                    cold_proxy.stop()
-                    shutil.rmtree(cold_proxy.root)
+                subjects = list(times)
+                for number in range(args.cold_rounds):
+                    # each round in another order; each pull starts with nothing left to
+                    # write back from the one before, so none pays for another's writes
+                    turn = number % len(subjects)
+                    for subject in subjects[turn:] + subjects[:turn]:
+                        os.sync()
+                        if subject == "direct":
+                            times[subject].append(
+                                skopeo_pull(f"{upstream.url[7:]}/bench/cold:1", work / "pulled")
+                            )
+                            continue
+                        root = work / f"cold-{subject}{number}"
+                        if subject == "mirror":
+                            service = start_mirror(root, upstream.url, args.workers)
+                        else:
+                            service = start_reference_proxy(root, upstream.url)
+                        times[subject].append(
+                            skopeo_pull(f"{service.url[7:]}/bench/cold:1", work / "pulled")
+                        )
+                        service.stop()
+                        shutil.rmtree(service.root)
                 d, m, p = (median(times[k]) for k in ("direct", "mirror", "registry-proxy"))
                 size = sum(len(b) for b in cold_image.blobs.values()) / MB
                 row(
