@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--cold-rounds", type=int, default=7, help="rounds of the cold pull (cheap, and noisy)"
+        "--cold-rounds", type=int, default=11, help="rounds of the cold pull (cheap, and noisy)"
     )
     parser.add_argument("--quick", action="store_true", help="smaller blobs, for a try-out")
     parser.add_argument(

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import uvloop
 from aiohttp import web
 
 from . import logs, maintenance
@@ -54,12 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def serve(config: Config) -> None:
     logs.configure(config.log_level, config.log_format)
-    try:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        pass
-    else:
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # uvloop: a cold fill costs ~10% less CPU than on asyncio's loop (hits do not need
+    # loop.sendfile, which uvloop lacks: see sendfile.py)
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     logging.getLogger("mirror").info(
         "listening on %s:%d, %d worker(s), cache in %s, upstreams: %s",
         config.listen_host,
