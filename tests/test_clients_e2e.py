@@ -420,6 +420,21 @@ def test_tls_with_skopeo_all_and_containerd(
             f"dir:{target}",
         )
         assert (target / "manifest.json").read_bytes() == seeded.index.manifest
+        again = tmp_path / "index-again"  # every blob a hit now: sent over TLS from the file
+        run(
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--src-tls-verify=true",
+            "--src-cert-dir",
+            str(certs),
+            f"docker://{host}/multi/arch:latest",
+            f"dir:{again}",
+        )
+        files = sorted(path.name for path in target.iterdir())
+        assert files == sorted(path.name for path in again.iterdir())
+        assert all((target / name).read_bytes() == (again / name).read_bytes() for name in files)
         hosts = tmp_path / "certs.d" / "docker.io"
         hosts.mkdir(parents=True)
         (hosts / "hosts.toml").write_text(
