@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 PIECE = 64 * 1024  # what goes through the transport when the socket is full, or over TLS
+STRETCH = 4 * 1024 * 1024  # at most this much per sendfile call, then other requests' turn
 
 
 class FileShrank(Exception):
@@ -34,7 +35,10 @@ async def send_file(
     if transport.get_extra_info("sslcontext") is not None:
         await _copy(response, fd, offset, count)  # TLS: the bytes must pass through Python
         return
-    sock = transport.get_extra_info("socket").fileno()
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.is_closing():
+        raise ConnectionResetError("the client left")
+    sock_fd = sock.fileno()
     low, high = transport.get_write_buffer_limits()
     transport.set_write_buffer_limits(high=0, low=0)
     try:
@@ -43,7 +47,7 @@ async def send_file(
             if transport.is_closing():
                 raise ConnectionResetError("the client left")
             try:
-                sent = os.sendfile(sock, fd, offset, count)
+                sent = os.sendfile(sock_fd, fd, offset, min(count, STRETCH))
             except BlockingIOError:
                 piece = os.pread(fd, min(PIECE, count), offset)
                 if not piece:
@@ -51,6 +55,8 @@ async def send_file(
                 await response.write(piece)
                 await writer.drain()  # returns once the socket took it all: room again
                 sent = len(piece)
+            else:
+                await asyncio.sleep(0)  # a fast client must not keep the others waiting
             if sent == 0:
                 raise FileShrank(f"file ended at byte {offset}")
             offset += sent
