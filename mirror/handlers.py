@@ -147,8 +147,9 @@ class RegistryHandlers:
     async def _start(
         self, request: web.Request, size: int | None, headers: dict[str, str]
     ) -> tuple[web.StreamResponse, AbstractStreamWriter, int, int | None]:
-        """Prepare a blob response (206 for a Range of it): the response, its writer, and
-        the [start, end) of the blob it carries."""
+        """Prepare a blob response (206 for a Range of it; an impossible Range raises an OCI
+        416 before any header is sent): the response, its writer, and the [start, end) of
+        the blob it carries."""
         start, end = 0, size
         status = 200
         if size is not None and (wanted := _byte_range(request, size)) is not None:
@@ -167,7 +168,6 @@ class RegistryHandlers:
     ) -> web.StreamResponse:
         """A hit: the kernel sends it from the page cache (sendfile)."""
         size = os.fstat(file.fileno()).st_size
-        _byte_range(request, size)  # an impossible range: an OCI 416, before any header
         response, writer, start, end = await self._start(request, size, headers)
         assert end is not None
         transport = request.transport

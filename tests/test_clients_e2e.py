@@ -407,31 +407,24 @@ def test_tls_with_skopeo_all_and_containerd(
         scheme="https",
     )
     try:
-        target = tmp_path / "index"
-        run(
-            "skopeo",
-            "--insecure-policy",
-            "copy",
-            "--all",
-            "--src-tls-verify=true",
-            "--src-cert-dir",
-            str(certs),
-            f"docker://{host}/multi/arch:latest",
-            f"dir:{target}",
-        )
+
+        def copy_all(target: Path) -> None:
+            run(
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--all",
+                "--src-tls-verify=true",
+                "--src-cert-dir",
+                str(certs),
+                f"docker://{host}/multi/arch:latest",
+                f"dir:{target}",
+            )
+
+        target, again = tmp_path / "index", tmp_path / "index-again"
+        copy_all(target)
         assert (target / "manifest.json").read_bytes() == seeded.index.manifest
-        again = tmp_path / "index-again"  # every blob a hit now: sent over TLS from the file
-        run(
-            "skopeo",
-            "--insecure-policy",
-            "copy",
-            "--all",
-            "--src-tls-verify=true",
-            "--src-cert-dir",
-            str(certs),
-            f"docker://{host}/multi/arch:latest",
-            f"dir:{again}",
-        )
+        copy_all(again)  # every blob a hit now: sent over TLS from the file
         files = sorted(path.name for path in target.iterdir())
         assert files == sorted(path.name for path in again.iterdir())
         assert all((target / name).read_bytes() == (again / name).read_bytes() for name in files)
