@@ -124,9 +124,10 @@ class RegistryHandlers:
             **API_HEADERS,
             "Docker-Content-Digest": str(digest),
             "Content-Type": "application/octet-stream",
+            "ETag": f'"{digest}"',  # the content's name: it never changes
         }
         if _etag_matches(request, str(digest)):
-            return web.Response(status=304, headers={**headers, "ETag": f'"{digest}"'})
+            return web.Response(status=304, headers=headers)
         if request.method == "HEAD":
             size, request[RESULT] = await self._proxy.blob_size(route, digest)
             headers["Content-Length"] = str(size)

@@ -152,6 +152,7 @@ async def test_head_and_range_on_hit_and_miss(
             assert response.status == 206
             assert await response.read() == data[10:100]
             assert response.headers["Content-Range"] == f"bytes 10-99/{len(data)}"
+            assert response.headers["ETag"] == f'"{digest}"'
         mark = upstream.mark()
         async with session.head(url) as response:  # hit: answered locally
             assert response.status == 200
@@ -159,6 +160,7 @@ async def test_head_and_range_on_hit_and_miss(
         async with session.get(url, headers={"Range": "bytes=100-"}) as response:
             assert response.status == 206
             assert await response.read() == data[100:]
+            assert response.headers["ETag"] == f'"{digest}"'  # as on the miss above
         async with session.get(url, headers={"If-None-Match": f'"{digest}"'}) as response:
             assert response.status == 304
         assert upstream.hits(mark) == []
