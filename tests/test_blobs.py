@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import socket
+import struct
 import time
 from typing import Any
 
@@ -256,3 +258,38 @@ async def test_big_hit_to_a_slow_reader_then_more_on_the_same_connection(
         assert await reader.readexactly(100) == data[5:105]
     finally:
         writer.close()
+
+
+@pytest.mark.slow
+async def test_clients_hanging_up_during_a_hit_leave_no_error(
+    mirror: Mirror, seeded: Seeded, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that close (FIN) or reset (RST) mid-hit, with the mirror waiting on a full
+    socket: nothing is logged as an error, and the next clients get the whole blob."""
+    digest, data = _big_blob(seeded)
+    path = f"/v2/big/layer/blobs/{digest}"
+    async with aiohttp.ClientSession() as session:
+        assert (await _fetch(session, mirror.url + path))["sha256"] == digest  # now cached
+        for _ in range(250):
+            if any((mirror.storage / "blobs").rglob(digest[7:])):
+                break
+            await asyncio.sleep(0.02)
+        host, port = mirror.host.rsplit(":", 1)
+        for reset in (False, True, False, True):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            status, _, _ = await _raw_get(reader, writer, path)
+            assert status == 200
+            await reader.readexactly(3 * 1024 * 1024)
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+        await asyncio.sleep(0.3)
+        results = await asyncio.gather(*(_fetch(session, mirror.url + path) for _ in range(3)))
+    assert [r["sha256"] for r in results] == [digest] * 3
+    assert all(r["size"] == len(data) for r in results)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if mirror.process is not None:
+        errors += [x for x in mirror.process.log.read_text().splitlines() if " ERROR " in x]
+    assert errors == []
