@@ -206,21 +206,44 @@ async def test_unsatisfiable_range_is_an_oci_416_on_hit_and_miss(
                 assert body["errors"][0]["code"] == "RANGE_INVALID"
             async with session.get(url) as response:  # fetched, then kept
                 assert await response.read() == seeded.docker.blobs[digest]
-            for _ in range(100):
-                if any((mirror.storage / "blobs").rglob(digest[7:])):
-                    break
-                await asyncio.sleep(0.02)
+            await _until_kept(mirror, digest)
+
+
+async def _until_kept(mirror: Mirror, digest: str) -> None:
+    """Wait (up to 5 s) until the fill of `digest` is in the store."""
+    for _ in range(250):
+        if any((mirror.storage / "blobs").rglob(digest[7:])):
+            return
+        await asyncio.sleep(0.02)
+
+
+async def _cached_big_blob(mirror: Mirror, seeded: Seeded) -> tuple[str, bytes, str]:
+    """The big blob, fetched once so it is a hit now: digest, bytes, path."""
+    digest, data = _big_blob(seeded)
+    path = f"/v2/big/layer/blobs/{digest}"
+    async with aiohttp.ClientSession() as session:
+        assert (await _fetch(session, mirror.url + path))["sha256"] == digest
+    await _until_kept(mirror, digest)
+    return digest, data, path
+
+
+async def _slow_connection(mirror: Mirror) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection with a 64 KiB receive buffer: the mirror's socket fills up soon."""
+    host, port = mirror.host.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1024 * 1024)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    return reader, writer
 
 
 async def _raw_get(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, extra: str = ""
-) -> tuple[int, dict[str, str], asyncio.StreamReader]:
+) -> tuple[int, dict[str, str]]:
     """Send a keep-alive GET on a raw connection; return its status and headers."""
     writer.write(f"GET {path} HTTP/1.1\r\nHost: mirror\r\n{extra}\r\n".encode())
     await writer.drain()
     head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in head[1:] if line)
-    return int(head[0].split()[1]), {k.lower(): v for k, v in headers.items()}, reader
+    return int(head[0].split()[1]), {k.lower(): v for k, v in headers.items()}
 
 
 @pytest.mark.slow
@@ -229,19 +252,10 @@ async def test_big_hit_to_a_slow_reader_then_more_on_the_same_connection(
 ) -> None:
     """A hit goes out with sendfile; a client reading slowly fills its socket (the
     mirror waits for room, then goes on), and the connection stays usable after."""
-    digest, data = _big_blob(seeded)
-    path = f"/v2/big/layer/blobs/{digest}"
-    async with aiohttp.ClientSession() as session:
-        assert (await _fetch(session, mirror.url + path))["sha256"] == digest  # now cached
-    for _ in range(250):
-        if any((mirror.storage / "blobs").rglob(digest[7:])):
-            break
-        await asyncio.sleep(0.02)
-    host, port = mirror.host.rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port), limit=1024 * 1024)
-    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    digest, data, path = await _cached_big_blob(mirror, seeded)
+    reader, writer = await _slow_connection(mirror)
     try:
-        status, headers, _ = await _raw_get(reader, writer, path)
+        status, headers = await _raw_get(reader, writer, path)
         assert status == 200 and headers["x-mirror-cache"] == "hit"
         assert int(headers["content-length"]) == len(data)
         hasher, received = hashlib.sha256(), 0
@@ -253,7 +267,7 @@ async def test_big_hit_to_a_slow_reader_then_more_on_the_same_connection(
             if received < 4 * 1024 * 1024:
                 await asyncio.sleep(0.02)  # slow at first: the mirror's socket fills up
         assert "sha256:" + hasher.hexdigest() == digest
-        status, headers, _ = await _raw_get(reader, writer, path, "Range: bytes=5-104\r\n")
+        status, headers = await _raw_get(reader, writer, path, "Range: bytes=5-104\r\n")
         assert status == 206 and headers["content-range"] == f"bytes 5-104/{len(data)}"
         assert await reader.readexactly(100) == data[5:105]
     finally:
@@ -266,26 +280,18 @@ async def test_clients_hanging_up_during_a_hit_leave_no_error(
 ) -> None:
     """Clients that close (FIN) or reset (RST) mid-hit, with the mirror waiting on a full
     socket: nothing is logged as an error, and the next clients get the whole blob."""
-    digest, data = _big_blob(seeded)
-    path = f"/v2/big/layer/blobs/{digest}"
+    digest, data, path = await _cached_big_blob(mirror, seeded)
+    for reset in (False, True, False, True):
+        reader, writer = await _slow_connection(mirror)
+        status, _ = await _raw_get(reader, writer, path)
+        assert status == 200
+        await reader.readexactly(3 * 1024 * 1024)
+        if reset:
+            linger = struct.pack("ii", 1, 0)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.close()
+    await asyncio.sleep(0.3)
     async with aiohttp.ClientSession() as session:
-        assert (await _fetch(session, mirror.url + path))["sha256"] == digest  # now cached
-        for _ in range(250):
-            if any((mirror.storage / "blobs").rglob(digest[7:])):
-                break
-            await asyncio.sleep(0.02)
-        host, port = mirror.host.rsplit(":", 1)
-        for reset in (False, True, False, True):
-            reader, writer = await asyncio.open_connection(host, int(port))
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            status, _, _ = await _raw_get(reader, writer, path)
-            assert status == 200
-            await reader.readexactly(3 * 1024 * 1024)
-            if reset:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.close()
-        await asyncio.sleep(0.3)
         results = await asyncio.gather(*(_fetch(session, mirror.url + path) for _ in range(3)))
     assert [r["sha256"] for r in results] == [digest] * 3
     assert all(r["size"] == len(data) for r in results)
