@@ -34,6 +34,7 @@ log = logging.getLogger("mirror.storage")
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024  # manifests also kept in memory, up to this much
 EVICTION_GRACE = 1.0  # seconds: content used this recently is not evicted (it is being sent)
 HASH_CHUNK = 1024 * 1024
+VERIFIED = "verified"  # written to a fill's lock file once its content checked out
 
 
 class DigestMismatch(Exception):
@@ -208,10 +209,15 @@ class DiskTempBlob:
         os.pwrite(self._lock_fd, f"{size if size is not None else -1}\n".encode(), 0)
 
     def verify(self) -> None:
-        """Raise DigestMismatch (and discard the file) unless the content is right."""
+        """Raise DigestMismatch (and discard the file) unless the content is right.
+
+        Right content is marked so in the lock file at once: processes following this fill
+        give their clients the last byte now, not after the fsync and rename."""
         if self._hasher.hexdigest() != self._digest.hex:
             self.discard()
             raise DigestMismatch(f"content does not match {self._digest}")
+        if not self._spilled and not self._closed:
+            os.pwrite(self._lock_fd, f"{self._written}\n{VERIFIED}\n".encode(), 0)
 
     def sync(self) -> None:
         """Flush the file to disk; safe to run in another thread, before `commit`."""
@@ -368,12 +374,20 @@ class DiskStore:
         final = self.final_path(digest)
         lock_path = self.lock_path(digest)
 
-        def announced_size() -> int | None:
+        def lock_words() -> list[str]:
+            """What the writer said: its size (-1 while unknown), then whether verified."""
             try:
-                text = lock_path.read_text().strip()
+                return lock_path.read_text().split()
             except FileNotFoundError:
-                return None
-            return int(text) if text.lstrip("-").isdigit() and int(text) >= 0 else None
+                return []
+
+        def announced_size() -> int | None:
+            words = lock_words()
+            return int(words[0]) if words and words[0].isdigit() else None
+
+        def finished() -> bool:
+            # The lock file goes only after the rename: one of the two looks sees it done.
+            return VERIFIED in lock_words() or final.exists()
 
         def alive() -> bool:
             """Whether the writer still holds its lock."""
@@ -389,7 +403,7 @@ class DiskStore:
                 os.close(probe)  # also drops the shared lock, if we got it
             return False
 
-        return Followed(fd, announced_size, final.exists, alive)
+        return Followed(fd, announced_size, finished, alive)
 
     # manifests
 

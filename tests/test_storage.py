@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mirror.inflight import TransferFailed
 from mirror.reference import Digest, digest_of
 from mirror.storage import BlobStore, DigestMismatch, DiskStore
 
@@ -167,3 +170,50 @@ def test_a_file_removed_by_hand_is_forgotten(tmp_path: Path) -> None:
     store.final_path(digest).unlink()
     assert store.blob_path(digest) is None
     assert store.usage() == (0, 0)
+
+
+async def _follow_to_the_end(store: DiskStore, digest: Digest, into: bytearray) -> None:
+    followed = store.follow(digest)
+    assert followed is not None
+    await followed.wait_started(1)
+    async for chunk in followed.read():
+        into += chunk
+
+
+async def test_another_process_gets_the_last_byte_once_verified_not_after_the_fsync(
+    tmp_path: Path,
+) -> None:
+    """A worker following another's fill (workers: N) must not wait for the fsync and
+    rename to finish its clients' responses, nor see the last byte before the check."""
+    store = DiskStore(tmp_path / "store", 1 << 30)
+    data = os.urandom(300_000)
+    digest = digest_of(data)
+    temp = store.begin_blob(digest)
+    assert temp is not None
+    temp.announce(len(data))
+    temp.write(data)
+    got = bytearray()
+    reader = asyncio.create_task(_follow_to_the_end(store, digest, got))
+    await asyncio.sleep(0.2)
+    assert len(got) == len(data) - 1 and not reader.done()
+    temp.verify()
+    await asyncio.wait_for(reader, 2)
+    assert bytes(got) == data and store.blob_path(digest) is None  # not committed yet
+    assert temp.commit() == store.blob_path(digest)
+
+
+async def test_a_follower_of_wrong_bytes_never_gets_the_last_one(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "store", 1 << 30)
+    digest = digest_of(b"the right bytes")
+    temp = store.begin_blob(digest)
+    assert temp is not None
+    temp.announce(15)
+    temp.write(b"the wrong bytes")
+    got = bytearray()
+    reader = asyncio.create_task(_follow_to_the_end(store, digest, got))
+    await asyncio.sleep(0.1)
+    with pytest.raises(DigestMismatch):
+        temp.verify()
+    with pytest.raises(TransferFailed):
+        await asyncio.wait_for(reader, 2)
+    assert bytes(got) == b"the wrong byte"
