@@ -261,7 +261,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
-        "--cold-rounds", type=int, default=11, help="rounds of the cold pull (cheap, and noisy)"
+        "--cold-rounds",
+        type=int,
+        default=21,
+        help="rounds of the cold pull (single rounds vary by +-20%%)",
     )
     parser.add_argument(
         "--herd-rounds",
