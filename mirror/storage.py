@@ -8,7 +8,8 @@ and confirmed after it, so start-up repairs a crash by checking the pending rows
 
 Writers of one blob coordinate across processes with a lock file per digest
 (`tmp/<alg>-<hex>.lock`, flock'd while the fill runs), so several worker processes over
-one store never write the same temporary twice.
+one store never write the same temporary twice. The lock file also tells the processes
+following a fill its length (once the upstream said) and that its content verified.
 """
 
 from __future__ import annotations
