@@ -133,14 +133,20 @@ def start_reference_proxy(root: Path, upstream: str) -> Service:
 
 def start_nginx(root: Path, files: Path, upstream: str | None = None, rate: str = "") -> Service:
     """nginx serving `files` with sendfile; or, given `upstream`, a rate-limited proxy."""
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     if upstream is None:
         location = f"root {files}; sendfile on; tcp_nopush on;"
     else:
         # nginx 1.22 over loopback sends about 1.25x its limit_rate (and ignores 50m):
         # 40m holds a transfer near 50 MB/s.
         location = f"proxy_pass {upstream}; limit_rate {rate};"
+    return run_nginx(root, f"location / {{ {location} }}", probe="/")
+
+
+def run_nginx(root: Path, server: str, probe: str) -> Service:
+    """nginx on a free port of 127.0.0.1 with `server` as its server block's body; up
+    once `probe` answers."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
     (root / "nginx.conf").write_text(
         f"""
 {"user root;" if os.geteuid() == 0 else ""}
@@ -154,7 +160,7 @@ http {{
   fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
   server {{
     listen 127.0.0.1:{port};
-    location / {{ {location} }}
+    {server}
   }}
 }}
 """
@@ -165,7 +171,7 @@ http {{
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_up(f"{url}/")
+    wait_up(f"{url}{probe}")
     return Service("nginx", url, process, root)
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.run import MB, Service, free_port, median, skopeo_pull, start_mirror, wait_up
+from bench.run import MB, Service, median, run_nginx, skopeo_pull, start_mirror
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry
 
@@ -33,39 +32,14 @@ def static_registry(image: Image, files: Path) -> None:
 
 
 def start_static_nginx(root: Path, files: Path, image: Image, *, sendfile: bool) -> Service:
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     manifests = f"/v2/{image.repository}/manifests/"
-    (root / "nginx.conf").write_text(
-        f"""
-{"user root;" if os.geteuid() == 0 else ""}
-worker_processes 2;
-pid {root}/nginx.pid;
-error_log {root}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
-  fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
-  types {{ }}
-  default_type application/octet-stream;
-  server {{
-    listen 127.0.0.1:{port};
-    root {files};
-    sendfile {"on" if sendfile else "off"};
-    location {manifests} {{ default_type {image.media_type}; }}
-  }}
-}}
-"""
+    return run_nginx(
+        root,
+        f"""root {files}; sendfile {"on" if sendfile else "off"};
+    types {{ }} default_type application/octet-stream;
+    location {manifests} {{ default_type {image.media_type}; }}""",
+        probe="/v2/",
     )
-    process = subprocess.Popen(
-        ["nginx", "-c", str(root / "nginx.conf"), "-g", "daemon off;"],
-        stdout=(root / "log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_up(f"{url}/v2/")
-    return Service("nginx", url, process, root)
 
 
 def main() -> None:
