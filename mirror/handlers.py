@@ -172,13 +172,13 @@ class RegistryHandlers:
         response, writer, start, end = await self._start(request, size, headers)
         assert end is not None
         transport = request.transport
+        if transport is None:
+            return response  # the client left
         try:
-            if transport is None:
-                raise ConnectionResetError("the client left")
             await send_file(response, writer, transport, file.fileno(), start, end - start)
         except FileShrank as exc:
             log.error("aborting %s: cached file %s", request.path, exc)
-            transport.abort()  # type: ignore[union-attr]
+            transport.abort()
             return response
         except ConnectionError:
             return response  # the client left

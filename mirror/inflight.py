@@ -213,10 +213,16 @@ class Followed:
         self._fd = fd
         weakref.finalize(self, os.close, fd)
         self._announced_size = announced_size
-        self._finished = finished
+        self._finished_now = finished
+        self._done = False
         self._alive = alive
         self.size: int | None = None
         self.readers = 0
+
+    def _finished(self) -> bool:
+        """Whether the writer finished; once it has, without asking again."""
+        self._done = self._done or self._finished_now()
+        return self._done
 
     def size_if_known(self) -> int | None:
         """The length the writer announced, without waiting."""

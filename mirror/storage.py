@@ -177,6 +177,7 @@ class DiskTempBlob:
         self._spilled = False
         self._synced = False
         self._closed = False
+        self._verified = False
 
     @property
     def path(self) -> Path:
@@ -217,6 +218,7 @@ class DiskTempBlob:
         if self._hasher.hexdigest() != self._digest.hex:
             self.discard()
             raise DigestMismatch(f"content does not match {self._digest}")
+        self._verified = True
         if not self._spilled and not self._closed:
             os.pwrite(self._lock_fd, f"{self._written}\n{VERIFIED}\n".encode(), 0)
 
@@ -226,8 +228,10 @@ class DiskTempBlob:
         self._synced = True
 
     def commit(self, *, keep: bool = True) -> Path | None:
-        """Verify; then rename into place (or, not kept, remove). DigestMismatch discards."""
-        self.verify()
+        """Verify (unless `verify` already passed); then rename into place (or, not kept,
+        remove). DigestMismatch discards."""
+        if not self._verified:
+            self.verify()
         if not keep or self._spilled:
             self.discard()
             return None
