@@ -42,6 +42,9 @@ async def ready(request: web.Request) -> web.Response:
     useful while they are down."""
     store, metrics = request.app[STORE], request.app[METRICS]
     usable = store.root.is_dir() and os.access(store.root / "tmp", os.W_OK)
+    state = "ok" if usable else "unavailable"
+    if usable and store.counters.full and not store.has_room():
+        state = "degraded"  # serving what it has; keeping nothing new until space returns
     upstreams = {
         name: {
             "reachable": metrics.upstream(name).reachable,
@@ -49,8 +52,14 @@ async def ready(request: web.Request) -> web.Response:
         }
         for name in request.app[CONFIG].upstreams
     }
-    body = {"store": "ok" if usable else "unavailable", "upstreams": upstreams}
+    body = {"store": state, "upstreams": upstreams}
     return web.json_response(body, status=200 if usable else 503)
+
+
+async def inert_content(request: web.Request, response: web.StreamResponse) -> None:
+    """No answer is ever sniffed into something a browser runs: an upstream controls what
+    manifests and pages say, and the status page shares their origin."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -72,7 +81,7 @@ async def create_app(config: Config, *, repair_store: bool = True) -> web.Applic
     metrics = Metrics()
     app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
     store = DiskStore(config.storage.path, config.storage.max_size, repair=repair_store)
-    tags = TagIndex(config.storage.path / "index")
+    tags = TagIndex(config.storage.path / "index", store.counters.write_failed)
     # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
     # stored them, never as a transport encoding changed them.
     session = aiohttp.ClientSession(
@@ -100,6 +109,7 @@ async def create_app(config: Config, *, repair_store: bool = True) -> web.Applic
     app[SESSION] = session
     app[PROXY] = proxy
     app.cleanup_ctx.append(_lifetime)
+    app.on_response_prepare.append(inert_content)
 
     handlers = RegistryHandlers(config, proxy)
     router = app.router

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 import logging
 import re
 import time
@@ -17,6 +18,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from .addresses import AddressPolicy
+from .bodies import TOKEN_LIMIT, describe, read_body
 from .config import UpstreamConfig
 from .credentials import Credentials
 from .errors import UpstreamError, UpstreamTimeout
@@ -90,8 +93,12 @@ class TokenCache:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         credentials: Credentials,
+        addresses: AddressPolicy,
+        timeout: aiohttp.ClientTimeout,
     ) -> None:
         self._upstream = upstream
+        self._addresses = addresses
+        self._timeout = timeout
         self._session = session
         self._requests = metrics.token_requests
         self._credentials = credentials
@@ -142,6 +149,7 @@ class TokenCache:
         realm = challenge.params.get("realm")
         if not realm or urlsplit(realm).scheme not in ("http", "https"):
             raise UpstreamError(f"upstream {name} sent an auth challenge without a usable realm")
+        await self._addresses.check(realm, "token realm")
         params = {"scope": scope}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
@@ -156,7 +164,11 @@ class TokenCache:
             headers["Authorization"] = basic_header(*pair)
         try:
             async with self._session.get(
-                realm, params=params, headers=headers, allow_redirects=False
+                realm,
+                params=params,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
             ) as response:
                 if response.status != 200:
                     raise UpstreamError(
@@ -164,13 +176,13 @@ class TokenCache:
                         f"(status {response.status})",
                         detail={"upstream": name, "scope": scope},
                     )
-                body = await response.json(content_type=None)
+                body = json.loads(await read_body(response, TOKEN_LIMIT, f"{name}: token"))
         except TimeoutError:
             raise UpstreamTimeout(f"upstream {name}: token server timed out") from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise UpstreamError(
-                f"upstream {name}: token request failed: {type(exc).__name__}"
-            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"upstream {name}: token request failed: {describe(exc)}") from None
+        except ValueError:
+            raise UpstreamError(f"upstream {name}: token server answered no JSON") from None
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
             raise UpstreamError(f"upstream {name}: token server answered without a token")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from .bodies import TOKEN_LIMIT, describe, read_body
 from .config import AcrConfig, EcrConfig, UpstreamConfig
 from .errors import UpstreamError
 from .inflight import SingleFlight
@@ -29,6 +31,7 @@ log = logging.getLogger("mirror.credentials")
 # wrong clock nor an odd server can make every request fetch a new one.
 MIN_REUSE_SECONDS = 5.0
 ACR_USERNAME = "00000000-0000-0000-0000-000000000000"  # ACR's name for refresh-token logins
+EXCHANGE_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=10, sock_read=30)
 ACR_REUSE_SECONDS = 1800.0  # ACR refresh tokens live for hours: exchange every half hour
 
 
@@ -155,16 +158,23 @@ class AcrCredentials(RenewingCredentials):
             form["tenant"] = self._acr.tenant
         exchange = self._acr.exchange_url or f"{self._url}/oauth2/exchange"
         try:
-            async with self._session.post(exchange, data=form, allow_redirects=False) as answer:
+            async with self._session.post(
+                exchange, data=form, allow_redirects=False, timeout=EXCHANGE_TIMEOUT
+            ) as answer:
                 if answer.status != 200:
                     raise UpstreamError(
                         f"upstream {self._name}: ACR token exchange refused ({answer.status})"
                     )
-                body = await answer.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                what = f"upstream {self._name}: ACR token exchange"
+                body = json.loads(await read_body(answer, TOKEN_LIMIT, what))
+        except TimeoutError:
+            raise UpstreamError(f"upstream {self._name}: ACR token exchange timed out") from None
+        except aiohttp.ClientError as exc:
             raise UpstreamError(
-                f"upstream {self._name}: ACR token exchange failed: {type(exc).__name__}"
+                f"upstream {self._name}: ACR token exchange failed: {describe(exc)}"
             ) from None
+        except ValueError:
+            raise UpstreamError(f"upstream {self._name}: ACR exchange answered no JSON") from None
         token = body.get("refresh_token") if isinstance(body, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamError(f"upstream {self._name}: ACR exchange gave no refresh_token")

@@ -8,7 +8,7 @@ one writer fills it, each reader getting bytes as they land.
 from __future__ import annotations
 
 import asyncio
-import bisect
+import contextlib
 import os
 import weakref
 from collections import deque
@@ -60,7 +60,9 @@ class BlobStream(Protocol):
     """What a handler streams from: a Transfer in this process, or one Followed in another."""
 
     size: int | None
-    readers: int
+
+    @property
+    def readers(self) -> int: ...
 
     def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | memoryview]: ...
 
@@ -76,28 +78,45 @@ class Transfer:
     removed under them. Until the writer calls `finish` (after verifying the content),
     readers never see the last byte: a body that turns out wrong never reaches a client
     complete. The newest chunks stay in memory too, so readers keeping up with the writer
-    (the usual case) are served without reading the file back. If the writer can no longer
-    write the file (disk full), it `spill`s: from there on every chunk stays in memory.
+    (the usual case) are served without reading the file back.
+
+    If the writer can no longer write the file (disk full, or a blob larger than the
+    store), it `spill`s: from there on chunks live only in memory, in a window the writer
+    keeps bounded with `drain` (it waits for the slowest reader, and drops a reader that
+    stays too far behind). A reader that asks for bytes no longer held fails.
     """
 
     RECENT_BYTES = 1024 * 1024
+    SPILL_WINDOW = 8 * 1024 * 1024  # bytes held for readers once spilled
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY)
-        weakref.finalize(self, os.close, self._fd)
+        self._fd: int | None = None
+        if path is not None:
+            self._fd = fd = os.open(path, os.O_RDONLY)
+            self._closer = weakref.finalize(self, os.close, fd)
         self.size: int | None = None  # total length, once the writer knows it
         self.written = 0
         self.complete = False
         self.error: BaseException | None = None
-        self.readers = 0
         self._recent: deque[tuple[int, bytes]] = deque()  # (offset, chunk), newest last
         self._recent_bytes = 0
-        self._spilled_from: int | None = None
-        self._spilled: list[bytes] = []
-        self._spilled_starts: list[int] = []
+        self._spilled_from: int | None = None if path is not None else 0
+        self._spilled: deque[tuple[int, bytes]] = deque()  # (offset, chunk), oldest first
+        self._spilled_bytes = 0
+        self._positions: dict[int, int] = {}  # reader -> next offset it will read
+        self._dropped: set[int] = set()  # readers that fell too far behind a spill
+        self._next_reader = 0
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
+
+    @property
+    def readers(self) -> int:
+        return len(self._positions)
+
+    @property
+    def spilled(self) -> bool:
+        return self._spilled_from is not None
 
     # the writer's side
 
@@ -107,32 +126,75 @@ class Transfer:
 
     def spill(self) -> None:
         """From now on the bytes are only in memory, not in the file."""
-        self._spilled_from = self.written
-        self._recent.clear()
-        self._recent_bytes = 0
+        if self._spilled_from is None:
+            self._spilled_from = self.written
+            self._recent.clear()
+            self._recent_bytes = 0
 
     def advance(self, data: bytes) -> None:
         """`data` was appended to the file (or, once spilled, only arrived)."""
         if self._spilled_from is not None:
-            self._spilled_starts.append(self.written)
-            self._spilled.append(data)
+            self._spilled.append((self.written, data))
+            self._spilled_bytes += len(data)
         else:
             self._recent.append((self.written, data))
             self._recent_bytes += len(data)
             while self._recent_bytes > self.RECENT_BYTES and len(self._recent) > 1:
                 self._recent_bytes -= len(self._recent.popleft()[1])
         self.written += len(data)
+        self._trim()
         self._notify()
+
+    async def drain(self, timeout: float) -> None:
+        """Once spilled: wait until no reader is more than SPILL_WINDOW behind the writer;
+        readers still that far behind after `timeout` seconds are dropped (they fail)."""
+        if self._spilled_from is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._lagging():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._dropped.update(self._lagging())
+                self._trim()
+                self._notify()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def _lagging(self) -> list[int]:
+        floor = self.written - self.SPILL_WINDOW
+        return [r for r, o in self._positions.items() if o < floor and r not in self._dropped]
+
+    def _trim(self) -> None:
+        """Forget spilled chunks every live reader has passed; with no reader, keep the
+        last SPILL_WINDOW bytes (for a client about to start reading)."""
+        if self._spilled_from is None:
+            return
+        live = [o for r, o in self._positions.items() if r not in self._dropped]
+        keep_from = min(live) if live else self.written - self.SPILL_WINDOW
+        while self._spilled and self._spilled[0][0] + len(self._spilled[0][1]) <= keep_from:
+            self._spilled_bytes -= len(self._spilled.popleft()[1])
 
     def finish(self) -> None:
         self.complete = True
         self._started.set()
         self._notify()
+        self._close_when_unread()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._started.set()
         self._notify()
+        self._close_when_unread()
+
+    def _close_when_unread(self) -> None:
+        """Once spilled (its temporary removed), close the shared descriptor as soon as the
+        writer is done and no reader is left, so the space returns to the disk now."""
+        ended = self.complete or self.error is not None
+        if ended and self.spilled and not self._positions and self._fd is not None:
+            self._fd = None
+            self._closer()
 
     def _notify(self) -> None:
         self._changed.set()
@@ -146,11 +208,21 @@ class Transfer:
         if self.error is not None and not self.complete:
             raise self.error
 
+    def serves_from(self, offset: int) -> bool:
+        """Whether a new reader starting at `offset` can still be given every byte."""
+        spilled_from = self._spilled_from
+        if spilled_from is None or offset < spilled_from:
+            return True
+        first = self._spilled[0][0] if self._spilled else self.written
+        return offset >= first
+
     def _chunk(self, offset: int, stop: int) -> bytes | memoryview:
         spilled_from = self._spilled_from
         if spilled_from is not None and offset >= spilled_from:
-            index = bisect.bisect_right(self._spilled_starts, offset) - 1
-            return _window(self._spilled[index], self._spilled_starts[index], offset, stop)
+            for start, data in self._spilled:
+                if start <= offset < start + len(data):
+                    return _window(data, start, offset, stop)
+            raise TransferFailed("fell too far behind a transfer that is not being kept")
         for start, data in reversed(self._recent):
             if start <= offset:
                 if offset < start + len(data):
@@ -158,16 +230,22 @@ class Transfer:
                 break
         if spilled_from is not None:
             stop = min(stop, spilled_from)
+        if self._fd is None:
+            raise TransferFailed("came after a transfer that was not kept had ended")
         return os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
 
     async def read(
         self, start: int = 0, end: int | None = None
     ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) as the writer provides them; raises TransferFailed on failure."""
-        self.readers += 1
+        reader = self._next_reader
+        self._next_reader += 1
+        self._positions[reader] = start
         try:
             offset = start
             while True:
+                if reader in self._dropped:
+                    raise TransferFailed("fell too far behind a transfer that is not being kept")
                 stop = self.written if self.complete else self.written - 1
                 if end is not None:
                     stop = min(stop, end)
@@ -175,8 +253,12 @@ class Transfer:
                     data = self._chunk(offset, stop)
                     if not data:
                         raise TransferFailed("file shrank under a reader")
-                    offset += len(data)
                     yield data
+                    offset += len(data)
+                    self._positions[reader] = offset
+                    if self._spilled_from is not None:
+                        self._trim()
+                        self._notify()  # the writer may be waiting in drain
                     continue
                 if self.complete or (end is not None and offset >= end):
                     return
@@ -184,7 +266,12 @@ class Transfer:
                     raise TransferFailed(str(self.error)) from self.error
                 await self._changed.wait()
         finally:
-            self.readers -= 1
+            del self._positions[reader]
+            self._dropped.discard(reader)
+            if self._spilled_from is not None:
+                self._trim()
+                self._notify()
+            self._close_when_unread()
 
 
 def _window(data: bytes, start: int, offset: int, stop: int) -> memoryview:

@@ -116,10 +116,15 @@ class UsageIndex:
         if not self._touched:
             return
         touched, self._touched = self._touched, {}
-        self._db.executemany(
-            "UPDATE entries SET atime = MAX(atime, ?) WHERE key = ?",
-            [(atime, key) for key, atime in touched.items()],
-        )
+        try:
+            self._db.executemany(
+                "UPDATE entries SET atime = MAX(atime, ?) WHERE key = ?",
+                [(atime, key) for key, atime in touched.items()],
+            )
+        except sqlite3.Error:
+            # A full disk or a busy database: access times are a hint for the LRU, not
+            # worth failing a hit for. They are tried again with the next flush.
+            self._touched = touched | self._touched
 
     # reading
 

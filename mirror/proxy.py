@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
 from .config import Config
 from .errors import (
     BlobUnknown,
@@ -30,26 +28,15 @@ from .errors import (
 )
 from .inflight import BlobStream, SingleFlight, Transfer, TransferFailed
 from .metrics import Metrics
-from .reference import Digest, digest_of, parse_digest
+from .reference import MANIFEST_TYPES, Digest, parse_digest
 from .routing import Route
-from .storage import BlobStore, DigestMismatch, TempBlob
+from .storage import WRITE_ERRORS, BlobStore, DigestMismatch, PassThroughBlob, TempBlob
 from .tagindex import TagEntry, TagIndex
-from .upstream import UpstreamClient
+from .upstream import Page, UpstreamClient
 
 log = logging.getLogger("mirror.proxy")
 
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.oci.artifact.manifest.v1+json",
-)
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
-MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # as the reference registry enforces
-MAX_RESUMES = 5  # Range requests to finish one blob transfer that keeps breaking
 FOREIGN_FILL_POLL = 0.05  # seconds between looks at a fill another process runs
 
 
@@ -67,15 +54,6 @@ class Manifest:
     source: str  # HIT, MISS or STALE
 
 
-@dataclass(frozen=True)
-class Page:
-    """A passed-through JSON answer (tags list, referrers) and its `Link` to the next page."""
-
-    body: bytes
-    content_type: str
-    next_query: str | None
-
-
 def _kinds(accept: str) -> set[str]:
     return {part.split(";")[0].strip().lower() for part in accept.split(",")} - {""}
 
@@ -91,10 +69,6 @@ def upstream_accept(accept: str) -> str:
     client named none (a bare `*/*` would make the reference registry answer schema1)."""
     kinds = _kinds(accept) - {"*/*"}
     return accept if kinds else ALL_MANIFEST_TYPES
-
-
-def _media_type(response: aiohttp.ClientResponse) -> str:
-    return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
 
 
 class Proxy:
@@ -239,20 +213,15 @@ class Proxy:
             manifest = await self._get_manifest(route, tag, send_accept, None)
             self._remember_tag(route, tag, manifest.digest, manifest.media_type)
             return manifest
-        response = await client.request(
-            "HEAD", route.repository, f"manifests/{tag}", headers={"Accept": send_accept}
-        )
-        await client.raise_for_status(response, ManifestUnknown)
-        response.release()
-        digest_text = response.headers.get("Docker-Content-Digest", "")
-        media_type = _media_type(response)
-        if parse_digest(digest_text) is not None:
-            self._remember_tag(route, tag, digest_text, media_type)
+        answer = await client.head_manifest(route.repository, tag, send_accept)
+        if answer.digest is not None:
+            digest_text = str(answer.digest)
+            self._remember_tag(route, tag, digest_text, answer.media_type)
             cached = self._cached_manifest(digest_text, head=head, source=HIT)
             if cached is not None:
                 return cached
-            if head and response.content_length is not None:
-                return Manifest(digest_text, media_type, response.content_length, None, MISS)
+            if head and answer.size is not None:
+                return Manifest(digest_text, answer.media_type, answer.size, None, MISS)
         manifest = await self._get_manifest(route, tag, send_accept, None)
         self._remember_tag(route, tag, manifest.digest, manifest.media_type)
         return manifest
@@ -265,42 +234,18 @@ class Proxy:
     async def _get_manifest(
         self, route: Route, reference: str, accept: str, expected: Digest | None
     ) -> Manifest:
-        """GET a manifest, check it hashes to what was asked or what the upstream said, keep it."""
+        """GET a manifest (checked by the upstream client) and keep it when the store can;
+        when it cannot, the exact bytes are served all the same."""
         client = self._client(route)
-        response = await client.request(
-            "GET", route.repository, f"manifests/{reference}", headers={"Accept": accept}
-        )
-        try:
-            await client.raise_for_status(response, ManifestUnknown)
-            if (response.content_length or 0) > MAX_MANIFEST_SIZE:
-                raise UpstreamError(f"upstream {client.name} sent a manifest over 4 MiB")
-            data = await response.content.read(MAX_MANIFEST_SIZE + 1)
-            if len(data) > MAX_MANIFEST_SIZE:
-                raise UpstreamError(f"upstream {client.name} sent a manifest over 4 MiB")
-        except TimeoutError:
-            raise UpstreamTimeout(f"upstream {client.name} timed out sending a manifest") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"upstream {client.name} failed sending a manifest: {type(exc).__name__}"
-            ) from None
-        finally:
-            response.release()
-        media_type = _media_type(response)
-        claimed = expected or parse_digest(response.headers.get("Docker-Content-Digest", ""))
-        digest = claimed or digest_of(data)
+        fetched = await client.get_manifest(route.repository, reference, accept, expected)
+        digest, media_type, data = fetched.digest, fetched.media_type, fetched.data
         try:
             self._store.put_manifest(
                 digest, data, media_type, route.upstream.name, route.repository
             )
-        except DigestMismatch:
-            log.warning(
-                "refused manifest %s from %s: content does not match its digest",
-                reference,
-                client.name,
-            )
+        except DigestMismatch:  # checked already; the store checks again, being the store
             raise UpstreamError(
-                f"upstream {client.name} sent a manifest that does not match {digest}",
-                detail={"upstream": client.name, "digest": str(digest)},
+                f"upstream {client.name} sent a manifest that does not match {digest}"
             ) from None
         return Manifest(str(digest), media_type, len(data), data, MISS)
 
@@ -319,13 +264,7 @@ class Proxy:
         if followed is not None and followed.size_if_known() is not None:
             return followed.size_if_known() or 0, COALESCED
         self._refuse_offline_blob(route, digest)
-        client = self._client(route)
-        response = await client.request("HEAD", route.repository, f"blobs/{digest}")
-        await client.raise_for_status(response, BlobUnknown)
-        response.release()
-        if response.content_length is None:
-            raise UpstreamError(f"upstream {client.name} gave no length for {digest}")
-        return response.content_length, MISS
+        return await self._client(route).head_blob(route.repository, digest), MISS
 
     def _refuse_offline_blob(self, route: Route, digest: Digest) -> None:
         if route.upstream.offline and str(digest) not in self._transfers:
@@ -345,7 +284,11 @@ class Proxy:
             self._refuse_offline_blob(route, digest)
             result = COALESCED
             transfer = self._transfers.get(str(digest))
-            if transfer is None:
+            if transfer is not None and not transfer.serves_from(0):
+                # Streamed through without being kept, and past what it still holds: this
+                # client gets a transfer of its own.
+                result, transfer = MISS, self._pass_through(route, digest)
+            elif transfer is None:
                 result = MISS
                 transfer = self._start_fill(route, digest)
             if transfer is not None:
@@ -366,14 +309,28 @@ class Proxy:
             await asyncio.sleep(FOREIGN_FILL_POLL)
 
     def _start_fill(self, route: Route, digest: Digest) -> Transfer | None:
-        temp = self._store.begin_blob(digest, route.upstream.name, route.repository)
+        """Begin the one fill of `digest` (None: another process runs it)."""
+        temp: TempBlob | None
+        try:
+            temp = self._store.begin_blob(digest, route.upstream.name, route.repository)
+        except WRITE_ERRORS as exc:
+            self._store.counters.write_failed(f"beginning {digest}", exc)
+            temp = PassThroughBlob(digest)
         if temp is None:
             return None
         if self._store.blob_path(digest) is not None:  # finished while we took the lock
             temp.discard()
             return None
-        transfer = Transfer(temp.path)
+        transfer = self._run_fill(route, digest, temp)
         self._transfers[str(digest)] = transfer
+        return transfer
+
+    def _pass_through(self, route: Route, digest: Digest) -> Transfer:
+        """A transfer for one client that keeps nothing (and coalesces with nothing)."""
+        return self._run_fill(route, digest, PassThroughBlob(digest))
+
+    def _run_fill(self, route: Route, digest: Digest, temp: TempBlob) -> Transfer:
+        transfer = Transfer(temp.path)
         task = asyncio.create_task(self._fill(route, digest, temp, transfer))
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
@@ -382,24 +339,31 @@ class Proxy:
     async def _fill(self, route: Route, digest: Digest, temp: TempBlob, transfer: Transfer) -> None:
         """Fetch one blob into the store, feeding `transfer`'s readers as bytes arrive.
 
-        Runs on its own task: a client that hangs up does not stop it.
+        Runs on its own task: a client that hangs up does not stop it. The whole of it,
+        waiting for a transfer slot included, ends within `timeouts.transfer`.
         """
         client = self._client(route)
+        deadline = time.monotonic() + self._config.timeouts.transfer
         try:
-            async with client.transfer_slots:
-                await self._download(client, route, digest, temp, transfer)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    async with client.transfer_slots:
+                        await self._download(client, route, digest, temp, transfer, deadline)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"upstream {client.name}: transfer of {digest} took longer than "
+                    f"timeouts.transfer ({self._config.timeouts.transfer:g}s)"
+                ) from None
             temp.verify()
             transfer.finish()  # the right bytes: clients get their last byte now
-            # Content larger than the whole bound is served straight through, not kept.
-            keep = temp.written <= self._store.max_size and not temp.spilled
-            if keep:
+            if not temp.spilled:
                 await asyncio.to_thread(temp.sync)  # off the loop: other clients go on
-            kept = temp.commit(keep=keep)
+            kept = temp.commit(keep=not temp.spilled)
             if kept is not None:
                 log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
             else:
                 log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
-        except (RegistryError, DigestMismatch, OSError, aiohttp.ClientError, TimeoutError) as exc:
+        except (RegistryError, DigestMismatch, OSError) as exc:
             temp.discard()
             error = _as_registry_error(exc, client.name, digest)
             log.warning("fetch of %s from %s failed: %s", digest, client.name, error.message)
@@ -411,25 +375,8 @@ class Proxy:
                 raise
             log.exception("fetch of %s from %s failed", digest, client.name)
         finally:
-            self._transfers.pop(str(digest), None)
-
-    def _write(self, temp: TempBlob, transfer: Transfer, chunk: bytes, digest: Digest) -> None:
-        """Append a chunk; on a full disk, keep serving the readers from memory."""
-        try:
-            temp.write(chunk)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            self._store.counters.disk_full += 1
-            log.error(
-                "disk full writing %s at byte %d: serving it through without keeping it",
-                digest,
-                temp.written,
-            )
-            temp.spill()
-            transfer.spill()
-            temp.write(chunk)
-        transfer.advance(chunk)
+            if self._transfers.get(str(digest)) is transfer:
+                del self._transfers[str(digest)]
 
     async def _download(
         self,
@@ -438,66 +385,45 @@ class Proxy:
         digest: Digest,
         temp: TempBlob,
         transfer: Transfer,
+        deadline: float,
     ) -> None:
-        """GET the blob into `temp`; a body cut short is resumed with a Range request, so
-        the clients reading it see no break."""
-        path = f"blobs/{digest}"
-        response = await client.request("GET", route.repository, path, transfer=True)
-        started = False
-        size: int | None = None
-        resumes = 0
+        """Stream the blob into `temp` and to `transfer`'s readers. What the store cannot
+        keep (larger than its bound, or the disk is full) is streamed through in a bounded
+        window, never buffered whole."""
+
+        def started(size: int | None) -> None:
+            temp.announce(size)
+            if size is not None and size > self._store.max_size:
+                self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
+            transfer.start(size)
+
         fetched = self._metrics.fetched_bytes.labels(client.name)  # looked up once, not per chunk
-        while True:
-            try:
-                await client.raise_for_status(response, BlobUnknown)
-                skip = 0
-                if not started:
-                    started = True
-                    size = response.content_length
-                    temp.announce(size)
-                    transfer.start(size)
-                elif response.status == 206:
-                    content_range = response.headers.get("Content-Range", "")
-                    if not content_range.startswith(f"bytes {temp.written}-"):
-                        raise UpstreamError(f"upstream {client.name} resumed {digest} wrongly")
-                else:
-                    skip = temp.written  # the upstream ignored Range: drop what we have
-                # iter_chunks hands over each buffer as received; iter_any would join them.
-                async for chunk, _ in response.content.iter_chunks():
-                    if not chunk:
-                        continue
-                    if skip:
-                        if len(chunk) <= skip:
-                            skip -= len(chunk)
-                            continue
-                        chunk, skip = chunk[skip:], 0
-                    if size is not None and temp.written + len(chunk) > size:
-                        raise DigestMismatch(f"upstream sent more than {size} bytes for {digest}")
-                    self._write(temp, transfer, chunk, digest)
-                    fetched.inc(len(chunk))
-                if size is None or temp.written == size:
-                    return
-                cut = f"ended at byte {temp.written} of {size}"
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-                if size is None:
-                    raise
-                cut = f"broke at byte {temp.written} of {size} ({type(exc).__name__})"
-            finally:
-                response.release()
-            if resumes >= MAX_RESUMES:
-                raise UpstreamError(
-                    f"upstream {client.name}: transfer of {digest} {cut}; gave up after "
-                    f"{MAX_RESUMES} resumes"
-                )
-            resumes += 1
-            log.warning("transfer of %s from %s %s; resuming", digest, client.name, cut)
-            response = await client.request(
-                "GET",
-                route.repository,
-                path,
-                headers={"Range": f"bytes={temp.written}-"},
-                transfer=True,
-            )
+        chunks = client.blob_chunks(route.repository, digest, deadline=deadline, started=started)
+        async for chunk in chunks:
+            self._write(temp, transfer, chunk, digest)
+            fetched.inc(len(chunk))
+            if transfer.spilled:
+                await transfer.drain(self._config.timeouts.read)
+
+    def _write(self, temp: TempBlob, transfer: Transfer, chunk: bytes, digest: Digest) -> None:
+        """Append a chunk; when the store cannot take it, go on streaming without keeping."""
+        if not temp.spilled and temp.written + len(chunk) > self._store.max_size:
+            self._spill(temp, transfer, digest, "over the store's bound")
+        try:
+            temp.write(chunk)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            self._store.counters.write_failed(f"writing {digest}", exc)
+            self._spill(temp, transfer, digest, f"the disk is full at byte {temp.written}")
+            temp.write(chunk)
+        transfer.advance(chunk)
+
+    def _spill(self, temp: TempBlob, transfer: Transfer, digest: Digest, why: str) -> None:
+        if not temp.spilled:
+            log.warning("streaming %s through without keeping it: %s", digest, why)
+        temp.spill()
+        transfer.spill()
 
     # passed-through lists
 
@@ -507,23 +433,7 @@ class Proxy:
         """GET a tags list or referrers answer from the upstream, as it is."""
         if route.upstream.offline:
             raise UpstreamError(f"the mirror is offline for {route.upstream.name}")
-        client = self._client(route)
-        response = await client.request("GET", route.repository, path, params=params)
-        try:
-            await client.raise_for_status(response, not_found)
-            body = await response.read()
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream {client.name} failed: {type(exc).__name__}") from None
-        finally:
-            response.release()
-        next_query = None
-        link = response.headers.get("Link", "")
-        if link.startswith("<") and ">" in link:
-            target = link[1 : link.index(">")]
-            _, _, query = target.partition("?")
-            next_query = query or None
-        content_type = response.headers.get("Content-Type", "application/json")
-        return Page(body, content_type, next_query)
+        return await self._client(route).get_page(route.repository, path, params, not_found)
 
     async def close(self) -> None:
         for task in list(self._fills):
@@ -539,6 +449,6 @@ def _as_registry_error(exc: BaseException, upstream: str, digest: Digest) -> Reg
         return UpstreamError(f"upstream {upstream} sent content that does not match {digest}")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"upstream {upstream} stalled sending {digest}")
-    if isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError):
+    if isinstance(exc, OSError):
         return UpstreamError(f"could not store {digest}: {exc.strerror or exc}")
-    return UpstreamError(f"upstream {upstream} failed sending {digest}: {type(exc).__name__}")
+    return UpstreamError(f"upstream {upstream} failed sending {digest}")

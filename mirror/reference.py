@@ -68,6 +68,20 @@ def looks_like_digest(reference: str) -> bool:
 
 
 SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+# The media types a manifest may have; an upstream answer of any other type is refused.
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    SCHEMA1_SIGNED,
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.oci.artifact.manifest.v1+json",
+)
+
+
+def is_manifest_type(media_type: str) -> bool:
+    return media_type.lower() in MANIFEST_TYPES
 
 
 def _b64url(text: str) -> bytes:

@@ -15,10 +15,10 @@ following a fill its length (once the upstream said) and that its content verifi
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
+import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -35,6 +35,7 @@ log = logging.getLogger("mirror.storage")
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024  # manifests also kept in memory, up to this much
 EVICTION_GRACE = 1.0  # seconds: content used this recently is not evicted (it is being sent)
 HASH_CHUNK = 1024 * 1024
+ROOM_BYTES = 64 * 1024 * 1024  # free space below which a store that failed a write is full
 VERIFIED = "verified"  # written to a fill's lock file once its content checked out
 
 
@@ -44,18 +45,38 @@ class DigestMismatch(Exception):
 
 @dataclass
 class Counters:
-    """What the store did, for metrics: evictions and write failures."""
+    """What the store did, for metrics: evictions and writes it could not make.
+
+    `full` is set by a write that failed for want of space and cleared by one that
+    succeeded: while it is set, the store serves what it has but keeps nothing new."""
 
     evictions: int = 0
     evicted_bytes: int = 0
     disk_full: int = 0
+    full: bool = False
+
+    def write_failed(self, what: str, exc: BaseException) -> None:
+        """Count a write that could not happen; warn once per stretch of failures."""
+        self.disk_full += 1
+        if not self.full:
+            log.warning("cannot write to the store (%s): %s; serving without keeping", what, exc)
+        self.full = True
+
+    def write_succeeded(self) -> None:
+        if self.full:
+            log.warning("the store takes writes again")
+        self.full = False
+
+
+# What a store write raises when the disk (or the index beside it) cannot take it.
+WRITE_ERRORS = (OSError, sqlite3.Error)
 
 
 class TempBlob(Protocol):
     """A blob being written; `commit` keeps it only when it verifies."""
 
     @property
-    def path(self) -> Path: ...
+    def path(self) -> Path | None: ...
 
     @property
     def written(self) -> int: ...
@@ -105,8 +126,9 @@ class BlobStore(Protocol):
         media_type: str,
         upstream: str = "",
         repository: str = "",
-    ) -> None:
-        """Keep a manifest; raises DigestMismatch when `data` is not what `digest` names."""
+    ) -> bool:
+        """Keep a manifest; False when the store cannot take it (full), DigestMismatch
+        when `data` is not what `digest` names."""
 
     def usage(self) -> tuple[int, int]:
         """(bytes, entries) kept."""
@@ -203,8 +225,14 @@ class DiskTempBlob:
         self._written += len(data)
 
     def spill(self) -> None:
-        """Stop writing the file (disk full): the rest is only hashed, and nothing is kept."""
+        """Stop writing the file (disk full, or larger than the store): the rest is only
+        hashed, nothing is kept, and the temporary is removed at once (readers holding it
+        open keep what it had)."""
+        if self._spilled:
+            return
         self._spilled = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
     def announce(self, size: int | None) -> None:
         """Tell other processes following this fill how long the blob is (in the lock file)."""
@@ -238,12 +266,18 @@ class DiskTempBlob:
         if not self._synced:
             self.sync()
         final = self._store.final_path(self._digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
         key = blob_key(self._digest)
-        self._store.index.begin(key, self._written, self._upstream, self._repository)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._store.index.begin(key, self._written, self._upstream, self._repository)
+        except WRITE_ERRORS as exc:
+            self._store.counters.write_failed(f"indexing {self._digest}", exc)
+            self.discard()
+            return None
         os.rename(self.path, final)
         self._store.index.confirm(key)
         self._release()
+        self._store.counters.write_succeeded()
         self._store.make_room(keep=key)
         return final
 
@@ -262,6 +296,47 @@ class DiskTempBlob:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._store.lock_path(self._digest))
         os.close(self._lock_fd)  # closing drops the flock
+
+
+class PassThroughBlob:
+    """A blob streamed through and checked but never kept (the store could not even
+    begin a temporary for it)."""
+
+    def __init__(self, digest: Digest) -> None:
+        self._digest = digest
+        self._hasher = digest.hasher()
+        self._written = 0
+
+    path = None
+    spilled = True
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def write(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self._written += len(data)
+
+    def spill(self) -> None:
+        pass
+
+    def announce(self, size: int | None) -> None:
+        pass
+
+    def verify(self) -> None:
+        if self._hasher.hexdigest() != self._digest.hex:
+            raise DigestMismatch(f"content does not match {self._digest}")
+
+    def sync(self) -> None:
+        pass
+
+    def commit(self, *, keep: bool = True) -> Path | None:
+        self.verify()
+        return None
+
+    def discard(self) -> None:
+        pass
 
 
 def blob_key(digest: Digest) -> str:
@@ -337,7 +412,8 @@ class DiskStore:
     def _forget_missing(self, key: str) -> None:
         """An index entry whose file went away (removed by hand): drop it when met."""
         if self.index.get(key) is not None and not self.index.is_pending(key):
-            self.index.remove(key)
+            with contextlib.suppress(*WRITE_ERRORS):
+                self.index.remove(key)
 
     def begin_blob(
         self, digest: Digest, upstream: str = "", repository: str = ""
@@ -432,37 +508,54 @@ class DiskStore:
         media_type: str,
         upstream: str = "",
         repository: str = "",
-    ) -> None:
+    ) -> bool:
         if not manifest_matches(digest, data, media_type):
             raise DigestMismatch(f"manifest does not match {digest}")
         path = self.manifest_path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
         key = manifest_key(digest)
-        self.index.begin(key, len(data), upstream, repository)
-        # The type is written first: a manifest file without its type is never visible.
-        self._write_atomically(self._type_path(digest), media_type.encode())
-        self._write_atomically(path, data)
-        self.index.confirm(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.index.begin(key, len(data), upstream, repository)
+            # The type is written first: a manifest file without its type is never visible.
+            self._write_atomically(self._type_path(digest), media_type.encode())
+            self._write_atomically(path, data)
+            self.index.confirm(key)
+        except WRITE_ERRORS as exc:
+            with contextlib.suppress(*WRITE_ERRORS):
+                self._unlink(key)
+                self.index.remove(key)  # a pending row left would count against the bound
+            self.counters.write_failed(f"storing manifest {digest}", exc)
+            return False
+        self.counters.write_succeeded()
         self._manifests_in_memory.put(key, (data, media_type))
         self.make_room(keep=key)
+        return True
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
         temp = self._tmp / f"{path.name}.{os.getpid()}.tmp"
         fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
-        except OSError as exc:
+        except OSError:
             os.close(fd)
             os.unlink(temp)
-            if exc.errno == errno.ENOSPC:
-                self.counters.disk_full += 1
-                log.error("disk full while storing %s", path.name)
             raise
         os.close(fd)
         os.rename(temp, path)
 
     # the bound
+
+    def has_room(self) -> bool:
+        """Whether the disk under the store has space for writes again (a full store's
+        writes are retried as they come; this lets /readyz tell before one does)."""
+        try:
+            stats = os.statvfs(self.root)
+        except OSError:
+            return False
+        return stats.f_bavail * stats.f_frsize >= ROOM_BYTES
 
     def usage(self) -> tuple[int, int]:
         return self.index.total()
@@ -474,6 +567,13 @@ class DiskStore:
         it); an open file that is unlinked goes on being read by whoever has it open.
         Returns the bytes evicted.
         """
+        try:
+            return self._make_room(keep, need)
+        except WRITE_ERRORS as exc:
+            self.counters.write_failed("evicting", exc)
+            return 0
+
+    def _make_room(self, keep: str | None, need: int) -> int:
         used, _ = self.index.total()
         freed = 0
         while used + need > self.max_size:

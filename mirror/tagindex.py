@@ -6,8 +6,10 @@ last confirmed upstream; it survives a restart so a restarted mirror knows its t
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ class TagEntry:
         return (time.time() if now is None else now) - self.confirmed_at
 
 
+WRITE_ERRORS = (OSError, sqlite3.Error)
 MEMORY_ENTRIES = 100_000  # tag answers also kept in memory, so a hit never reads the disk
 
 
@@ -31,9 +34,13 @@ class TagIndex:
     """(upstream, repository, tag) -> TagEntry, in a diskcache database, written through
     an in-memory copy that serves the hot path."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, write_failed: Callable[[str, BaseException], None] | None = None
+    ) -> None:
         self._cache = diskcache.Cache(str(folder), eviction_policy="none")
         self._memory: OrderedDict[str, TagEntry] = OrderedDict()
+        # Told when the disk cannot take a write: the answer is kept in memory only.
+        self._write_failed = write_failed or (lambda what, exc: None)
 
     def _remember(self, key: str, entry: TagEntry) -> None:
         self._memory[key] = entry
@@ -59,15 +66,22 @@ class TagIndex:
 
     def put(self, upstream: str, repository: str, tag: str, entry: TagEntry) -> None:
         key = self._key(upstream, repository, tag)
-        self._cache.set(key, (entry.digest, entry.media_type, entry.confirmed_at))
         self._remember(key, entry)
+        try:
+            self._cache.set(key, (entry.digest, entry.media_type, entry.confirmed_at))
+        except WRITE_ERRORS as exc:
+            self._write_failed(f"recording tag {key}", exc)
 
     # Upstream 404s for manifests, remembered for a short while in the same database, so
     # every worker process sees them and a retry loop does not hammer the upstream.
 
     def remember_missing(self, upstream: str, repository: str, reference: str, ttl: float) -> None:
-        if ttl > 0:
+        if ttl <= 0:
+            return
+        try:
             self._cache.set(("missing", upstream, repository, reference), True, expire=ttl)
+        except WRITE_ERRORS as exc:
+            self._write_failed(f"recording a 404 for {upstream}/{repository}:{reference}", exc)
 
     def known_missing(self, upstream: str, repository: str, reference: str) -> bool:
         return self._cache.get(("missing", upstream, repository, reference)) is True

@@ -1,7 +1,9 @@
-"""The aiohttp client of one upstream registry: auth challenges, redirects, error mapping.
+"""The client of one upstream registry: the only code that talks to it and reads its answers.
 
-Redirects (a registry's 307 to object storage or a CDN) are followed by hand so that the
-registry's `Authorization` header never travels to another host.
+It offers typed calls (manifest HEAD and GET, a page GET, blob HEAD, a blob stream that
+resumes with Range); the policy never sees an HTTP response. Redirects (a registry's 307 to
+object storage or a CDN) are followed by hand so that the registry's `Authorization` header
+never travels to another host, and never to an internal address the upstream is not on.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
 
+from .addresses import AddressPolicy
 from .auth import Challenge, TokenCache, basic_header, parse_challenge
+from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
 from .config import TimeoutConfig, UpstreamConfig
 from .credentials import credentials_for
 from .errors import (
     PASSED_THROUGH,
+    BlobUnknown,
     Denied,
     RegistryError,
     TooManyRequests,
@@ -29,6 +35,7 @@ from .errors import (
     UpstreamTimeout,
 )
 from .metrics import Metrics
+from .reference import Digest, digest_of, is_manifest_type, manifest_matches, parse_digest
 
 log = logging.getLogger("mirror.upstream")
 
@@ -39,7 +46,55 @@ RATELIMIT_HEADERS = {
     "ratelimit-remaining": "ratelimit_remaining",
 }
 MAX_REDIRECTS = 5
+MAX_RESUMES = 5  # Range requests to finish one blob transfer that keeps breaking
 USER_AGENT = "mirror/0.1 (pull-through cache)"
+
+
+class ContentMismatch(UpstreamError):
+    """The upstream sent bytes that are not what was asked for (wrong digest or length)."""
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest's exact bytes, its media type, and the digest computed over them."""
+
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    """What a HEAD for a manifest said: its digest (when the upstream gave one), type, length."""
+
+    digest: Digest | None
+    media_type: str
+    size: int | None
+
+
+@dataclass(frozen=True)
+class Page:
+    """A passed-through JSON answer (tags list, referrers) and its `Link` to the next page."""
+
+    body: bytes
+    content_type: str
+    next_query: str | None
+
+
+def _media_type(response: aiohttp.ClientResponse) -> str:
+    return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
+
+
+def _manifest_type(declared: str, data: bytes) -> str | None:
+    """The manifest media type to keep: the declared one when it is a manifest's, else the
+    body's own `mediaType` (some registries answer `application/json`); None refuses it."""
+    if is_manifest_type(declared):
+        return declared.lower()
+    try:
+        inner = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return inner if isinstance(inner, str) and is_manifest_type(inner) else None
 
 
 class UpstreamClient:
@@ -58,19 +113,207 @@ class UpstreamClient:
         self._timeouts = timeouts
         self._metrics = metrics
         self.health = metrics.upstream(config.name)
+        self._addresses = AddressPolicy(config.url, config.auth_hosts)
         self._login = credentials_for(config, session, metrics)
-        self._tokens = TokenCache(config, session, metrics, self._login)
-        self._challenge: Challenge | None = None  # learned from the first 401
+        self._tokens = TokenCache(
+            config, session, metrics, self._login, self._addresses, self.answer_timeout()
+        )
+        self._challenge: Challenge | None = None  # learned from the last 401
         # Bounds the blob transfers running at once from this upstream.
         self.transfer_slots = asyncio.Semaphore(config.max_transfers)
 
-    def _timeout(self, *, transfer: bool) -> aiohttp.ClientTimeout:
-        total = (
-            self._timeouts.transfer if transfer else self._timeouts.connect + self._timeouts.read
-        )
+    def answer_timeout(self, total: float | None = None) -> aiohttp.ClientTimeout:
+        """Connect and silence limits; `total` bounds the whole exchange (default: both)."""
+        timeouts = self._timeouts
         return aiohttp.ClientTimeout(
-            total=total, connect=self._timeouts.connect, sock_read=self._timeouts.read
+            total=timeouts.connect + timeouts.read if total is None else max(total, 0.001),
+            connect=timeouts.connect,
+            sock_read=timeouts.read,
         )
+
+    # typed calls
+
+    async def head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
+        """HEAD a manifest (free under Docker Hub's pull limit)."""
+        async with self._answer(
+            "HEAD", repository, f"manifests/{reference}", {"Accept": accept}
+        ) as response:
+            await self._raise_for_status(response, PASSED_THROUGH["MANIFEST_UNKNOWN"])
+            digest = parse_digest(response.headers.get("Docker-Content-Digest", ""))
+            media_type = _media_type(response)
+            if not is_manifest_type(media_type):
+                digest = None  # not a type we may serve: the GET will look at the body
+            return ManifestHead(digest, media_type.lower(), response.content_length)
+
+    async def get_manifest(
+        self, repository: str, reference: str, accept: str, expected: Digest | None
+    ) -> FetchedManifest:
+        """GET a manifest, read whole (up to 4 MiB) and checked: its digest is computed over
+        exactly the bytes received and must match the one asked for and the one the upstream
+        announced. Nothing that fails a check is returned."""
+        what = f"upstream {self.name}: manifest {repository}:{reference}"
+        async with self._answer(
+            "GET", repository, f"manifests/{reference}", {"Accept": accept}
+        ) as response:
+            await self._raise_for_status(response, PASSED_THROUGH["MANIFEST_UNKNOWN"])
+            data = await read_body(response, MANIFEST_LIMIT, what)
+            declared = _media_type(response)
+            announced = response.headers.get("Docker-Content-Digest", "")
+        media_type = _manifest_type(declared, data)
+        if media_type is None:
+            raise ContentMismatch(
+                f"{what} has media type {declared!r}, which is not a manifest's",
+                detail={"upstream": self.name},
+            )
+        claimed = parse_digest(announced)
+        digest = expected or claimed or digest_of(data)
+        for name in (expected, claimed):
+            if name is not None and not manifest_matches(name, data, media_type):
+                log.warning("refused %s: its %d bytes do not match %s", what, len(data), name)
+                raise ContentMismatch(
+                    f"upstream {self.name} sent a manifest that does not match {name}",
+                    detail={"upstream": self.name, "digest": str(name)},
+                )
+        return FetchedManifest(digest, media_type, data)
+
+    async def get_page(
+        self,
+        repository: str,
+        path: str,
+        params: Mapping[str, str],
+        not_found: type[RegistryError],
+    ) -> Page:
+        """GET a tags list or referrers answer, read whole up to its limit."""
+        async with self._answer("GET", repository, path, None, params) as response:
+            await self._raise_for_status(response, not_found)
+            body = await read_body(response, PAGE_LIMIT, f"upstream {self.name}: {path}")
+            link = response.headers.get("Link", "")
+            content_type = response.headers.get("Content-Type", "application/json")
+        next_query = None
+        if link.startswith("<") and ">" in link:
+            _, _, query = link[1 : link.index(">")].partition("?")
+            next_query = query or None
+        return Page(body, content_type, next_query)
+
+    async def head_blob(self, repository: str, digest: Digest) -> int:
+        """A blob's length, from a HEAD."""
+        async with self._answer("HEAD", repository, f"blobs/{digest}", None) as response:
+            await self._raise_for_status(response, BlobUnknown)
+            if response.content_length is None:
+                raise UpstreamError(f"upstream {self.name} gave no length for {digest}")
+            return response.content_length
+
+    async def blob_chunks(
+        self,
+        repository: str,
+        digest: Digest,
+        *,
+        deadline: float,
+        started: Callable[[int | None], None],
+    ) -> AsyncIterator[bytes]:
+        """The blob's bytes as they arrive; `started(length)` is called once, before the
+        first. A body cut short is resumed with a Range request (at most MAX_RESUMES times),
+        so the caller sees no break. The whole exchange ends by `deadline` (monotonic), or
+        raises UpstreamTimeout. Never yields more bytes than the upstream said it would send.
+        """
+        path = f"blobs/{digest}"
+        received = 0
+        size: int | None = None
+        headers: dict[str, str] = {}
+        for resumes in range(MAX_RESUMES + 1):
+            if resumes:
+                headers = {"Range": f"bytes={received}-"}
+            try:
+                async with self._answer(
+                    "GET",
+                    repository,
+                    path,
+                    headers,
+                    total=deadline - time.monotonic(),
+                    body_errors=False,
+                ) as response:
+                    await self._raise_for_status(response, BlobUnknown)
+                    skip = 0
+                    if not resumes:
+                        size = response.content_length
+                        started(size)
+                    elif response.status == 206:
+                        content_range = response.headers.get("Content-Range", "")
+                        if not content_range.startswith(f"bytes {received}-"):
+                            raise ContentMismatch(
+                                f"upstream {self.name} resumed {digest} at the wrong place"
+                            )
+                    else:
+                        skip = received  # the upstream ignored Range: drop what we have
+                    # iter_chunks hands over each buffer as received; iter_any joins them.
+                    async for chunk, _ in response.content.iter_chunks():
+                        if skip:
+                            if len(chunk) <= skip:
+                                skip -= len(chunk)
+                                continue
+                            chunk, skip = chunk[skip:], 0
+                        if not chunk:
+                            continue
+                        if size is not None and received + len(chunk) > size:
+                            raise ContentMismatch(
+                                f"upstream {self.name} sent more than {size} bytes for {digest}"
+                            )
+                        received += len(chunk)
+                        yield chunk
+                if size is None or received == size:
+                    return
+                cut = f"ended at byte {received} of {size}"
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as e:
+                if time.monotonic() >= deadline:
+                    raise UpstreamTimeout(
+                        f"upstream {self.name}: transfer of {digest} took longer than allowed"
+                    ) from None
+                if size is None:
+                    raise UpstreamError(
+                        f"upstream {self.name}: transfer of {digest} broke at byte {received}"
+                    ) from None
+                cut = f"broke at byte {received} of {size} ({type(e).__name__})"
+            except UpstreamTimeout:
+                raise
+            log.warning("transfer of %s from %s %s; resuming", digest, self.name, cut)
+        raise UpstreamError(
+            f"upstream {self.name}: transfer of {digest} kept breaking; gave up after "
+            f"{MAX_RESUMES} resumes"
+        )
+
+    # the exchange
+
+    @contextlib.asynccontextmanager
+    async def _answer(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None = None,
+        *,
+        total: float | None = None,
+        body_errors: bool = True,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """An answer to `method /v2/<repository>/<path>`, released when the block ends.
+
+        Network failures become UpstreamError (502) or UpstreamTimeout (504) while the
+        request is sent, and (unless `body_errors` is off: the caller resumes) while its
+        body is read within the block.
+        """
+        response = await self._request(method, repository, path, headers, params, total)
+        try:
+            yield response
+        except TimeoutError:
+            if not body_errors:
+                raise
+            raise UpstreamTimeout(f"upstream {self.name} timed out") from None
+        except aiohttp.ClientError as exc:
+            if not body_errors:
+                raise
+            raise UpstreamError(f"upstream {self.name} failed: {describe(exc)}") from None
+        finally:
+            response.release()
 
     async def _credentials(self, scope: str, refused: str | None = None) -> str | None:
         """The Authorization header for `scope`, never the `refused` one again."""
@@ -79,33 +322,34 @@ class UpstreamClient:
             return None
         if challenge.scheme == "bearer":
             token = refused.removeprefix("Bearer ") if refused else None
-            return f"Bearer {await self._tokens.fetch(challenge, scope, refused=token)}"
+            try:
+                value = await self._tokens.fetch(challenge, scope, refused=token)
+            except UpstreamError:
+                # A realm that fails is not kept: the next 401 says where to go now.
+                if self._challenge is challenge:
+                    self._challenge = None
+                raise
+            return f"Bearer {value}"
         if challenge.scheme == "basic" and (pair := await self._login.get()) is not None:
             return basic_header(*pair)
         return None
 
-    async def request(
+    async def _request(
         self,
         method: str,
         repository: str,
         path: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        params: Mapping[str, str] | None = None,
-        transfer: bool = False,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+        total: float | None,
     ) -> aiohttp.ClientResponse:
-        """Send `method /v2/<repository>/<path>`; the caller reads and releases the answer.
-
-        Network failures become UpstreamError (502) or UpstreamTimeout (504); HTTP error
-        statuses are returned for the caller to map with `raise_for_status`.
-        """
+        """Send the request, answering the registry's auth challenge once; the caller
+        releases the answer."""
         url = f"{self.config.url}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         authorization = await self._credentials(scope)
         for attempt in range(2):
-            response = await self._send(
-                method, url, headers, params, authorization, transfer=transfer
-            )
+            response = await self._send(method, url, headers, params, authorization, total)
             if response.status != 401:
                 return response
             challenge = parse_challenge(response.headers.get("WWW-Authenticate"))
@@ -114,6 +358,8 @@ class UpstreamClient:
                 break
             if challenge.scheme == "basic" and await self._login.get() is None:
                 break
+            if challenge.scheme == "bearer":
+                await self._addresses.check(challenge.params.get("realm", ""), "token realm")
             self._challenge = Challenge(
                 challenge.scheme,
                 {k: v for k, v in challenge.params.items() if k in ("realm", "service")},
@@ -131,8 +377,7 @@ class UpstreamClient:
         headers: Mapping[str, str] | None,
         params: Mapping[str, str] | None,
         authorization: str | None,
-        *,
-        transfer: bool,
+        total: float | None,
     ) -> aiohttp.ClientResponse:
         send_headers: CIMultiDict[str] = CIMultiDict(headers or {})
         send_headers["User-Agent"] = USER_AGENT
@@ -148,7 +393,7 @@ class UpstreamClient:
                     headers=send_headers,
                     params=params,
                     allow_redirects=False,
-                    timeout=self._timeout(transfer=transfer),
+                    timeout=self.answer_timeout(total),
                 )
                 self._observe(method, response, time.monotonic() - started)
                 location = response.headers.get("Location")
@@ -156,6 +401,7 @@ class UpstreamClient:
                     return response
                 response.release()
                 url = urljoin(url, location)
+                await self._addresses.check(url, "redirect")
                 params = None  # the Location carries its own query
                 if urlsplit(url).netloc != origin:
                     send_headers.pop("Authorization", None)
@@ -167,10 +413,10 @@ class UpstreamClient:
                 f"upstream {self.name} timed out", detail={"upstream": self.name}
             ) from None
         except aiohttp.ClientError as exc:
-            self._failed(method, f"unreachable: {type(exc).__name__}")
+            why = describe(exc)
+            self._failed(method, why)
             raise UpstreamError(
-                f"upstream {self.name} unreachable: {type(exc).__name__}",
-                detail={"upstream": self.name},
+                f"upstream {self.name} unreachable: {why}", detail={"upstream": self.name}
             ) from None
         raise UpstreamError(f"upstream {self.name}: too many redirects")
 
@@ -192,19 +438,13 @@ class UpstreamClient:
         self.health.reachable = False
         self.health.last_error = why
 
-    async def raise_for_status(
+    async def _raise_for_status(
         self, response: aiohttp.ClientResponse, not_found: type[RegistryError]
     ) -> None:
-        """Map an upstream error answer to the error our client should see; release it."""
+        """Map an upstream error answer to the error our client should see."""
         if response.status < 400:
             return
-        try:
-            body = await response.read() if response.method != "HEAD" else b""
-        except (aiohttp.ClientError, TimeoutError):
-            body = b""
-        finally:
-            response.release()
-        code, message, detail = _first_error(body)
+        code, message, detail = _first_error(await read_error_body(response))
         status = response.status
         if status == 404:
             error_type = PASSED_THROUGH.get(code or "", not_found)

@@ -3,8 +3,10 @@ ports, paths and probes, carry a valid mirror.yaml, and the systemd unit verifie
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +81,10 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.fail("systemd-analyze is needed: scripts/test installs systemd")
-    mirror = shutil.which("mirror")
-    assert mirror, "the mirror command is installed by scripts/test"
+    # The command beside this interpreter (the venv scripts/test made), not one on PATH:
+    # a fresh machine has none there.
+    mirror = str(Path(sys.executable).parent / "mirror")
+    assert os.access(mirror, os.X_OK), "the mirror command is installed by scripts/test"
     unit = (DEPLOY / "systemd" / "mirror.service").read_text()
     assert "ExecStart=/opt/mirror/bin/mirror serve" in unit
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit

@@ -1,0 +1,76 @@
+"""Reading an upstream's answer: whole or not at all, up to a limit, exactly as long as it said.
+
+Every body the mirror reads from an upstream into memory (manifests, tag lists, referrers,
+error answers, tokens) goes through `read_body`, so no answer can make the mirror hold more
+than its limit, and no answer cut short is taken for a whole one.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+from .errors import UpstreamError, UpstreamTimeout
+
+MANIFEST_LIMIT = 4 * 1024 * 1024  # as distribution enforces on push
+PAGE_LIMIT = 16 * 1024 * 1024  # a tags list or referrers answer (tens of thousands of tags)
+TOKEN_LIMIT = 1024 * 1024  # a token server's JSON answer
+ERROR_LIMIT = 64 * 1024  # an error body: only its first OCI error is read
+
+
+class BodyTooLarge(UpstreamError):
+    """An upstream answer over the limit for its kind: refused, never cut to fit."""
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body of `response`, checked against its Content-Length.
+
+    Raises BodyTooLarge past `limit` (before reading, when the length says so),
+    UpstreamError when the body ends short or breaks, UpstreamTimeout when it stalls.
+    """
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"{what} is {declared} bytes, over the {limit}-byte limit")
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"{what} is over the {limit}-byte limit")
+            parts.append(chunk)
+    except TimeoutError:
+        raise UpstreamTimeout(f"{what} stalled after {size} bytes") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"{what} broke after {size} bytes ({describe(exc)})") from None
+    if declared is not None and size != declared:
+        raise UpstreamError(f"{what} ended after {size} of {declared} bytes")
+    return b"".join(parts)
+
+
+async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    """An error answer's body, for its OCI error; empty when it is too large or breaks."""
+    if response.method == "HEAD":
+        return b""
+    try:
+        return await read_body(response, ERROR_LIMIT, "error body")
+    except UpstreamError:
+        return b""
+
+
+def describe(exc: BaseException) -> str:
+    """A client failure in words an operator reads, not a class name."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "its name does not resolve"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return "its TLS certificate is not trusted"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "the TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection refused or unreachable ({exc.os_error.strerror or exc.os_error})"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "it closed the connection"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the body was cut short"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"malformed answer ({exc.message})"
+    return str(exc) or "the connection failed"
