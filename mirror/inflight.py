@@ -167,12 +167,13 @@ class Transfer:
         return [r for r, o in self._positions.items() if o < floor and r not in self._dropped]
 
     def _trim(self) -> None:
-        """Forget spilled chunks every live reader has passed; with no reader, keep the
-        last SPILL_WINDOW bytes (for a client about to start reading)."""
+        """Forget spilled chunks every live reader has passed, but always keep the last
+        SPILL_WINDOW bytes (a client joining now can still start from the beginning of a
+        transfer that began a moment ago)."""
         if self._spilled_from is None:
             return
         live = [o for r, o in self._positions.items() if r not in self._dropped]
-        keep_from = min(live) if live else self.written - self.SPILL_WINDOW
+        keep_from = min([*live, self.written - self.SPILL_WINDOW])
         while self._spilled and self._spilled[0][0] + len(self._spilled[0][1]) <= keep_from:
             self._spilled_bytes -= len(self._spilled.popleft()[1])
 
