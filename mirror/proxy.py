@@ -392,7 +392,11 @@ class Proxy:
         window, never buffered whole."""
 
         def started(size: int | None) -> None:
-            temp.announce(size)
+            try:
+                temp.announce(size)
+            except WRITE_ERRORS as exc:
+                self._store.counters.write_failed(f"announcing {digest}", exc)
+                self._spill(temp, transfer, digest, "the disk is full")
             if size is not None and size > self._store.max_size:
                 self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
             transfer.start(size)

@@ -35,7 +35,7 @@ log = logging.getLogger("mirror.storage")
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024  # manifests also kept in memory, up to this much
 EVICTION_GRACE = 1.0  # seconds: content used this recently is not evicted (it is being sent)
 HASH_CHUNK = 1024 * 1024
-ROOM_BYTES = 64 * 1024 * 1024  # free space below which a store that failed a write is full
+ROOM_BYTES = 64 * 1024 * 1024  # free space (or 5% of a small disk) that counts as room again
 VERIFIED = "verified"  # written to a fill's lock file once its content checked out
 
 
@@ -248,7 +248,9 @@ class DiskTempBlob:
             raise DigestMismatch(f"content does not match {self._digest}")
         self._verified = True
         if not self._spilled and not self._closed:
-            os.pwrite(self._lock_fd, f"{self._written}\n{VERIFIED}\n".encode(), 0)
+            # Not marked (a full disk): followers see the fill done at its rename instead.
+            with contextlib.suppress(OSError):
+                os.pwrite(self._lock_fd, f"{self._written}\n{VERIFIED}\n".encode(), 0)
 
     def sync(self) -> None:
         """Flush the file to disk; safe to run in another thread, before `commit`."""
@@ -555,7 +557,8 @@ class DiskStore:
             stats = os.statvfs(self.root)
         except OSError:
             return False
-        return stats.f_bavail * stats.f_frsize >= ROOM_BYTES
+        total = stats.f_blocks * stats.f_frsize
+        return stats.f_bavail * stats.f_frsize >= min(ROOM_BYTES, total // 20)
 
     def usage(self) -> tuple[int, int]:
         return self.index.total()

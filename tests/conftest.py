@@ -4,6 +4,7 @@ session with images the tests make, and mirrors built on the app under test."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from mirror.app import create_app
 from mirror.config import from_mapping
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import Image, Pusher
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
@@ -172,3 +174,34 @@ async def make_relay() -> AsyncIterator[RelayFactory]:
     yield factory
     for relay in relays:
         await relay.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    """A scripted upstream that misbehaves as the test says (beside the real registry)."""
+    server = await FakeUpstream().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount small tmpfs file systems (real ENOSPC, for SQLite too); unmounted after."""
+    mounts: list[Path] = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs{len(mounts)}"
+        where.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, f"mounting a tmpfs needs root: {result.stderr}"
+        mounts.append(where)
+        return where
+
+    yield mount
+    for where in mounts:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -1,0 +1,399 @@
+"""Exact bytes from any upstream: real-world manifest sizes from the real registry, and a
+scripted upstream that sends bodies in pieces, without a length or a digest, cut, too large,
+of the wrong type, slowly, or that points the mirror at internal addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mirror.app import PROXY
+from tests.conftest import MirrorFactory
+from tests.support.fake_upstream import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Body,
+    FakeUpstream,
+    manifest_of_size,
+    sha256_digest,
+)
+from tests.support.images import Image, Pusher
+from tests.support.registry import Registry
+
+MiB = 1024 * 1024
+ACCEPT = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
+
+
+async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes, dict[str, str]]:
+    async with http.get(url, headers=ACCEPT) as response:
+        return response.status, await response.read(), dict(response.headers)
+
+
+def _padded(image: Image, size: int) -> bytes:
+    """`image`'s manifest with an annotation that brings it to exactly `size` bytes."""
+    document = json.loads(image.manifest)
+    document["annotations"] = {"org.example.padding": ""}
+    base = len(json.dumps(document, indent=3).encode())
+    document["annotations"]["org.example.padding"] = "p" * (size - base)
+    data = json.dumps(document, indent=3).encode()
+    assert len(data) == size
+    return data
+
+
+def _attested_index(children: list[Image], size: int) -> bytes:
+    """An index shaped like Docker Hub's official images: a platform entry and an
+    attestation entry per child, padded to `size` bytes."""
+    entries: list[dict[str, Any]] = []
+    for number, child in enumerate(children):
+        entries.append(
+            {
+                "mediaType": child.media_type,
+                "digest": child.digest,
+                "size": len(child.manifest),
+                "platform": {"architecture": f"arch{number}", "os": "linux"},
+            }
+        )
+        entries.append(
+            {
+                "mediaType": child.media_type,
+                "digest": child.digest,
+                "size": len(child.manifest),
+                "annotations": {
+                    "vnd.docker.reference.digest": child.digest,
+                    "vnd.docker.reference.type": "attestation-manifest",
+                },
+                "platform": {"architecture": "unknown", "os": "unknown"},
+            }
+        )
+    document: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": entries,
+        "annotations": {"org.example.padding": ""},
+    }
+    base = len(json.dumps(document).encode())
+    document["annotations"]["org.example.padding"] = "q" * (size - base)
+    data = json.dumps(document).encode()
+    assert len(data) == size
+    return data
+
+
+async def test_real_world_manifest_sizes_are_exact_on_every_cold_fetch(
+    make_mirror: MirrorFactory, upstream: Registry, http: aiohttp.ClientSession
+) -> None:
+    """20 tags each of a 103 KB image manifest and a 139 KB index with attestation entries,
+    then both by digest, all cold, plus 10 KB, 1 MiB and 4 MiB manifests: every answer is
+    the upstream's exact bytes (42 of 42 and more)."""
+    pusher = Pusher(upstream.url)
+    children = [
+        pusher.image("exact/sizes", "child", architecture=f"arch{n}", push_tag=False)
+        for n in range(8)
+    ]
+    image = children[0]
+    manifests = {
+        "image": (_padded(image, 103_000), image.media_type),
+        "index": (_attested_index(children, 139_000), OCI_INDEX),
+        "small": (_padded(image, 10_000), image.media_type),
+        "mib": (_padded(image, MiB), image.media_type),
+        "limit": (_padded(image, 4 * MiB), image.media_type),
+    }
+    tags: list[tuple[str, bytes]] = []
+    for name, (data, media_type) in manifests.items():
+        copies = 20 if name in ("image", "index") else 1
+        for number in range(copies):
+            tag = f"{name}-{number}"
+            pusher.push_manifest("exact/sizes", tag, data, media_type)
+            tags.append((tag, data))
+    mirror = await make_mirror({"docker.io": upstream.url})
+    base = f"{mirror.url}/v2/exact/sizes/manifests"
+    answers = await asyncio.gather(*(_get(http, f"{base}/{tag}") for tag, _ in tags))
+    digests = [sha256_digest(manifests[n][0]) for n in ("image", "index")]
+    answers += await asyncio.gather(*(_get(http, f"{base}/{d}") for d in digests))
+    expected = [data for _, data in tags] + [manifests["image"][0], manifests["index"][0]]
+    exact = [
+        status == 200 and body == data and headers["Docker-Content-Digest"] == sha256_digest(data)
+        for (status, body, headers), data in zip(answers, expected, strict=True)
+    ]
+    assert sum(exact) == len(expected) == 45
+
+
+@pytest.mark.parametrize("size", [10_000, 100_107, 4 * MiB])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"length_header": False, "piece": 1000},  # chunked, in many small pieces
+        {"length_header": True, "piece": 4096, "pause": 0.001},  # slowly, with a length
+        {"length_header": False, "piece": 65536, "pause": 0.01},  # slowly, no length
+    ],
+    ids=["chunked-small-pieces", "slow-with-length", "slow-without-length"],
+)
+async def test_manifest_without_digest_header_in_pieces_is_kept_whole(
+    make_mirror: MirrorFactory,
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    size: int,
+    shape: dict[str, Any],
+) -> None:
+    data, media_type = manifest_of_size(size, index=size == 100_107)
+    fake.set(
+        "GET",
+        "/v2/odd/shape/manifests/v1",
+        Body(data, media_type, digest_header=False, **shape),
+    )
+    mirror = await make_mirror({"docker.io": fake.url})
+    for _ in range(2):  # the second from the cache
+        status, body, headers = await _get(http, f"{mirror.url}/v2/odd/shape/manifests/v1")
+        assert (status, len(body)) == (200, size)
+        assert body == data
+        assert headers["Docker-Content-Digest"] == sha256_digest(data)
+        assert headers["Content-Type"] == media_type
+    status, body, _ = await _get(http, f"{mirror.url}/v2/odd/shape/manifests/{sha256_digest(data)}")
+    assert (status, body) == (200, data)
+    assert fake.count("GET", "/manifests/") == 1
+
+
+def _error(body: bytes) -> dict[str, Any]:
+    errors: list[dict[str, Any]] = json.loads(body)["errors"]
+    return errors[0]
+
+
+@pytest.mark.parametrize("length_header", [True, False], ids=["with-length", "chunked"])
+async def test_manifest_over_4_mib_is_refused_not_cut(
+    make_mirror: MirrorFactory,
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    length_header: bool,
+) -> None:
+    data, media_type = manifest_of_size(4 * MiB + 1)
+    fake.set("GET", "/v2/too/big/manifests/v1", Body(data, media_type, length_header=length_header))
+    mirror = await make_mirror({"docker.io": fake.url})
+    for _ in range(2):
+        status, body, _ = await _get(http, f"{mirror.url}/v2/too/big/manifests/v1")
+        assert status == 502
+        assert "limit" in _error(body)["message"]
+    assert fake.count("GET", "/manifests/") == 2  # nothing was kept
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        {"declared_length": 150_000},  # says 150,000, sends 100,107, closes
+        {"length_header": False, "cut_after": 1000, "piece": 500},  # chunked, cut
+        {"length_header": True, "cut_after": 60_000, "piece": 1000, "pause": 0.0005},
+    ],
+    ids=["short-of-its-length", "chunked-cut", "slow-cut"],
+)
+async def test_cut_manifest_is_never_served_or_kept(
+    make_mirror: MirrorFactory,
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    cut: dict[str, Any],
+) -> None:
+    data, media_type = manifest_of_size(100_107)
+    path = "/v2/cut/short/manifests/v1"
+    fake.set("GET", path, [Body(data, media_type, digest_header=False, **cut), Body(data)])
+    mirror = await make_mirror({"docker.io": fake.url})
+    status, body, _ = await _get(http, f"{mirror.url}{path}")
+    assert status == 502, body[:200]
+    assert _error(body)["code"] == "UNAVAILABLE"
+    # the next answer is whole: served, and only now kept
+    status, body, headers = await _get(http, f"{mirror.url}{path}")
+    assert (status, body) == (200, data)
+    assert headers["Docker-Content-Digest"] == sha256_digest(data)
+
+
+async def test_manifest_that_does_not_match_its_digest_is_refused(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    data, media_type = manifest_of_size(20_000)
+    other, _ = manifest_of_size(20_001)
+    lying = sha256_digest(other)
+    fake.set("GET", "/v2/a/b/manifests/claims", Body(data, media_type, claimed_digest=lying))
+    fake.set("GET", f"/v2/a/b/manifests/{lying}", Body(data, media_type))
+    mirror = await make_mirror({"docker.io": fake.url})
+    for reference in ("claims", lying):  # a wrong header; the wrong bytes for a digest asked
+        status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/manifests/{reference}")
+        assert status == 502
+        assert lying in _error(body)["message"]
+
+
+async def test_only_manifest_media_types_are_served_and_nothing_is_sniffed(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    page = b"<html><script>alert(1)</script></html>"
+    fake.set("GET", "/v2/a/b/manifests/html", Body(page, "text/html"))
+    data, _ = manifest_of_size(12_000)
+    fake.set("GET", "/v2/a/b/manifests/json", Body(data, "application/json"))
+    mirror = await make_mirror({"docker.io": fake.url})
+    status, body, headers = await _get(http, f"{mirror.url}/v2/a/b/manifests/html")
+    assert status == 502 and b"<script>" not in body
+    assert "text/html" in _error(body)["message"]
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    # a registry that says application/json: served with the manifest's own mediaType
+    status, body, headers = await _get(http, f"{mirror.url}/v2/a/b/manifests/json")
+    assert (status, body, headers["Content-Type"]) == (200, data, OCI_MANIFEST)
+    for path in ("/v2/", "/", "/metrics", "/healthz", "/v2/a/b/manifests/json"):
+        async with http.get(f"{mirror.url}{path}") as response:
+            assert response.headers["X-Content-Type-Options"] == "nosniff", path
+
+
+def _peak_rss_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM, the peak resident set
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+@pytest.mark.in_process  # measures this process's memory
+async def test_gigabyte_error_and_list_bodies_do_not_grow_memory(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    gib = 1024 * MiB
+    error = {"status": 500, "content_type": "application/json", "digest_header": False}
+    fake.set("GET", "/v2/a/b/manifests/sized", Body(generated=gib, **error))
+    fake.set("GET", "/v2/a/b/manifests/chunked", Body(generated=gib, length_header=False, **error))
+    page = {"content_type": "application/json", "digest_header": False}
+    fake.set("GET", "/v2/a/b/tags/list", Body(generated=gib, **page))
+    fake.set("GET", "/v2/c/d/tags/list", Body(generated=gib, length_header=False, **page))
+    mirror = await make_mirror({"docker.io": fake.url})
+    await _get(http, f"{mirror.url}/v2/")
+    _peak_rss_reset()
+    before = _peak_rss()
+    started = time.monotonic()
+    for path in ("a/b/manifests/sized", "a/b/manifests/chunked", "a/b/tags/list", "c/d/tags/list"):
+        status, body, _ = await _get(http, f"{mirror.url}/v2/{path}")
+        assert status == 502, path
+        assert _error(body)["code"] == "UNAVAILABLE"
+    assert _peak_rss() - before < 64 * MiB
+    assert time.monotonic() - started < 30  # refused at the limit, not read to the end
+
+
+async def test_token_realm_that_never_answers_costs_the_configured_timeouts(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    challenge = f'Bearer realm="{fake.url}/token",service="fake"'
+    denied = Body(b"{}", "application/json", status=401, headers={"WWW-Authenticate": challenge})
+    fake.set("GET", "/v2/a/b/manifests/v1", denied)
+    fake.set("GET", "/v2/c/d/manifests/v1", denied)
+    fake.set("GET", "/token", Body(hang_before_headers=True))
+    mirror = await make_mirror(
+        {"docker.io": fake.url}, timeouts={"connect": 1, "read": 1, "transfer": 30}
+    )
+    started = time.monotonic()
+    answers = await asyncio.gather(
+        _get(http, f"{mirror.url}/v2/a/b/manifests/v1"),
+        _get(http, f"{mirror.url}/v2/c/d/manifests/v1"),
+    )
+    assert [status for status, _, _ in answers] == [504, 504]
+    assert time.monotonic() - started < 5  # connect + read, not aiohttp's 300 s
+
+
+async def test_trickled_blob_ends_at_the_transfer_timeout(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """1 byte every 20 ms never trips the read timeout; the transfer's total does, once,
+    not once per resume."""
+    data = bytes(range(256)) * 8
+    digest = sha256_digest(data)
+    trickle = Body(data, "application/octet-stream", piece=1, pause=0.02)
+    fake.set("GET", f"/v2/a/b/blobs/{digest}", trickle)
+    mirror = await make_mirror(
+        {"docker.io": fake.url}, timeouts={"connect": 1, "read": 5, "transfer": 1.5}
+    )
+    started = time.monotonic()
+    async with http.get(f"{mirror.url}/v2/a/b/blobs/{digest}") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert time.monotonic() - started < 4
+    assert fake.count("GET", "/blobs/") == 1
+
+
+async def test_clients_queued_behind_max_transfers_are_bounded(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """A client queued behind a transfer that hangs waits at most that transfer's bound
+    (its whole time, slot included, is timeouts.transfer), then is served."""
+    hanging, queued = b"a" * 1000, b"b" * 1000
+    fake.set(
+        "GET",
+        f"/v2/a/b/blobs/{sha256_digest(hanging)}",
+        Body(hanging, "application/octet-stream", hang=True),
+    )
+    fake.set("GET", f"/v2/a/b/blobs/{sha256_digest(queued)}", Body(queued))
+    mirror = await make_mirror(
+        {"docker.io": {"url": fake.url, "max_transfers": 1}},
+        timeouts={"connect": 1, "read": 30, "transfer": 1.5},
+    )
+    started = time.monotonic()
+    first = asyncio.create_task(_get(http, f"{mirror.url}/v2/a/b/blobs/{sha256_digest(hanging)}"))
+    while fake.count("GET", sha256_digest(hanging)) == 0:
+        await asyncio.sleep(0.01)
+    status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/blobs/{sha256_digest(queued)}")
+    assert (status, body) == (200, queued)
+    assert 1.4 < time.monotonic() - started < 4  # after the hanging one's bound, not never
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await first
+
+
+@pytest.mark.in_process  # makes the upstream look public (tests can only use loopback)
+async def test_redirects_and_realms_to_internal_addresses_are_refused(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    internal = await FakeUpstream().start()
+    try:
+        data = b"secret" * 100
+        internal.set("GET", "/secret", Body(data, "application/octet-stream"))
+        internal.set("GET", "/token", Body(b'{"token": "t"}', "application/json"))
+        digest = sha256_digest(data)
+        fake.set(
+            "GET",
+            f"/v2/a/b/blobs/{digest}",
+            Body(
+                status=307, headers={"Location": f"http://localhost:{internal.server.port}/secret"}
+            ),  # type: ignore[union-attr]
+        )
+        realm = f"http://localhost:{internal.server.port}/token"  # type: ignore[union-attr]
+        challenge = f'Bearer realm="{realm}",service="fake"'
+        fake.set(
+            "GET",
+            "/v2/c/d/manifests/v1",
+            Body(b"{}", "application/json", status=401, headers={"WWW-Authenticate": challenge}),
+        )
+        mirror = await make_mirror({"docker.io": fake.url})
+        client = mirror.app[PROXY]._upstreams["docker.io"]
+        client._addresses._upstream_internal = False  # as if it were on the internet
+        status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/blobs/{digest}")
+        assert status == 502 and "internal" in _error(body)["message"]
+        status, body, _ = await _get(http, f"{mirror.url}/v2/c/d/manifests/v1")
+        assert status == 502 and "internal" in _error(body)["message"]
+        assert internal.requests == []
+    finally:
+        await internal.close()
+
+
+async def test_blob_body_cut_without_a_length_is_never_served_whole(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    data = hashlib.sha256(b"seed").digest() * 10_000
+    digest = sha256_digest(data)
+    cut = Body(data, "application/octet-stream", length_header=False, cut_after=100_000)
+    fake.set("GET", f"/v2/a/b/blobs/{digest}", [cut, Body(data, "application/octet-stream")])
+    mirror = await make_mirror({"docker.io": fake.url})
+    async with http.get(f"{mirror.url}/v2/a/b/blobs/{digest}") as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/blobs/{digest}")
+    assert (status, body) == (200, data)
