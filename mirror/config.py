@@ -204,6 +204,19 @@ def _optional_str(value: Any, key: str) -> str | None:
     return str(value)
 
 
+def _credential(value: Any, key: str) -> str | None:
+    """A username or password: a string as written. YAML reads unquoted 0123456, yes or
+    1e3 as a number or a boolean, which would silently change the secret."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{key}: YAML read this as {type(value).__name__} {value!r}, not as text; "
+            "put the value in quotes"
+        )
+    return value
+
+
 def _parse_listen(value: Any) -> tuple[str, int]:
     text = str(value)
     host, sep, port = text.rpartition(":")
@@ -307,14 +320,14 @@ def _parse_upstream(
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.url: expected an http(s) URL, got {url!r}")
-    password = _optional_str(section.get("password"), f"{where}.password")
+    password = _credential(section.get("password"), f"{where}.password")
     password_file = _optional_str(section.get("password_file"), f"{where}.password_file")
     if password_file is not None:
         try:
             password = Path(password_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"{where}.password_file: cannot read: {exc.strerror}") from None
-    username = _optional_str(section.get("username"), f"{where}.username")
+    username = _credential(section.get("username"), f"{where}.username")
     if (username is None) != (password is None):
         raise ConfigError(f"{where}: username and password go together; one of them is empty")
     hosts = section.get("auth_hosts") or []

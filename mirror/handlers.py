@@ -26,6 +26,7 @@ from .errors import (
     Unsupported,
 )
 from .inflight import BlobStream, TransferFailed
+from .logs import printable
 from .proxy import HIT, MISS, Manifest, Proxy
 from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
 from .routing import Route, resolve
@@ -38,6 +39,9 @@ WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
 # Where an answer came from: hit, miss, or stale (the upstream could not confirm it).
 CACHE_HEADER = "X-Mirror-Cache"
 ROUTE = web.RequestKey("route", Route)  # the Route a request was given
+# Body bytes of a streamed or sendfile answer handed to the connection so far: what the
+# client was really sent, when it left (or the transfer broke) before the end.
+BODY_SENT = web.RequestKey("body_sent", int)
 
 
 def _digest(text: str) -> Digest:
@@ -174,10 +178,15 @@ class RegistryHandlers:
         transport = request.transport
         if transport is None:
             return response  # the client left
+        request[BODY_SENT] = 0
+
+        def sent(count: int) -> None:
+            request[BODY_SENT] += count
+
         try:
-            await send_file(response, writer, transport, file.fileno(), start, end - start)
+            await send_file(response, writer, transport, file.fileno(), start, end - start, sent)
         except FileShrank as exc:
-            log.error("aborting %s: cached file %s", request.path, exc)
+            log.error("aborting %s: cached file %s", printable(request.path), exc)
             transport.abort()
             return response
         except ConnectionError:
@@ -190,11 +199,13 @@ class RegistryHandlers:
     ) -> web.StreamResponse:
         """Send a blob while it is being fetched; abort the connection if the fetch fails."""
         response, _, start, end = await self._start(request, transfer.size, headers)
+        request[BODY_SENT] = 0
         try:
             async for chunk in transfer.read(start, end):
                 await response.write(chunk)
+                request[BODY_SENT] += len(chunk)
         except TransferFailed as exc:
-            log.warning("aborting %s: %s", request.path, exc)
+            log.warning("aborting %s: %s", printable(request.path), exc)
             if request.transport is not None:
                 request.transport.abort()
             return response

@@ -11,8 +11,46 @@ import logging
 import sys
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 # Fields an access line carries, besides the message; set through `extra=`.
-ACCESS_FIELDS = ("remote", "method", "path", "status", "bytes", "duration", "result", "upstream")
+ACCESS_FIELDS = (
+    "remote",
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "complete",
+    "duration",
+    "result",
+    "upstream",
+)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (a path with %0a must not start a forged
+    log line) and at most 1,000 characters of it."""
+    if len(text) > 1000:
+        text = text[:1000] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (an over-long header, a broken request line)
+    with a whole traceback; one line names the client and the problem instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            record.msg = "malformed request from %s: %s"
+            record.args = (remote, printable(str(error.message)))
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,3 +82,6 @@ def configure(level: str, fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
     logging.getLogger("aiohttp.access").disabled = True  # our own access line replaces it
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())

@@ -8,7 +8,6 @@ flight) is read when scraped, by `StateCollector`.
 from __future__ import annotations
 
 import os
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +17,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .tally import RecentTally
+
 RESULTS = ("hit", "miss", "coalesced", "stale", "negative", "error")
-TOP_REPOSITORIES = 1000  # repositories tallied for the status page, at most
 
 
 @dataclass
@@ -112,7 +112,7 @@ class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     live: LiveState = field(default_factory=LiveState)
     health: dict[str, UpstreamHealth] = field(default_factory=dict)
-    repositories: Tally[str] = field(default_factory=Tally)  # requests per repository
+    repositories: RecentTally = field(default_factory=RecentTally)  # requests in the last hour
 
     def __post_init__(self) -> None:
         registry = self.registry
@@ -159,9 +159,7 @@ class Metrics:
         return self.health.setdefault(name, UpstreamHealth())
 
     def count_repository(self, upstream: str, repository: str) -> None:
-        key = f"{upstream}/{repository}"
-        if key in self.repositories or len(self.repositories) < TOP_REPOSITORIES:
-            self.repositories[key] += 1
+        self.repositories.count(f"{upstream}/{repository}")
 
     def _collecting(self) -> CollectorRegistry:
         """The registry to read: this process's, or, with worker processes, every

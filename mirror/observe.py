@@ -10,7 +10,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .errors import RESULT, Handler
-from .handlers import ROUTE
+from .handlers import BODY_SENT, ROUTE
+from .logs import printable
 from .metrics import Metrics
 
 log = logging.getLogger("mirror.access")
@@ -35,31 +36,33 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         kind = KINDS.get(route_name, "other")
         result = request.get(RESULT, "error" if response.status >= 400 else "none")
         metrics.requests.labels(kind, request.method, f"{response.status // 100}xx", result).inc()
-        sent = _bytes_sent(request, response)
+        sent, complete = _bytes_sent(request, response)
         route = request.get(ROUTE)
         upstream = route.upstream.name if route is not None else ""
         if kind in ("manifest", "blob") and response.status < 300 and sent:
             metrics.served_bytes.labels("cache" if result in FROM_CACHE else "upstream").inc(sent)
-        if route is not None and kind in ("manifest", "blob"):
+        if route is not None and kind in ("manifest", "blob") and response.status < 400:
             metrics.count_repository(upstream, route.repository)
         if route_name not in ("metrics", "healthz", "readyz"):
             duration = time.monotonic() - started
             log.info(
-                '%s "%s %s" %d %d %.3fs %s %s',
+                '%s "%s %s" %d %d %.3fs %s %s%s',
                 request.remote,
                 request.method,
-                request.path,
+                printable(request.path),
                 response.status,
                 sent,
                 duration,
                 result,
                 upstream or "-",
+                "" if complete else " incomplete",
                 extra={
                     "remote": request.remote,
                     "method": request.method,
-                    "path": request.path,
+                    "path": printable(request.path),
                     "status": response.status,
                     "bytes": sent,
+                    "complete": complete,
                     "duration": round(duration, 6),
                     "result": result,
                     "upstream": upstream,
@@ -70,11 +73,14 @@ def observe_middleware(metrics: Metrics) -> Middleware:
     return observe
 
 
-def _bytes_sent(request: web.Request, response: web.StreamResponse) -> int:
-    """Body bytes sent: streamed and sendfile answers do not count themselves, so take
-    their length."""
+def _bytes_sent(request: web.Request, response: web.StreamResponse) -> tuple[int, bool]:
+    """Body bytes sent, and whether that was the whole body: a streamed or sendfile answer
+    counts what it handed to the connection (the client may have left, or the transfer
+    broken, before the end)."""
     if request.method == "HEAD":
-        return 0
+        return 0, True
     if isinstance(response, web.Response):
-        return len(response.body) if isinstance(response.body, bytes) else 0
-    return response.content_length or 0  # streamed: what was promised (the client may leave)
+        return (len(response.body) if isinstance(response.body, bytes) else 0), True
+    sent = request.get(BODY_SENT, 0)
+    promised = response.content_length
+    return sent, promised is None or sent == promised

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -30,10 +31,12 @@ async def send_file(
     fd: int,
     offset: int,
     count: int,
+    sent: Callable[[int], None],
 ) -> None:
-    """Send `count` bytes of `fd` from `offset` as (part of) a prepared response's body."""
+    """Send `count` bytes of `fd` from `offset` as (part of) a prepared response's body,
+    telling `sent` how many bytes went as they go."""
     if transport.get_extra_info("sslcontext") is not None:
-        await _copy(response, fd, offset, count)  # TLS: the bytes must pass through Python
+        await _copy(response, fd, offset, count, sent)  # TLS: the bytes pass through Python
         return
     sock = transport.get_extra_info("socket")
     if sock is None or transport.is_closing():
@@ -47,30 +50,34 @@ async def send_file(
             if transport.is_closing():
                 raise ConnectionResetError("the client left")
             try:
-                sent = os.sendfile(sock_fd, fd, offset, min(count, STRETCH))
+                done = os.sendfile(sock_fd, fd, offset, min(count, STRETCH))
             except BlockingIOError:
                 piece = os.pread(fd, min(PIECE, count), offset)
                 if not piece:
                     raise FileShrank(f"file ended at byte {offset}") from None
                 await response.write(piece)
                 await writer.drain()  # returns once the socket took it all: room again
-                sent = len(piece)
+                done = len(piece)
             else:
                 await asyncio.sleep(0)  # a fast client must not keep the others waiting
-            if sent == 0:
+            if done == 0:
                 raise FileShrank(f"file ended at byte {offset}")
-            offset += sent
-            count -= sent
+            sent(done)
+            offset += done
+            count -= done
     finally:
         if not transport.is_closing():
             transport.set_write_buffer_limits(high=high, low=low)
 
 
-async def _copy(response: web.StreamResponse, fd: int, offset: int, count: int) -> None:
+async def _copy(
+    response: web.StreamResponse, fd: int, offset: int, count: int, sent: Callable[[int], None]
+) -> None:
     while count > 0:
         piece = os.pread(fd, min(PIECE * 4, count), offset)
         if not piece:
             raise FileShrank(f"file ended at byte {offset}")
         await response.write(piece)
+        sent(len(piece))
         offset += len(piece)
         count -= len(piece)

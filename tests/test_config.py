@@ -105,6 +105,19 @@ default_upstream: gcr.io
         ("log_level: loud\n", "log_level:"),
         ("- a list\n", "expected a mapping"),
         ("listen: [unclosed\n", "not valid YAML at line"),
+        # unquoted secrets that YAML turns into numbers or booleans
+        (
+            "upstreams: {docker.io: {url: https://r, username: u, password: 0123456}}\n",
+            "upstreams.docker.io.password: YAML read this as int 42798",
+        ),
+        (
+            "upstreams: {docker.io: {url: https://r, username: u, password: yes}}\n",
+            "upstreams.docker.io.password: YAML read this as bool True",
+        ),
+        (
+            "upstreams: {docker.io: {url: https://r, username: 12345, password: p}}\n",
+            "upstreams.docker.io.username: YAML read this as",
+        ),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
