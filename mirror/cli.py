@@ -74,6 +74,10 @@ def serve(config: Config) -> None:
 
 def _run(config: Config, *, worker: bool) -> None:
     if worker:
+        # A forked worker inherits the supervisor's handlers: a SIGTERM that came before
+        # the server set its own would run the supervisor's code here and be ignored.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         start_worker_metrics()
     ssl_context = None
     if config.tls is not None:
@@ -125,8 +129,24 @@ def _supervise(config: Config) -> None:
                 del workers[number]
             else:
                 log.error("worker %d exited with %s; starting it again", number, process.exitcode)
+                _sweep_temporaries(config, log)
                 time.sleep(0.5)
+                if stopping:  # asked to stop while we waited: start nothing new
+                    del workers[number]
+                    continue
                 workers[number] = start(number)
+
+
+def _sweep_temporaries(config: Config, log: logging.Logger) -> None:
+    """A dead worker's half-written temporaries take space nothing counts: remove them now
+    (their locks are free), not at the next start."""
+    store = DiskStore(config.storage.path, config.storage.max_size, repair=False)
+    try:
+        removed = store.remove_stale_temporaries()
+    finally:
+        store.close()
+    if removed:
+        log.warning("removed %d temporaries the worker left", removed)
 
 
 def maintain(command: str, config: Config, args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ class UsageIndex:
         self._db.executescript(_SCHEMA)
         self._touched: dict[str, float] = {}
         self._flushed_at = time.monotonic()
+        self.flush_seconds = TOUCH_FLUSH_SECONDS
 
     def close(self) -> None:
         self.flush()
@@ -108,7 +109,7 @@ class UsageIndex:
 
     def touch(self, key: str) -> None:
         self._touched[key] = time.time()
-        if time.monotonic() - self._flushed_at > TOUCH_FLUSH_SECONDS:
+        if time.monotonic() - self._flushed_at > self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
 import re
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -127,3 +130,58 @@ async def test_metrics_add_up_every_worker(
                 )
             )
     assert totals == {sent}
+
+
+def _holder_of(suffix: str, pids: list[int]) -> int | None:
+    """The process among `pids` that has a file ending in `suffix` open."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd).endswith(suffix):
+                        return pid
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+async def test_a_worker_killed_mid_fill_leaves_no_temporary_behind(
+    tmp_path: Path, make_relay: RelayFactory, upstream: Registry, seeded: Seeded
+) -> None:
+    relay = await make_relay(upstream.url, rate=5 * 1024 * 1024)  # 100 MB take 20 s
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": 2,
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": {"url": relay.url}},
+        },
+    ).start()
+    tmp = tmp_path / "cache" / "tmp"
+    layer = seeded.big.layers[0]
+    try:
+        async with aiohttp.ClientSession() as http:
+            pull = asyncio.create_task(http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}"))
+            deadline = time.monotonic() + 15
+            holder = None
+            while holder is None:
+                assert time.monotonic() < deadline, "no worker began the fill"
+                await asyncio.sleep(0.05)
+                holder = _holder_of(".part", _children(mirror.pid))
+            (part,) = tmp.glob("*.part")
+            left = part.stat().st_ino
+            os.kill(holder, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            # (the client's retry may start a new fill of the same name: a new file)
+            while any(p.stat().st_ino == left for p in tmp.glob("*.part")):
+                assert time.monotonic() < deadline, "the dead worker's temporary stayed"
+                await asyncio.sleep(0.05)
+            pull.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await pull
+    finally:
+        assert await mirror.stop() == 0
+    assert "removed 1 temporaries the worker left" in mirror.log.read_text()

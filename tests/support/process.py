@@ -50,6 +50,11 @@ class MirrorProcess:
                     await asyncio.sleep(0.05)
         raise RuntimeError("mirror did not start")
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     async def kill(self) -> None:
         """SIGKILL: no clean-up of any kind runs."""
         assert self._process is not None
