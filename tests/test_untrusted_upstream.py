@@ -321,6 +321,7 @@ async def test_trickled_blob_ends_at_the_transfer_timeout(
     assert fake.count("GET", "/blobs/") == 1
 
 
+@pytest.mark.in_process  # max_transfers is per process
 async def test_clients_queued_behind_max_transfers_are_bounded(
     make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
