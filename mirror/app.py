@@ -5,20 +5,21 @@ All state lives on the app (typed AppKeys); nothing is kept in module globals.
 
 from __future__ import annotations
 
-import os
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from .config import Config
+from .diskstore import DiskStore
 from .errors import error_middleware
 from .handlers import RegistryHandlers
 from .metrics import LiveState, Metrics
 from .observe import observe_middleware
 from .proxy import Proxy
 from .status import status_handler
-from .storage import DiskStore
+from .storage import BlobStore
 from .tagindex import TagIndex
 from .upstream import UpstreamClient
 
@@ -30,6 +31,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 TAGS = web.AppKey("tags", TagIndex)
 
 UPSTREAM_CONNECTIONS = 100  # open connections to all upstreams together
+USE_FLUSH_SECONDS = 1.0  # how often the housekeeping task looks whether uses are due
 
 
 async def health(request: web.Request) -> web.Response:
@@ -41,10 +43,7 @@ async def ready(request: web.Request) -> web.Response:
     """The store is usable. Upstreams are reported, not required: a mirror with a cache is
     useful while they are down."""
     store, metrics = request.app[STORE], request.app[METRICS]
-    usable = store.root.is_dir() and os.access(store.root / "tmp", os.W_OK)
-    state = "ok" if usable else "unavailable"
-    if usable and store.counters.full and not store.has_room():
-        state = "degraded"  # serving what it has; keeping nothing new until space returns
+    state = store.state()
     upstreams = {
         name: {
             "reachable": metrics.upstream(name).reachable,
@@ -53,7 +52,7 @@ async def ready(request: web.Request) -> web.Response:
         for name in request.app[CONFIG].upstreams
     }
     body = {"store": state, "upstreams": upstreams}
-    return web.json_response(body, status=200 if usable else 503)
+    return web.json_response(body, status=503 if state == "unavailable" else 200)
 
 
 async def inert_content(request: web.Request, response: web.StreamResponse) -> None:
@@ -68,11 +67,22 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    housekeeping = asyncio.create_task(_note_uses(app[STORE]))
     yield
+    housekeeping.cancel()
+    await asyncio.gather(housekeeping, return_exceptions=True)
     await app[PROXY].close()
     await app[SESSION].close()
     app[TAGS].close()
     app[STORE].close()
+
+
+async def _note_uses(store: BlobStore) -> None:
+    """Write the store's noted uses (for its LRU) now and then, in a thread: a hit never
+    waits for the index."""
+    while True:
+        await asyncio.sleep(USE_FLUSH_SECONDS)
+        await asyncio.to_thread(store.flush_uses)
 
 
 async def create_app(config: Config, *, repair_store: bool = True) -> web.Application:
@@ -97,7 +107,7 @@ async def create_app(config: Config, *, repair_store: bool = True) -> web.Applic
     metrics.live = LiveState(
         cache_bytes=store.usage,
         cache_bound=store.max_size,
-        evictions=lambda: (store.counters.evictions, store.counters.evicted_bytes),
+        evictions=store.evictions,
         disk_full=lambda: store.counters.disk_full,
         transfers_in_flight=proxy.transfers_in_flight,
         waiting_clients=proxy.waiting_clients,

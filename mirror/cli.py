@@ -19,8 +19,8 @@ from aiohttp import web
 from . import logs, maintenance
 from .app import create_app
 from .config import Config, ConfigError, load, parse_size
+from .diskstore import DiskStore
 from .metrics import share_between_workers, start_worker_metrics
-from .storage import DiskStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,7 +151,9 @@ def _sweep_temporaries(config: Config, log: logging.Logger) -> None:
 
 def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
     logs.configure("warning")
-    store = DiskStore(config.storage.path, config.storage.max_size)
+    # No repair: a server may be running on this store, and its work in progress (pending
+    # rows, temporaries) is not a crash's leftovers.
+    store = DiskStore(config.storage.path, config.storage.max_size, repair=False)
     try:
         if command == "verify":
             report = maintenance.verify(store, sys.stdout)

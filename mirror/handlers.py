@@ -5,10 +5,8 @@ Errors are raised, never rendered here: `errors.error_middleware` renders them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-from pathlib import Path
-from typing import BinaryIO
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -31,6 +29,7 @@ from .proxy import HIT, MISS, Manifest, Proxy
 from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
 from .routing import Route, resolve
 from .sendfile import FileShrank, send_file
+from .storage import StoredBlob
 
 log = logging.getLogger("mirror.handlers")
 
@@ -137,17 +136,13 @@ class RegistryHandlers:
             headers["Content-Length"] = str(size)
             headers["Accept-Ranges"] = "bytes"
             return web.Response(headers=headers)
-        while True:
-            source, result = await self._proxy.open_blob(route, digest)
-            request[RESULT] = result
-            if not isinstance(source, Path):
-                return await self._stream(request, source, {**headers, CACHE_HEADER: result})
-            try:
-                file = source.open("rb")  # open now: eviction may unlink the path, not this
-            except FileNotFoundError:
-                continue  # evicted between the two looks: fetch it again
-            with file:
-                return await self._send_file(request, file, {**headers, CACHE_HEADER: result})
+        source, result = await self._proxy.open_blob(route, digest)
+        request[RESULT] = result
+        headers[CACHE_HEADER] = result
+        if not isinstance(source, StoredBlob):
+            return await self._stream(request, source, headers)
+        with contextlib.closing(source):
+            return await self._send_stored(request, source, headers)
 
     async def _start(
         self, request: web.Request, size: int | None, headers: dict[str, str]
@@ -168,12 +163,12 @@ class RegistryHandlers:
         assert writer is not None
         return response, writer, start, end
 
-    async def _send_file(
-        self, request: web.Request, file: BinaryIO, headers: dict[str, str]
+    async def _send_stored(
+        self, request: web.Request, stored: StoredBlob, headers: dict[str, str]
     ) -> web.StreamResponse:
-        """A hit: the kernel sends it from the page cache (sendfile)."""
-        size = os.fstat(file.fileno()).st_size
-        response, writer, start, end = await self._start(request, size, headers)
+        """A hit: sent by the kernel from the page cache (sendfile) when the store has a
+        file for it, else in chunks."""
+        response, writer, start, end = await self._start(request, stored.size, headers)
         assert end is not None
         transport = request.transport
         if transport is None:
@@ -183,14 +178,20 @@ class RegistryHandlers:
         def sent(count: int) -> None:
             request[BODY_SENT] += count
 
+        fd = stored.fileno()
         try:
-            await send_file(response, writer, transport, file.fileno(), start, end - start, sent)
-        except FileShrank as exc:
-            log.error("aborting %s: cached file %s", printable(request.path), exc)
+            if fd is not None:
+                await send_file(response, writer, transport, fd, start, end - start, sent)
+            else:
+                async for chunk in stored.chunks(start, end):
+                    await response.write(chunk)
+                    sent(len(chunk))
+        except (FileShrank, OSError) as exc:
+            if isinstance(exc, ConnectionError):
+                return response  # the client left
+            log.error("aborting %s: cached blob %s", printable(request.path), exc)
             transport.abort()
             return response
-        except ConnectionError:
-            return response  # the client left
         await response.write_eof()
         return response
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
-from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -56,8 +54,17 @@ class SingleFlight(Generic[K, V]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class ReadBack(Protocol):
+    """The bytes of a blob being written, read back for readers that fell behind."""
+
+    def pread(self, offset: int, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class BlobStream(Protocol):
-    """What a handler streams from: a Transfer in this process, or one Followed in another."""
+    """What a handler streams from: a Transfer in this process, or a fill another process
+    runs (followed through the store)."""
 
     size: int | None
 
@@ -72,15 +79,16 @@ class TransferFailed(Exception):
 
 
 class Transfer:
-    """A file being written by one task and read, as it grows, by many.
+    """A blob being written by one task and read, as it grows, by many.
 
-    Readers share one descriptor opened at the start, so the file may be renamed or
-    removed under them. Until the writer calls `finish` (after verifying the content),
-    readers never see the last byte: a body that turns out wrong never reaches a client
-    complete. The newest chunks stay in memory too, so readers keeping up with the writer
-    (the usual case) are served without reading the file back.
+    Readers share one `ReadBack` of what the writer keeps (for a file: one descriptor
+    opened at the start, so the file may be renamed or removed under them). Until the
+    writer calls `finish` (after verifying the content), readers never see the last
+    byte: a body that turns out wrong never reaches a client complete. The newest chunks
+    stay in memory too, so readers keeping up with the writer (the usual case) are served
+    without reading the file back.
 
-    If the writer can no longer write the file (disk full, or a blob larger than the
+    If the writer can no longer keep the bytes (disk full, or a blob larger than the
     store), it `spill`s: from there on chunks live only in memory, in a window the writer
     keeps bounded with `drain` (it waits for the slowest reader, and drops a reader that
     stays too far behind). A reader that asks for bytes no longer held fails.
@@ -89,19 +97,17 @@ class Transfer:
     RECENT_BYTES = 1024 * 1024
     SPILL_WINDOW = 8 * 1024 * 1024  # bytes held for readers once spilled
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._fd: int | None = None
-        if path is not None:
-            self._fd = fd = os.open(path, os.O_RDONLY)
-            self._closer = weakref.finalize(self, os.close, fd)
+    def __init__(self, back: ReadBack | None) -> None:
+        self._back = back
+        if back is not None:
+            self._closer = weakref.finalize(self, back.close)
         self.size: int | None = None  # total length, once the writer knows it
         self.written = 0
         self.complete = False
         self.error: BaseException | None = None
         self._recent: deque[tuple[int, bytes]] = deque()  # (offset, chunk), newest last
         self._recent_bytes = 0
-        self._spilled_from: int | None = None if path is not None else 0
+        self._spilled_from: int | None = None if back is not None else 0
         self._spilled: deque[tuple[int, bytes]] = deque()  # (offset, chunk), oldest first
         self._spilled_bytes = 0
         self._positions: dict[int, int] = {}  # reader -> next offset it will read
@@ -193,8 +199,8 @@ class Transfer:
         """Once spilled (its temporary removed), close the shared descriptor as soon as the
         writer is done and no reader is left, so the space returns to the disk now."""
         ended = self.complete or self.error is not None
-        if ended and self.spilled and not self._positions and self._fd is not None:
-            self._fd = None
+        if ended and self.spilled and not self._positions and self._back is not None:
+            self._back = None
             self._closer()
 
     def _notify(self) -> None:
@@ -231,9 +237,9 @@ class Transfer:
                 break
         if spilled_from is not None:
             stop = min(stop, spilled_from)
-        if self._fd is None:
+        if self._back is None:
             raise TransferFailed("came after a transfer that was not kept had ended")
-        return os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
+        return self._back.pread(offset, min(READ_CHUNK, stop - offset))
 
     async def read(
         self, start: int = 0, end: int | None = None
@@ -279,80 +285,3 @@ def _window(data: bytes, start: int, offset: int, stop: int) -> memoryview:
     """The part of `data` (which begins at file offset `start`) from `offset` to `stop`,
     without a copy."""
     return memoryview(data)[offset - start : min(len(data), stop - start)]
-
-
-class Followed:
-    """A file another process is writing, read as it grows by polling its size.
-
-    `size` is read with `announced_size` (None until the writer said); the writer is known
-    to have finished when `finished()` is true and to have given up when `alive()` turns
-    false first. As with Transfer, the last byte waits until the writer finished.
-    """
-
-    POLL_SECONDS = 0.01
-
-    def __init__(
-        self,
-        fd: int,
-        announced_size: Callable[[], int | None],
-        finished: Callable[[], bool],
-        alive: Callable[[], bool],
-    ) -> None:
-        self._fd = fd
-        weakref.finalize(self, os.close, fd)
-        self._announced_size = announced_size
-        self._finished_now = finished
-        self._done = False
-        self._alive = alive
-        self.size: int | None = None
-        self.readers = 0
-
-    def _finished(self) -> bool:
-        """Whether the writer finished; once it has, without asking again."""
-        self._done = self._done or self._finished_now()
-        return self._done
-
-    def size_if_known(self) -> int | None:
-        """The length the writer announced, without waiting."""
-        if self.size is None:
-            self.size = self._announced_size()
-        return self.size
-
-    async def wait_started(self, timeout: float) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.size is None:
-            self.size = self._announced_size()
-            if self.size is not None:
-                return
-            if self._finished():
-                self.size = os.fstat(self._fd).st_size
-                return
-            if not self._alive() or asyncio.get_running_loop().time() > deadline:
-                raise TransferFailed("the process fetching this blob gave up")
-            await asyncio.sleep(self.POLL_SECONDS)
-
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        assert self.size is not None, "wait_started first"
-        size = self.size
-        end = size if end is None else min(end, size)
-        self.readers += 1
-        try:
-            offset = start
-            while offset < end:
-                finished = self._finished()
-                written = size if finished else min(os.fstat(self._fd).st_size, size) - 1
-                stop = min(written, end)
-                if offset < stop:
-                    data = os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
-                    if not data:
-                        raise TransferFailed("file shrank under a reader")
-                    offset += len(data)
-                    yield data
-                    continue
-                if not finished and not self._alive():
-                    if self._finished():
-                        continue  # it finished between the two looks
-                    raise TransferFailed("the process fetching this blob gave up")
-                await asyncio.sleep(self.POLL_SECONDS)
-        finally:
-            self.readers -= 1

@@ -9,13 +9,17 @@ does not grow with the size of the cache.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TOUCH_FLUSH_SECONDS = 5.0  # access times are batched in memory this long before written
+BUSY_SECONDS = 5.0  # a call waits this long at most for another process's write
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -48,6 +52,14 @@ END;
 CREATE TRIGGER IF NOT EXISTS entries_resized AFTER UPDATE OF size ON entries BEGIN
     UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
 END;
+
+-- Evictions by every process on the store (the server, its workers, `mirror gc`).
+CREATE TABLE IF NOT EXISTS evictions (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    entries INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO evictions (id, entries, bytes) VALUES (0, 0, 0);
 """
 
 
@@ -61,12 +73,21 @@ class Entry:
 
 
 class UsageIndex:
-    """Sizes and access times of everything in the store, in one SQLite file."""
+    """Sizes and access times of everything in the store, in one SQLite file.
 
-    def __init__(self, path: Path) -> None:
+    Safe to call from the event loop and from worker threads alike (one lock around the
+    connection), so writes can run off the loop. A busy database (`mirror gc` in another
+    process) makes a call wait BUSY_SECONDS at most.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self._clock = clock  # wall-clock time of uses; injected by tests
         self.created = not path.exists()
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            path, isolation_level=None, timeout=BUSY_SECONDS, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
@@ -76,29 +97,57 @@ class UsageIndex:
 
     def close(self) -> None:
         self.flush()
-        self._db.close()
+        with self._lock:
+            self._db.close()
+
+    def _run(self, sql: str, params: Sequence[object] = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, params)
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # changes, each recorded before and confirmed after its file operation
 
     def begin(self, key: str, size: int, upstream: str = "", repository: str = "") -> None:
-        self._db.execute(
+        self._run(
             # An upsert, not INSERT OR REPLACE: its hidden delete would skip the triggers.
             "INSERT INTO entries (key, size, atime, pending, upstream, repository)"
             " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (key) DO UPDATE SET size = excluded.size,"
             " atime = excluded.atime, pending = 1, upstream = excluded.upstream,"
             " repository = excluded.repository",
-            (key, size, time.time(), upstream, repository),
+            (key, size, self._clock(), upstream, repository),
         )
 
     def confirm(self, key: str) -> None:
-        self._db.execute("UPDATE entries SET pending = 0 WHERE key = ?", (key,))
+        self._run("UPDATE entries SET pending = 0 WHERE key = ?", (key,))
 
     def mark_pending(self, key: str) -> None:
-        self._db.execute("UPDATE entries SET pending = 1 WHERE key = ?", (key,))
+        self._run("UPDATE entries SET pending = 1 WHERE key = ?", (key,))
 
-    def remove(self, key: str) -> None:
-        self._touched.pop(key, None)
-        self._db.execute("DELETE FROM entries WHERE key = ?", (key,))
+    def remove(self, key: str, *, evicted: bool = False) -> None:
+        """Drop an entry; `evicted` counts it as an eviction, in the same transaction."""
+        with self._transaction():
+            self._touched.pop(key, None)
+            if evicted:
+                self._db.execute(
+                    "UPDATE evictions SET entries = entries + 1,"
+                    " bytes = bytes + COALESCE((SELECT size FROM entries WHERE key = ?), 0)",
+                    (key,),
+                )
+            self._db.execute("DELETE FROM entries WHERE key = ?", (key,))
 
     def add(self, key: str, size: int, upstream: str = "", repository: str = "") -> None:
         """Record a file that is already in place (adoption after a check)."""
@@ -108,68 +157,78 @@ class UsageIndex:
     # use
 
     def touch(self, key: str) -> None:
-        self._touched[key] = time.time()
-        if time.monotonic() - self._flushed_at > self.flush_seconds:
-            self.flush()
+        """Note a use; written with others once `flush_seconds` have passed."""
+        self._touched[key] = self._clock()
+
+    def flush_due(self) -> bool:
+        return bool(self._touched) and time.monotonic() - self._flushed_at > self.flush_seconds
 
     def flush(self) -> None:
+        """Write the noted uses (blocking: the server runs it in a thread)."""
         self._flushed_at = time.monotonic()
-        if not self._touched:
+        with self._lock:
+            touched, self._touched = self._touched, {}
+        if not touched:
             return
-        touched, self._touched = self._touched, {}
         try:
-            self._db.executemany(
-                "UPDATE entries SET atime = MAX(atime, ?) WHERE key = ?",
-                [(atime, key) for key, atime in touched.items()],
-            )
+            with self._lock:
+                self._db.executemany(
+                    "UPDATE entries SET atime = MAX(atime, ?) WHERE key = ?",
+                    [(atime, key) for key, atime in touched.items()],
+                )
         except sqlite3.Error:
             # A full disk or a busy database: access times are a hint for the LRU, not
             # worth failing a hit for. They are tried again with the next flush.
-            self._touched = touched | self._touched
+            with self._lock:
+                self._touched = touched | self._touched
 
     # reading
 
+    def evictions(self) -> tuple[int, int]:
+        """(entries, bytes) evicted, by every process on the store."""
+        ((entries, size),) = self._rows("SELECT entries, bytes FROM evictions")
+        return int(entries), int(size)
+
     def total(self) -> tuple[int, int]:
         """(bytes, entries) in the store."""
-        size, count = self._db.execute("SELECT bytes, entries FROM totals").fetchone()
+        ((size, count),) = self._rows("SELECT bytes, entries FROM totals")
         return int(size), int(count)
 
     def get(self, key: str) -> Entry | None:
-        row = self._db.execute(
+        rows = self._rows(
             "SELECT key, size, atime, upstream, repository FROM entries WHERE key = ?", (key,)
-        ).fetchone()
-        return Entry(*row) if row else None
+        )
+        return Entry(*rows[0]) if rows else None
 
     def oldest(self, limit: int, used_before: float) -> list[Entry]:
         """The least recently used confirmed entries, last used before `used_before`."""
         self.flush()
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT key, size, atime, upstream, repository FROM entries"
             " WHERE pending = 0 AND atime < ? ORDER BY atime LIMIT ?",
             (used_before, limit),
-        ).fetchall()
+        )
         return [Entry(*row) for row in rows]
 
     def is_pending(self, key: str) -> bool:
-        row = self._db.execute("SELECT pending FROM entries WHERE key = ?", (key,)).fetchone()
-        return bool(row and row[0])
+        rows = self._rows("SELECT pending FROM entries WHERE key = ?", (key,))
+        return bool(rows and rows[0][0])
 
     def pending(self) -> list[Entry]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT key, size, atime, upstream, repository FROM entries WHERE pending = 1"
-        ).fetchall()
+        )
         return [Entry(*row) for row in rows]
 
-    def entries(self) -> Iterator[Entry]:
+    def entries(self) -> list[Entry]:
         self.flush()
-        cursor = self._db.execute("SELECT key, size, atime, upstream, repository FROM entries")
-        for row in cursor:
-            yield Entry(*row)
+        rows = self._rows("SELECT key, size, atime, upstream, repository FROM entries")
+        return [Entry(*row) for row in rows]
 
     def usage_by(self) -> list[tuple[str, str, int, int]]:
-        """(upstream, repository, bytes, entries), largest first."""
-        rows = self._db.execute(
+        """(upstream, repository, bytes, entries), largest first (a scan: not on the loop)."""
+        rows = self._rows(
             "SELECT upstream, repository, SUM(size), COUNT(*) FROM entries"
             " GROUP BY upstream, repository ORDER BY SUM(size) DESC"
-        ).fetchall()
+        )
         return [(str(u), str(r), int(s), int(c)) for u, r, s, c in rows]

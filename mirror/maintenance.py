@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from .storage import DiskStore
+from .diskstore import DiskStore
+from .storage import BlobStore
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -71,11 +72,10 @@ def verify(store: DiskStore, out: TextIO) -> VerifyReport:
             store.remove(key)
             out.write(f"corrupt, removed: {key}\n")
     on_disk = {key for key, _ in files}
-    for entry in list(store.index.entries()):
-        if entry.key not in on_disk:
-            report.missing += 1
-            store.index.remove(entry.key)
-            out.write(f"missing file, entry dropped: {entry.key}\n")
+    for key in sorted(store.indexed_keys() - on_disk):
+        report.missing += 1
+        store.forget(key)
+        out.write(f"missing file, entry dropped: {key}\n")
     progress.close()
     out.write(
         f"verified {report.checked} files: {report.corrupt} corrupt, "
@@ -84,7 +84,7 @@ def verify(store: DiskStore, out: TextIO) -> VerifyReport:
     return report
 
 
-def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | None) -> int:
+def gc(store: BlobStore, out: TextIO, max_size: int | None, older_than: float | None) -> int:
     """Evict unused content: everything unused for `older_than` seconds, then down to
     `max_size` bytes by least recent use. Returns the bytes freed."""
     freed = 0
@@ -92,7 +92,7 @@ def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | 
     progress = Progress(store.usage()[0], "gc")  # the share of the cache evicted so far
     if older_than is not None:
         cutoff = time.time() - older_than
-        while batch := store.index.oldest(256, used_before=cutoff):
+        while batch := store.oldest(256, used_before=cutoff):
             for entry in batch:
                 store.evict(entry)
                 progress.advance(entry.size)
@@ -101,7 +101,7 @@ def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | 
     if max_size is not None:
         used, _ = store.usage()
         while used > max_size:
-            batch = store.index.oldest(256, used_before=time.time())
+            batch = store.oldest(256, used_before=time.time())
             if not batch:
                 break
             for entry in batch:
@@ -118,7 +118,7 @@ def gc(store: DiskStore, out: TextIO, max_size: int | None, older_than: float | 
     return freed
 
 
-def du(store: DiskStore, out: TextIO) -> None:
+def du(store: BlobStore, out: TextIO) -> None:
     """Usage by upstream and repository, largest first (one query: no progress to show)."""
     used, entries = store.usage()
     out.write(
@@ -126,7 +126,7 @@ def du(store: DiskStore, out: TextIO) -> None:
         f"({used / store.max_size:.1%})\n"
     )
     by_upstream: dict[str, int] = {}
-    rows = store.index.usage_by()
+    rows = store.usage_by()
     for upstream, _, size, _ in rows:
         by_upstream[upstream or "-"] = by_upstream.get(upstream or "-", 0) + size
     for upstream, size in sorted(by_upstream.items(), key=lambda item: -item[1]):

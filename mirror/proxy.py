@@ -12,7 +12,6 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import Config
 from .errors import (
@@ -30,7 +29,14 @@ from .inflight import BlobStream, SingleFlight, Transfer, TransferFailed
 from .metrics import Metrics
 from .reference import MANIFEST_TYPES, Digest, parse_digest
 from .routing import Route
-from .storage import WRITE_ERRORS, BlobStore, DigestMismatch, PassThroughBlob, TempBlob
+from .storage import (
+    WRITE_ERRORS,
+    BlobStore,
+    DigestMismatch,
+    PassThroughBlob,
+    StoredBlob,
+    TempBlob,
+)
 from .tagindex import TagEntry, TagIndex
 from .upstream import Page, UpstreamClient
 
@@ -240,8 +246,13 @@ class Proxy:
         fetched = await client.get_manifest(route.repository, reference, accept, expected)
         digest, media_type, data = fetched.digest, fetched.media_type, fetched.data
         try:
-            self._store.put_manifest(
-                digest, data, media_type, route.upstream.name, route.repository
+            await asyncio.to_thread(  # two fsyncs and the index: off the loop
+                self._store.put_manifest,
+                digest,
+                data,
+                media_type,
+                route.upstream.name,
+                route.repository,
             )
         except DigestMismatch:  # checked already; the store checks again, being the store
             raise UpstreamError(
@@ -254,9 +265,9 @@ class Proxy:
     async def blob_size(self, route: Route, digest: Digest) -> tuple[int, str]:
         """Length of a blob, for HEAD: from the store, a running transfer, or an upstream
         HEAD; with where the answer came from."""
-        path = self._store.blob_path(digest)
-        if path is not None:
-            return path.stat().st_size, HIT
+        size = self._store.blob_size(digest)
+        if size is not None:
+            return size, HIT
         transfer = self._transfers.get(str(digest))
         if transfer is not None and transfer.size is not None:
             return transfer.size, COALESCED
@@ -272,15 +283,15 @@ class Proxy:
                 f"{digest} is not cached and the mirror is offline for {route.upstream.name}"
             )
 
-    async def open_blob(self, route: Route, digest: Digest) -> tuple[Path | BlobStream, str]:
-        """The stored file (HIT), or a transfer to stream from (its size known): one this
-        request started (MISS) or one already running here or in another worker process
-        (COALESCED)."""
+    async def open_blob(self, route: Route, digest: Digest) -> tuple[StoredBlob | BlobStream, str]:
+        """The stored blob (HIT; the caller closes it), or a transfer to stream from (its
+        size known): one this request started (MISS) or one already running here or in
+        another worker process (COALESCED)."""
         deadline = time.monotonic() + self._config.timeouts.transfer
         while True:
-            path = self._store.blob_path(digest)
-            if path is not None:
-                return path, HIT
+            stored = self._store.open_blob(digest)
+            if stored is not None:
+                return stored, HIT
             self._refuse_offline_blob(route, digest)
             result = COALESCED
             transfer = self._transfers.get(str(digest))
@@ -318,7 +329,7 @@ class Proxy:
             temp = PassThroughBlob(digest)
         if temp is None:
             return None
-        if self._store.blob_path(digest) is not None:  # finished while we took the lock
+        if self._store.has_blob(digest):  # finished while we took the lock
             temp.discard()
             return None
         transfer = self._run_fill(route, digest, temp)
@@ -330,7 +341,7 @@ class Proxy:
         return self._run_fill(route, digest, PassThroughBlob(digest))
 
     def _run_fill(self, route: Route, digest: Digest, temp: TempBlob) -> Transfer:
-        transfer = Transfer(temp.path)
+        transfer = Transfer(temp.read_back())
         task = asyncio.create_task(self._fill(route, digest, temp, transfer))
         self._fills.add(task)
         task.add_done_callback(self._fills.discard)
@@ -356,10 +367,8 @@ class Proxy:
                 ) from None
             temp.verify()
             transfer.finish()  # the right bytes: clients get their last byte now
-            if not temp.spilled:
-                await asyncio.to_thread(temp.sync)  # off the loop: other clients go on
-            kept = temp.commit(keep=not temp.spilled)
-            if kept is not None:
+            # fsync, rename, index and eviction: off the loop, so other clients go on.
+            if await asyncio.to_thread(_keep, temp):
                 log.info("stored %s (%d bytes) from %s", digest, temp.written, client.name)
             else:
                 log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
@@ -444,6 +453,14 @@ class Proxy:
             task.cancel()
         await asyncio.gather(*self._fills, return_exceptions=True)
         await self._manifest_fetches.close()
+
+
+def _keep(temp: TempBlob) -> bool:
+    """Make a verified fill durable and visible, unless it was not kept (blocking)."""
+    if temp.spilled:
+        return temp.commit(keep=False)
+    temp.sync()
+    return temp.commit()
 
 
 def _as_registry_error(exc: BaseException, upstream: str, digest: Digest) -> RegistryError:

@@ -6,6 +6,7 @@ largest cached repositories, so the page and the dashboards never disagree.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from html import escape
 
@@ -15,7 +16,7 @@ from .config import Config
 from .errors import Handler
 from .maintenance import human
 from .metrics import Metrics
-from .storage import DiskStore
+from .storage import BlobStore
 
 STYLE = """
 body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:56rem;padding:1rem;color:#1d232a}
@@ -52,7 +53,12 @@ def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]], numeric: i
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render(config: Config, metrics: Metrics, store: DiskStore) -> str:
+def render(
+    config: Config,
+    metrics: Metrics,
+    store: BlobStore,
+    usage_by: list[tuple[str, str, int, int]],
+) -> str:
     content = {"kind": "blob"}, {"kind": "manifest"}
     hits = sum(
         metrics.total("mirror_requests_total", result=r, **k)
@@ -105,7 +111,7 @@ def render(config: Config, metrics: Metrics, store: DiskStore) -> str:
     popular = [(name, f"{count}") for name, count in metrics.repositories.most_common(10)]
     largest = [
         (f"{upstream}/{repository}" if upstream else repository or "-", human(size), str(count))
-        for upstream, repository, size, count in store.index.usage_by()[:10]
+        for upstream, repository, size, count in usage_by[:10]
     ]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -127,9 +133,11 @@ Metrics for Prometheus at <a href="/metrics">/metrics</a>.</footer>
 """
 
 
-def status_handler(config: Config, metrics: Metrics, store: DiskStore) -> Handler:
+def status_handler(config: Config, metrics: Metrics, store: BlobStore) -> Handler:
     async def status_page(request: web.Request) -> web.StreamResponse:
-        """GET /: the status page."""
-        return web.Response(text=render(config, metrics, store), content_type="text/html")
+        """GET /: the status page (the usage by repository is a scan: off the loop)."""
+        usage_by = await asyncio.to_thread(store.usage_by)
+        page = render(config, metrics, store, usage_by)
+        return web.Response(text=page, content_type="text/html")
 
     return status_page

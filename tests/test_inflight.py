@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from mirror.diskfill import FileReadBack
 from mirror.inflight import SingleFlight, Transfer, TransferFailed
 
 
@@ -41,7 +42,7 @@ async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_pat
     path, final = tmp_path / "blob.part", tmp_path / "blob"
     data = bytes(range(256)) * 64
     with path.open("wb") as out:
-        transfer = Transfer(path)
+        transfer = Transfer(FileReadBack(path))
         transfer.start(len(data))
         readers = [asyncio.create_task(_collect(transfer)) for _ in range(3)]
         ranged = asyncio.create_task(_collect(transfer, 100, 200))
@@ -64,7 +65,7 @@ async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_pat
 async def test_failure_reaches_every_reader(tmp_path: Path) -> None:
     path = tmp_path / "blob.part"
     path.write_bytes(b"x" * 10)
-    transfer = Transfer(path)
+    transfer = Transfer(FileReadBack(path))
     transfer.start(100)
     transfer.advance(b"x" * 10)
     reader = asyncio.create_task(_collect(transfer))
@@ -78,7 +79,7 @@ async def test_spilled_bytes_come_from_memory(tmp_path: Path) -> None:
     path = tmp_path / "blob.part"
     data = bytes(range(200)) * 50
     path.write_bytes(data[:3000] + b"garbage past the last whole chunk")
-    transfer = Transfer(path)
+    transfer = Transfer(FileReadBack(path))
     transfer.start(len(data))
     transfer.advance(data[:3000])
     early = asyncio.create_task(_collect(transfer))
@@ -101,7 +102,7 @@ async def test_readers_keeping_up_are_served_from_memory(tmp_path: Path) -> None
     path = tmp_path / "blob.part"
     path.touch()
     data = bytes(range(250)) * 1200  # 300,000 bytes
-    transfer = Transfer(path)
+    transfer = Transfer(FileReadBack(path))
     transfer.RECENT_BYTES = 100_000
     transfer.start(len(data))
     with path.open("wb") as out:

@@ -60,7 +60,7 @@ async def scripted(
     async with aiohttp.ClientSession() as http:
         assert (await _read(http, f"{base}/blobs/{a}"))[0] == 200  # miss
         store = mirror.app[STORE]
-        while store.blob_path(parse_digest(a)) is None:  # type: ignore[arg-type]
+        while not store.has_blob(parse_digest(a)):  # type: ignore[arg-type]
             await asyncio.sleep(0.02)  # kept once flushed, just after the client had it
         assert (await _read(http, f"{base}/blobs/{a}"))[0] == 200  # hit
         relay.faults.rate = 4000  # B takes over a second to arrive
@@ -79,7 +79,7 @@ async def scripted(
         assert (await _read(http, f"{base}/manifests/nope"))[0] == 404  # negative
         await asyncio.sleep(1.1)  # everything is past the eviction grace
         assert (await _read(http, f"{base}/blobs/{c}"))[0] == 200  # miss, evicts A
-        while store.blob_path(parse_digest(c)) is None:  # type: ignore[arg-type]
+        while not store.has_blob(parse_digest(c)):  # type: ignore[arg-type]
             await asyncio.sleep(0.02)
         status, metrics_text = await _read(http, f"{mirror.url}/metrics")
     assert status == 200

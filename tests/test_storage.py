@@ -1,44 +1,77 @@
-"""The store contract, run against every BlobStore implementation."""
+"""The store contract, run against every BlobStore implementation (disk and memory), then
+what only the disk store does: crash repair, and the fill protocol across processes."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mirror.diskstore import DiskStore
 from mirror.inflight import TransferFailed
+from mirror.memorystore import MemoryStore
 from mirror.reference import Digest, digest_of
-from mirror.storage import BlobStore, DigestMismatch, DiskStore
+from mirror.storage import BlobStore, DigestMismatch
 
-# Every BlobStore implementation, by name: (folder, max_size) -> store.
-STORES: dict[str, Callable[[Path, int], BlobStore]] = {"disk": DiskStore}
+
+class Clock:
+    """Wall-clock time the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# Every BlobStore implementation, by name: (folder, max_size, clock) -> store.
+STORES: dict[str, Callable[[Path, int, Clock], BlobStore]] = {
+    "disk": lambda folder, max_size, clock: DiskStore(folder, max_size, clock=clock),
+    "memory": lambda folder, max_size, clock: MemoryStore(max_size, clock=clock),
+}
 
 StoreFactory = Callable[..., BlobStore]
 
 
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture(params=sorted(STORES))
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
+def make_store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> StoreFactory:
     factory = STORES[request.param]
-    return lambda max_size=1 << 30: factory(tmp_path / "store", max_size)
+    return lambda max_size=1 << 30: factory(tmp_path / "store", max_size, clock)
 
 
-def test_blob_is_visible_only_after_a_verified_commit(make_store: StoreFactory) -> None:
+async def _read(store: BlobStore, digest: Digest) -> bytes | None:
+    stored = store.open_blob(digest)
+    if stored is None:
+        return None
+    try:
+        return b"".join([bytes(c) async for c in stored.chunks(0, stored.size)])
+    finally:
+        stored.close()
+
+
+async def test_blob_is_visible_only_after_a_verified_commit(make_store: StoreFactory) -> None:
     store = make_store()
     data = b"layer bytes" * 1000
     digest = digest_of(data)
     temp = store.begin_blob(digest)
     assert temp is not None
     temp.write(data[:100])
-    assert store.blob_path(digest) is None
+    assert not store.has_blob(digest) and store.open_blob(digest) is None
     temp.write(data[100:])
-    path = temp.commit()
-    assert store.blob_path(digest) == path
-    assert path.read_bytes() == data
+    back = temp.read_back()
+    assert back is not None and back.pread(100, 11) == data[100:111]  # for late readers
+    assert temp.commit() is True
+    assert store.has_blob(digest) and store.blob_size(digest) == len(data)
+    assert await _read(store, digest) == data
 
 
 def test_wrong_bytes_are_discarded(make_store: StoreFactory) -> None:
@@ -49,8 +82,9 @@ def test_wrong_bytes_are_discarded(make_store: StoreFactory) -> None:
     temp.write(b"the wrong bytes")
     with pytest.raises(DigestMismatch):
         temp.commit()
-    assert store.blob_path(digest) is None
-    assert not temp.path.exists()
+    assert not store.has_blob(digest)
+    assert store.usage() == (0, 0)
+    assert store.begin_blob(digest) is not None  # the digest is free again
 
 
 def test_one_writer_per_digest(make_store: StoreFactory) -> None:
@@ -63,19 +97,101 @@ def test_one_writer_per_digest(make_store: StoreFactory) -> None:
     second = store.begin_blob(digest)
     assert second is not None
     second.write(b"x")
-    second.commit()
+    assert second.commit() is True
 
 
 def test_manifests_keep_exact_bytes_and_type(make_store: StoreFactory) -> None:
     store = make_store()
     data = b'{"schemaVersion": 2,   "odd":  "spacing"}'
     digest = digest_of(data)
-    store.put_manifest(digest, data, "application/vnd.oci.image.manifest.v1+json")
+    assert store.put_manifest(digest, data, "application/vnd.oci.image.manifest.v1+json")
     assert store.get_manifest(digest) == (data, "application/vnd.oci.image.manifest.v1+json")
     with pytest.raises(DigestMismatch):
         store.put_manifest(digest_of(b"other"), data, "application/json")
     missing = Digest("sha256", hashlib.sha256(b"missing").hexdigest())
     assert store.get_manifest(missing) is None
+
+
+def _put_blob(store: BlobStore, data: bytes, upstream: str = "", repository: str = "") -> Digest:
+    digest = digest_of(data)
+    temp = store.begin_blob(digest, upstream, repository)
+    assert temp is not None
+    temp.write(data)
+    assert temp.commit() is True
+    return digest
+
+
+def test_usage_is_exact_and_the_least_recently_used_go_first(
+    make_store: StoreFactory, clock: Clock
+) -> None:
+    store = make_store(3000)
+    first = _put_blob(store, b"a" * 1000)
+    second = _put_blob(store, b"b" * 1000)
+    assert store.usage() == (2000, 2)
+    clock.now += 10  # past the eviction grace
+    opened = store.open_blob(first)  # used: now the most recent
+    assert opened is not None
+    opened.close()
+    store.flush_uses()
+    clock.now += 10
+    third = _put_blob(store, b"c" * 1500)
+    assert not store.has_blob(second)  # the least recently used went
+    assert store.has_blob(first) and store.has_blob(third)
+    assert store.usage() == (2500, 2)
+    assert store.evictions() == (1, 1000)
+
+
+def test_content_used_within_the_grace_is_not_evicted(
+    make_store: StoreFactory, clock: Clock
+) -> None:
+    store = make_store(1500)
+    first = _put_blob(store, b"a" * 1000)
+    _put_blob(store, b"b" * 1000)  # over the bound, but the first was just used
+    assert store.has_blob(first) and store.usage() == (2000, 2)
+    clock.now += 10
+    _put_blob(store, b"c" * 10)
+    assert not store.has_blob(first)
+
+
+def test_content_over_the_bound_is_not_kept(make_store: StoreFactory) -> None:
+    store = make_store(100)
+    data = b"z" * 200
+    temp = store.begin_blob(digest_of(data))
+    assert temp is not None
+    temp.write(data)
+    assert temp.commit(keep=len(data) <= store.max_size) is False
+    assert not store.has_blob(digest_of(data)) and store.usage() == (0, 0)
+
+
+def test_a_spilled_fill_keeps_nothing(make_store: StoreFactory) -> None:
+    store = make_store()
+    data = b"s" * 5000
+    temp = store.begin_blob(digest_of(data))
+    assert temp is not None
+    temp.write(data[:1000])
+    temp.spill()  # the disk filled
+    temp.write(data[1000:])
+    temp.verify()  # the content was still checked
+    assert temp.commit() is False
+    assert not store.has_blob(digest_of(data)) and store.usage() == (0, 0)
+
+
+def test_usage_by_repository_and_oldest(make_store: StoreFactory, clock: Clock) -> None:
+    store = make_store()
+    _put_blob(store, b"1" * 300, "docker.io", "library/alpine")
+    clock.now += 1
+    _put_blob(store, b"2" * 200, "docker.io", "library/alpine")
+    clock.now += 1
+    newest = _put_blob(store, b"3" * 100, "ghcr.io", "org/app")
+    assert store.usage_by() == [
+        ("docker.io", "library/alpine", 500, 2),
+        ("ghcr.io", "org/app", 100, 1),
+    ]
+    oldest = store.oldest(2, used_before=clock.now + 1)
+    assert [entry.size for entry in oldest] == [300, 200]
+    store.evict(oldest[0])
+    assert store.usage() == (300, 2) and store.evictions() == (1, 300)
+    assert store.has_blob(newest) and store.state() == "ok"
 
 
 def test_restart_removes_dead_writers_temporaries(tmp_path: Path) -> None:
@@ -91,40 +207,6 @@ def test_restart_removes_dead_writers_temporaries(tmp_path: Path) -> None:
     DiskStore(tmp_path / "store", 1 << 30)
     assert not part.exists()
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
-
-
-def _put_blob(store: BlobStore, data: bytes) -> Digest:
-    digest = digest_of(data)
-    temp = store.begin_blob(digest)
-    assert temp is not None
-    temp.write(data)
-    temp.commit()
-    return digest
-
-
-def test_usage_is_exact_and_the_least_recently_used_go_first(make_store: StoreFactory) -> None:
-    store = make_store(3000)
-    first = _put_blob(store, b"a" * 1000)
-    second = _put_blob(store, b"b" * 1000)
-    assert store.usage() == (2000, 2)
-    time.sleep(1.1)  # past the eviction grace
-    assert store.blob_path(first) is not None  # used: now the most recent
-    third = _put_blob(store, b"c" * 1500)
-    assert store.blob_path(second) is None  # the least recently used went
-    assert store.blob_path(first) is not None and store.blob_path(third) is not None
-    assert store.usage() == (2500, 2)
-    assert store.counters.evictions == 1
-    store.close()
-
-
-def test_content_over_the_bound_is_not_kept(make_store: StoreFactory) -> None:
-    store = make_store(100)
-    data = b"z" * 200
-    temp = store.begin_blob(digest_of(data))
-    assert temp is not None
-    temp.write(data)
-    assert temp.commit(keep=len(data) <= store.max_size) is None
-    assert store.blob_path(digest_of(data)) is None and store.usage() == (0, 0)
 
 
 def test_pending_rows_are_settled_at_start_up(tmp_path: Path) -> None:
@@ -144,8 +226,8 @@ def test_pending_rows_are_settled_at_start_up(tmp_path: Path) -> None:
 
     reopened = DiskStore(root, 1 << 30)
     assert reopened.index.pending() == []
-    assert reopened.blob_path(kept) is not None and reopened.blob_path(landed) is not None
-    assert reopened.blob_path(corrupt) is None
+    assert reopened.has_blob(kept) and reopened.has_blob(landed)
+    assert not reopened.has_blob(corrupt)
     assert reopened.usage() == (len(b"kept") + len(b"landed"), 2)
 
 
@@ -161,14 +243,14 @@ def test_a_lost_index_is_rebuilt_from_verified_files(tmp_path: Path) -> None:
         (root / name).unlink(missing_ok=True)
     rebuilt = DiskStore(root, 1 << 30)
     assert rebuilt.usage() == (len(b"good") + 2, 2)
-    assert rebuilt.blob_path(good) is not None and rebuilt.blob_path(bad) is None
+    assert rebuilt.has_blob(good) and not rebuilt.has_blob(bad)
 
 
 def test_a_file_removed_by_hand_is_forgotten(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "store", 1 << 30)
     digest = _put_blob(store, b"gone")
     store.final_path(digest).unlink()
-    assert store.blob_path(digest) is None
+    assert store.open_blob(digest) is None
     assert store.usage() == (0, 0)
 
 
@@ -198,8 +280,8 @@ async def test_another_process_gets_the_last_byte_once_verified_not_after_the_fs
     assert len(got) == len(data) - 1 and not reader.done()
     temp.verify()
     await asyncio.wait_for(reader, 2)
-    assert bytes(got) == data and store.blob_path(digest) is None  # not committed yet
-    assert temp.commit() == store.blob_path(digest)
+    assert bytes(got) == data and not store.has_blob(digest)  # not committed yet
+    assert temp.commit() is True and store.has_blob(digest)
 
 
 async def test_a_follower_of_wrong_bytes_never_gets_the_last_one(tmp_path: Path) -> None:

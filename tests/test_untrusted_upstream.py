@@ -129,7 +129,7 @@ async def test_real_world_manifest_sizes_are_exact_on_every_cold_fetch(
     [
         {"length_header": False, "piece": 1000},  # chunked, in many small pieces
         {"length_header": True, "piece": 4096, "pause": 0.001},  # slowly, with a length
-        {"length_header": False, "piece": 65536, "pause": 0.01},  # slowly, no length
+        {"length_header": False, "piece": 4096, "pause": 0.002},  # slowly, no length
     ],
     ids=["chunked-small-pieces", "slow-with-length", "slow-without-length"],
 )
@@ -163,15 +163,23 @@ def _error(body: bytes) -> dict[str, Any]:
     return errors[0]
 
 
-@pytest.mark.parametrize("length_header", [True, False], ids=["with-length", "chunked"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"length_header": True},
+        {"length_header": False},
+        {"length_header": False, "digest_header": False, "piece": 65536},
+    ],
+    ids=["with-length", "chunked", "chunked-without-digest"],
+)
 async def test_manifest_over_4_mib_is_refused_not_cut(
     make_mirror: MirrorFactory,
     fake: FakeUpstream,
     http: aiohttp.ClientSession,
-    length_header: bool,
+    shape: dict[str, Any],
 ) -> None:
     data, media_type = manifest_of_size(4 * MiB + 1)
-    fake.set("GET", "/v2/too/big/manifests/v1", Body(data, media_type, length_header=length_header))
+    fake.set("GET", "/v2/too/big/manifests/v1", Body(data, media_type, **shape))
     mirror = await make_mirror({"docker.io": fake.url})
     for _ in range(2):
         status, body, _ = await _get(http, f"{mirror.url}/v2/too/big/manifests/v1")

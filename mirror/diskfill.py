@@ -1,0 +1,356 @@
+"""Filling a blob on disk, shared by every process over one store: both sides of the protocol.
+
+The writer of a blob holds an flock on `tmp/<alg>-<hex>.lock` while it writes
+`tmp/<alg>-<hex>.part`, so several worker processes never write the same temporary twice.
+The lock file also tells the processes following the fill its length (once the upstream
+said) and that its content verified (the word `verified`), so followers give their clients
+the last byte then, not after the fsync and rename. A temporary whose lock is free belongs
+to a writer that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import weakref
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from .inflight import READ_CHUNK, TransferFailed
+from .reference import Digest
+from .storage import DigestMismatch
+
+VERIFIED = "verified"  # written to a fill's lock file once its content checked out
+
+# Makes a verified temporary of `size` bytes the stored blob; False when it could not.
+CommitInto = Callable[[Path, int], bool]
+
+
+class FileReadBack:
+    """A temporary read back through one descriptor opened while it is being written."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class DiskTempBlob:
+    """A temporary file owned by this process (its lock file is flock'd)."""
+
+    def __init__(
+        self, digest: Digest, path: Path, lock: Path, fd: int, lock_fd: int, commit: CommitInto
+    ) -> None:
+        self._digest = digest
+        self.path = path
+        self._lock = lock
+        self._fd = fd
+        self._lock_fd = lock_fd
+        self._commit_into = commit
+        self._hasher = digest.hasher()
+        self._written = 0
+        self._spilled = False
+        self._synced = False
+        self._closed = False
+        self._verified = False
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    @property
+    def spilled(self) -> bool:
+        return self._spilled
+
+    def read_back(self) -> FileReadBack:
+        return FileReadBack(self.path)
+
+    def write(self, data: bytes) -> None:
+        """Append to the file (once spilled: only hash and count). OSError leaves `written`
+        at the last whole chunk, so the file's first `written` bytes stay right."""
+        if not self._spilled:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        self._hasher.update(data)
+        self._written += len(data)
+
+    def spill(self) -> None:
+        """Stop writing the file: the rest is only hashed, nothing is kept, and the
+        temporary is removed at once (readers holding it open keep what it had)."""
+        if self._spilled:
+            return
+        self._spilled = True
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def announce(self, size: int | None) -> None:
+        os.pwrite(self._lock_fd, f"{size if size is not None else -1}\n".encode(), 0)
+
+    def verify(self) -> None:
+        """Raise DigestMismatch (and discard the file) unless the content is right.
+
+        Right content is marked so in the lock file at once: processes following this fill
+        give their clients the last byte now, not after the fsync and rename."""
+        if self._hasher.hexdigest() != self._digest.hex:
+            self.discard()
+            raise DigestMismatch(f"content does not match {self._digest}")
+        self._verified = True
+        if not self._spilled and not self._closed:
+            # Not marked (a full disk): followers see the fill done at its rename instead.
+            with contextlib.suppress(OSError):
+                os.pwrite(self._lock_fd, f"{self._written}\n{VERIFIED}\n".encode(), 0)
+
+    def sync(self) -> None:
+        os.fsync(self._fd)
+        self._synced = True
+
+    def commit(self, *, keep: bool = True) -> bool:
+        if not self._verified:
+            self.verify()
+        if not keep or self._spilled:
+            self.discard()
+            return False
+        if not self._synced:
+            self.sync()
+        kept = self._commit_into(self.path, self._written)
+        if not kept:
+            self.discard()
+        self._release()
+        return kept
+
+    def discard(self) -> None:
+        if self._closed:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self._release()
+
+    def _release(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.close(self._fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock)
+        os.close(self._lock_fd)  # closing drops the flock
+
+
+class DiskFills:
+    """The fills under one store's `tmp/` folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def temp_path(self, digest: Digest) -> Path:
+        return self.folder / f"{digest.algorithm}-{digest.hex}.part"
+
+    def lock_path(self, digest: Digest) -> Path:
+        return self.folder / f"{digest.algorithm}-{digest.hex}.lock"
+
+    def begin(self, digest: Digest, commit: CommitInto) -> DiskTempBlob | None:
+        """The temporary to fill, or None when another writer holds this digest's lock."""
+        lock_path = self.lock_path(digest)
+        lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            return None
+        try:
+            # The lock is ours only if the file we locked is still the one at the path:
+            # a finishing writer unlinks it before letting go.
+            if os.fstat(lock_fd).st_ino != os.stat(lock_path).st_ino:
+                os.close(lock_fd)
+                return None
+        except FileNotFoundError:
+            os.close(lock_fd)
+            return None
+        temp = self.temp_path(digest)
+        # A temporary left here is a dead writer's: its lock was free.
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        try:
+            fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except OSError:
+            os.close(lock_fd)
+            raise
+        return DiskTempBlob(digest, temp, lock_path, fd, lock_fd, commit)
+
+    def follow(self, digest: Digest, final: Path) -> FollowedFill | None:
+        """The fill of `digest` another process is running, to stream as it grows; None
+        when there is none to follow (it finished, failed, or has not created its file)."""
+        try:
+            fd = os.open(self.temp_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        lock_path = self.lock_path(digest)
+
+        def lock_words() -> list[str]:
+            """What the writer said: its size (-1 while unknown), then whether verified."""
+            try:
+                return lock_path.read_text().split()
+            except FileNotFoundError:
+                return []
+
+        def announced_size() -> int | None:
+            words = lock_words()
+            return int(words[0]) if words and words[0].isdigit() else None
+
+        def finished() -> bool:
+            # The lock file goes only after the rename: one of the two looks sees it done.
+            return VERIFIED in lock_words() or final.exists()
+
+        def alive() -> bool:
+            """Whether the writer still holds its lock."""
+            try:
+                probe = os.open(lock_path, os.O_RDONLY)
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            finally:
+                os.close(probe)  # also drops the shared lock, if we got it
+            return False
+
+        return FollowedFill(fd, announced_size, finished, alive)
+
+    def remove_stale(self) -> int:
+        """Delete temporaries whose writer is gone; returns how many blobs' worth.
+
+        A blob's `.part` goes when its lock is free; a manifest's `.tmp` (named with its
+        writer's pid) when that process no longer runs."""
+        removed = 0
+        for entry in os.scandir(self.folder):
+            if entry.name.endswith(".tmp"):
+                if not _alive(_writer_pid(entry.name)):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+                continue
+            if not entry.name.endswith((".part", ".lock")):
+                continue
+            stem = entry.name.rsplit(".", 1)[0]
+            lock_path = self.folder / f"{stem}.lock"
+            try:
+                lock_fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock_fd)
+                continue  # a live writer in another process
+            for name in (f"{stem}.part", f"{stem}.lock"):
+                try:
+                    os.unlink(self.folder / name)
+                    removed += name.endswith(".part")
+                except FileNotFoundError:
+                    pass
+            os.close(lock_fd)
+        return removed
+
+
+def _writer_pid(name: str) -> int:
+    """The pid in `<name>.<pid>.tmp`; 0 when there is none."""
+    parts = name.rsplit(".", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FollowedFill:
+    """A file another process is writing, read as it grows by polling its size.
+
+    `size` is read with `announced_size` (None until the writer said); the writer is known
+    to have finished when `finished()` is true and to have given up when `alive()` turns
+    false first. As with Transfer, the last byte waits until the writer finished.
+    """
+
+    POLL_SECONDS = 0.01
+
+    def __init__(
+        self,
+        fd: int,
+        announced_size: Callable[[], int | None],
+        finished: Callable[[], bool],
+        alive: Callable[[], bool],
+    ) -> None:
+        self._fd = fd
+        weakref.finalize(self, os.close, fd)
+        self._announced_size = announced_size
+        self._finished_now = finished
+        self._done = False
+        self._alive = alive
+        self.size: int | None = None
+        self.readers = 0
+
+    def _finished(self) -> bool:
+        """Whether the writer finished; once it has, without asking again."""
+        self._done = self._done or self._finished_now()
+        return self._done
+
+    def size_if_known(self) -> int | None:
+        """The length the writer announced, without waiting."""
+        if self.size is None:
+            self.size = self._announced_size()
+        return self.size
+
+    async def wait_started(self, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.size is None:
+            self.size = self._announced_size()
+            if self.size is not None:
+                return
+            if self._finished():
+                self.size = os.fstat(self._fd).st_size
+                return
+            if not self._alive() or asyncio.get_running_loop().time() > deadline:
+                raise TransferFailed("the process fetching this blob gave up")
+            await asyncio.sleep(self.POLL_SECONDS)
+
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        assert self.size is not None, "wait_started first"
+        size = self.size
+        end = size if end is None else min(end, size)
+        self.readers += 1
+        try:
+            offset = start
+            while offset < end:
+                finished = self._finished()
+                written = size if finished else min(os.fstat(self._fd).st_size, size) - 1
+                stop = min(written, end)
+                if offset < stop:
+                    data = os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
+                    if not data:
+                        raise TransferFailed("file shrank under a reader")
+                    offset += len(data)
+                    yield data
+                    continue
+                if not finished and not self._alive():
+                    if self._finished():
+                        continue  # it finished between the two looks
+                    raise TransferFailed("the process fetching this blob gave up")
+                await asyncio.sleep(self.POLL_SECONDS)
+        finally:
+            self.readers -= 1
