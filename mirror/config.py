@@ -150,7 +150,7 @@ def parse_size(value: object, key: str) -> int:
             raise ConfigError(f"{key}: must be positive, got {value}")
         return value
     if isinstance(value, str):
-        match = _SIZE_RE.match(value)
+        match = _SIZE_RE.fullmatch(value)
         if match and match.group(2).lower() in _SIZE_UNITS:
             size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
             if size > 0:

@@ -4,8 +4,9 @@ The writer of a blob holds an flock on `tmp/<alg>-<hex>.lock` while it writes
 `tmp/<alg>-<hex>.part`, so several worker processes never write the same temporary twice.
 The lock file also tells the processes following the fill its length (once the upstream
 said) and that its content verified (the word `verified`), so followers give their clients
-the last byte then, not after the fsync and rename. A temporary whose lock is free belongs
-to a writer that is gone.
+the last byte then, not after the fsync and rename; or that the fill is not being kept
+(`spilled`: a full disk, a blob over the bound), so followers fetch for themselves. A
+temporary whose lock is free belongs to a writer that is gone.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from .inflight import READ_CHUNK, TransferFailed
+from .inflight import READ_CHUNK, NotKept, TransferFailed
 from .reference import Digest
 from .storage import DigestMismatch
 
 VERIFIED = "verified"  # written to a fill's lock file once its content checked out
+SPILLED = "spilled"  # written when the fill stopped keeping its bytes: nothing to follow
 
 # Makes a verified temporary of `size` bytes the stored blob; False when it could not.
 CommitInto = Callable[[Path, int], bool]
@@ -61,6 +63,7 @@ class DiskTempBlob:
         self._synced = False
         self._closed = False
         self._verified = False
+        self._size: int | None = None
 
     @property
     def written(self) -> int:
@@ -91,9 +94,18 @@ class DiskTempBlob:
         self._spilled = True
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        with contextlib.suppress(OSError):  # followers then give up at once
+            self._tell(SPILLED)
 
     def announce(self, size: int | None) -> None:
-        os.pwrite(self._lock_fd, f"{size if size is not None else -1}\n".encode(), 0)
+        self._size = size
+        self._tell(SPILLED if self._spilled else "")
+
+    def _tell(self, state: str) -> None:
+        """What followers read in the lock file: the length (-1 while unknown) and the
+        state. Fixed width, written in one piece at offset 0, so it is never half read."""
+        size = self._size if self._size is not None else -1
+        os.pwrite(self._lock_fd, f"{size:<20}\n{state:<10}\n".encode(), 0)
 
     def verify(self) -> None:
         """Raise DigestMismatch (and discard the file) unless the content is right.
@@ -106,8 +118,9 @@ class DiskTempBlob:
         self._verified = True
         if not self._spilled and not self._closed:
             # Not marked (a full disk): followers see the fill done at its rename instead.
+            self._size = self._written
             with contextlib.suppress(OSError):
-                os.pwrite(self._lock_fd, f"{self._written}\n{VERIFIED}\n".encode(), 0)
+                self._tell(VERIFIED)
 
     def sync(self) -> None:
         os.fsync(self._fd)
@@ -209,6 +222,9 @@ class DiskFills:
             # The lock file goes only after the rename: one of the two looks sees it done.
             return VERIFIED in lock_words() or final.exists()
 
+        def spilled() -> bool:
+            return SPILLED in lock_words()
+
         def alive() -> bool:
             """Whether the writer still holds its lock."""
             try:
@@ -223,7 +239,7 @@ class DiskFills:
                 os.close(probe)  # also drops the shared lock, if we got it
             return False
 
-        return FollowedFill(fd, announced_size, finished, alive)
+        return FollowedFill(fd, announced_size, finished, alive, spilled)
 
     def remove_stale(self) -> int:
         """Delete temporaries whose writer is gone; returns how many blobs' worth.
@@ -295,8 +311,10 @@ class FollowedFill:
         announced_size: Callable[[], int | None],
         finished: Callable[[], bool],
         alive: Callable[[], bool],
+        spilled: Callable[[], bool],
     ) -> None:
         self._fd = fd
+        self._spilled = spilled
         weakref.finalize(self, os.close, fd)
         self._announced_size = announced_size
         self._finished_now = finished
@@ -317,17 +335,20 @@ class FollowedFill:
         return self.size
 
     async def wait_started(self, timeout: float) -> None:
+        """Wait until the length is known; NotKept when the writer is not keeping the blob
+        (there will be nothing to follow), TransferFailed when it gave up."""
         deadline = asyncio.get_running_loop().time() + timeout
         while self.size is None:
             self.size = self._announced_size()
-            if self.size is not None:
-                return
-            if self._finished():
+            if self.size is None and self._finished():
                 self.size = os.fstat(self._fd).st_size
-                return
+            if self.size is not None:
+                break
             if not self._alive() or asyncio.get_running_loop().time() > deadline:
                 raise TransferFailed("the process fetching this blob gave up")
             await asyncio.sleep(self.POLL_SECONDS)
+        if self._spilled():
+            raise NotKept("the process fetching this blob is not keeping it")
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         assert self.size is not None, "wait_started first"
@@ -351,6 +372,8 @@ class FollowedFill:
                     if self._finished():
                         continue  # it finished between the two looks
                     raise TransferFailed("the process fetching this blob gave up")
+                if not finished and self._spilled():
+                    raise TransferFailed("the process fetching this blob stopped keeping it")
                 await asyncio.sleep(self.POLL_SECONDS)
         finally:
             self.readers -= 1

@@ -226,6 +226,9 @@ class DiskStore:
             raise DigestMismatch(f"manifest does not match {digest}")
         path = self.manifest_path(digest)
         key = manifest_key(digest)
+        if path.exists() and self._type_path(digest).exists():
+            self.index.touch(key)  # kept already (asked under another tag): nothing to write
+            return True
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.index.begin(key, len(data), upstream, repository)
@@ -429,8 +432,13 @@ class DiskStore:
                     yield f"{kind}:{digest}", path
 
     def indexed_keys(self) -> set[str]:
-        """Every key the index holds."""
-        return {entry.key for entry in self.index.entries()}
+        """Every key the index holds as done (not a change a live process is making)."""
+        pending = {entry.key for entry in self.index.pending()}
+        return {entry.key for entry in self.index.entries()} - pending
+
+    def has_file(self, key: str) -> bool:
+        path = self.path_of(key)
+        return path is not None and path.exists()
 
     def forget(self, key: str) -> None:
         """Drop an index entry whose file is gone."""

@@ -130,11 +130,14 @@ class RegistryHandlers:
             "ETag": f'"{digest}"',  # the content's name: it never changes
         }
         if _etag_matches(request, str(digest)):
-            return web.Response(status=304, headers=headers)
+            # The client has these bytes (a digest names them forever): nothing to fetch.
+            request[RESULT] = HIT
+            return web.Response(status=304, headers={**headers, CACHE_HEADER: HIT})
         if request.method == "HEAD":
             size, request[RESULT] = await self._proxy.blob_size(route, digest)
             headers["Content-Length"] = str(size)
             headers["Accept-Ranges"] = "bytes"
+            headers[CACHE_HEADER] = request[RESULT]
             return web.Response(headers=headers)
         source, result = await self._proxy.open_blob(route, digest)
         request[RESULT] = result

@@ -78,6 +78,10 @@ class TransferFailed(Exception):
     """The writer gave up; readers must abort what they were sending."""
 
 
+class NotKept(TransferFailed):
+    """The fill being followed does not keep its bytes: there is nothing to follow."""
+
+
 class Transfer:
     """A blob being written by one task and read, as it grows, by many.
 
@@ -196,10 +200,11 @@ class Transfer:
         self._close_when_unread()
 
     def _close_when_unread(self) -> None:
-        """Once spilled (its temporary removed), close the shared descriptor as soon as the
-        writer is done and no reader is left, so the space returns to the disk now."""
-        ended = self.complete or self.error is not None
-        if ended and self.spilled and not self._positions and self._back is not None:
+        """Once failed, or spilled (either way its temporary is removed), close the shared
+        reader as soon as no reader is left, so the space returns to the disk now, not at
+        some garbage collection. (A kept blob's reader may serve a late reader still.)"""
+        gone = self.error is not None or (self.complete and self.spilled)
+        if gone and not self._positions and self._back is not None:
             self._back = None
             self._closer()
 

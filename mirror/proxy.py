@@ -25,7 +25,7 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .inflight import BlobStream, SingleFlight, Transfer, TransferFailed
+from .inflight import BlobStream, NotKept, SingleFlight, Transfer, TransferFailed
 from .metrics import Metrics
 from .reference import MANIFEST_TYPES, Digest, parse_digest
 from .routing import Route
@@ -313,6 +313,12 @@ class Proxy:
                         self._config.timeouts.connect + self._config.timeouts.read
                     )
                     return followed, COALESCED
+                except NotKept:
+                    # Streamed through there (a full disk, a blob over the bound): there is
+                    # no file to follow, so this client gets a transfer of its own.
+                    transfer = self._pass_through(route, digest)
+                    await transfer.wait_started()
+                    return transfer, MISS
                 except TransferFailed:
                     pass  # it gave up before it began: look again, and maybe fetch it here
             if time.monotonic() > deadline:
@@ -401,13 +407,14 @@ class Proxy:
         window, never buffered whole."""
 
         def started(size: int | None) -> None:
+            # Spilled before announced: processes following this fill learn both at once.
+            if size is not None and size > self._store.max_size:
+                self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
             try:
                 temp.announce(size)
             except WRITE_ERRORS as exc:
                 self._store.counters.write_failed(f"announcing {digest}", exc)
                 self._spill(temp, transfer, digest, "the disk is full")
-            if size is not None and size > self._store.max_size:
-                self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
             transfer.start(size)
 
         fetched = self._metrics.fetched_bytes.labels(client.name)  # looked up once, not per chunk

@@ -19,11 +19,11 @@ _HEX_LENGTH = {"sha256": 64, "sha512": 128}
 
 
 def is_valid_name(name: str) -> bool:
-    return len(name) <= MAX_NAME_LENGTH and NAME_RE.match(name) is not None
+    return len(name) <= MAX_NAME_LENGTH and NAME_RE.fullmatch(name) is not None
 
 
 def is_valid_tag(tag: str) -> bool:
-    return TAG_RE.match(tag) is not None
+    return TAG_RE.fullmatch(tag) is not None
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Digest:
 
 def parse_digest(text: str) -> Digest | None:
     """The digest in `text`, or None when it is malformed or of an algorithm we cannot verify."""
-    if DIGEST_RE.match(text) is None:
+    if DIGEST_RE.fullmatch(text) is None:
         return None
     algorithm, _, encoded = text.partition(":")
     length = _HEX_LENGTH.get(algorithm)

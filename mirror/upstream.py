@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -47,6 +49,7 @@ RATELIMIT_HEADERS = {
 }
 MAX_REDIRECTS = 5
 MAX_RESUMES = 5  # Range requests to finish one blob transfer that keeps breaking
+CHECK_IN_THREAD = 256 * 1024  # manifests at least this large are checked in a thread
 USER_AGENT = "mirror/0.1 (pull-through cache)"
 
 
@@ -85,16 +88,43 @@ def _media_type(response: aiohttp.ClientResponse) -> str:
     return response.headers.get("Content-Type", "application/octet-stream").split(";")[0].strip()
 
 
-def _manifest_type(declared: str, data: bytes) -> str | None:
-    """The manifest media type to keep: the declared one when it is a manifest's, else the
-    body's own `mediaType` (some registries answer `application/json`); None refuses it."""
+def _manifest_type(declared: str, document: dict[str, Any]) -> str | None:
+    """The manifest media type to keep: the declared one when it is a manifest's; for a
+    registry that says `application/json`, the body's own `mediaType`; None refuses it."""
     if is_manifest_type(declared):
         return declared.lower()
+    inner = document.get("mediaType")
+    if declared.lower() == "application/json" and isinstance(inner, str):
+        return inner if is_manifest_type(inner) else None
+    return None
+
+
+def _checked(
+    what: str, data: bytes, declared: str, expected: Digest | None, claimed: Digest | None
+) -> tuple[Digest, str]:
+    """The digest and media type of manifest bytes that pass every check; ContentMismatch
+    for anything else: a body that is not a whole JSON object (cut short by an upstream
+    that sent neither a length nor a digest), a type that is not a manifest's, bytes that
+    do not hash to the digest asked for or announced."""
+    if not is_manifest_type(declared) and declared.lower() != "application/json":
+        raise ContentMismatch(f"{what} has media type {declared!r}, which is not a manifest's")
+    for name in (expected, claimed):
+        if name is not None and not manifest_matches(name, data, declared.lower()):
+            log.warning("refused %s: its %d bytes do not match %s", what, len(data), name)
+            raise ContentMismatch(f"{what} does not match {name}", detail={"digest": str(name)})
     try:
-        inner = json.loads(data).get("mediaType")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return inner if isinstance(inner, str) and is_manifest_type(inner) else None
+        document = json.loads(data)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise ContentMismatch(f"{what} is not a whole JSON document ({len(data)} bytes)")
+    media_type = _manifest_type(declared, document)
+    if media_type is None:
+        raise ContentMismatch(f"{what} has media type {declared!r}, which is not a manifest's")
+    return expected or claimed or digest_of(data), media_type
+
+
+PAGE_TYPES = ("application/json", "application/vnd.oci.image.index.v1+json")
 
 
 class UpstreamClient:
@@ -159,21 +189,12 @@ class UpstreamClient:
             data = await read_body(response, MANIFEST_LIMIT, what)
             declared = _media_type(response)
             announced = response.headers.get("Docker-Content-Digest", "")
-        media_type = _manifest_type(declared, data)
-        if media_type is None:
-            raise ContentMismatch(
-                f"{what} has media type {declared!r}, which is not a manifest's",
-                detail={"upstream": self.name},
-            )
         claimed = parse_digest(announced)
-        digest = expected or claimed or digest_of(data)
-        for name in (expected, claimed):
-            if name is not None and not manifest_matches(name, data, media_type):
-                log.warning("refused %s: its %d bytes do not match %s", what, len(data), name)
-                raise ContentMismatch(
-                    f"upstream {self.name} sent a manifest that does not match {name}",
-                    detail={"upstream": self.name, "digest": str(name)},
-                )
+        check = functools.partial(_checked, what, data, declared, expected, claimed)
+        # A large manifest is parsed and hashed off the loop (4 MiB take milliseconds).
+        digest, media_type = (
+            check() if len(data) < CHECK_IN_THREAD else await asyncio.to_thread(check)
+        )
         return FetchedManifest(digest, media_type, data)
 
     async def get_page(
@@ -188,7 +209,9 @@ class UpstreamClient:
             await self._raise_for_status(response, not_found)
             body = await read_body(response, PAGE_LIMIT, f"upstream {self.name}: {path}")
             link = response.headers.get("Link", "")
-            content_type = response.headers.get("Content-Type", "application/json")
+            content_type = _media_type(response).lower()
+        if content_type not in PAGE_TYPES:
+            content_type = "application/json"  # never what the upstream says it is: HTML
         next_query = None
         if link.startswith("<") and ">" in link:
             _, _, query = link[1 : link.index(">")].partition("?")

@@ -17,6 +17,7 @@ from mirror.app import STORE
 from mirror.reference import MANIFEST_TYPES, Digest, parse_digest
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.fake_upstream import Body, FakeUpstream, generated_digest
+from tests.support.images import Pusher
 from tests.support.registry import Registry
 from tests.support.waiting import until
 
@@ -76,6 +77,8 @@ async def test_a_full_disk_serves_what_is_cached_and_streams_the_rest(
     layer = image.layers[0]
     assert (await _get(http, f"{base}/manifests/3.20"))[:2] == (200, image.digest)
     assert (await _get(http, f"{base}/blobs/{layer}"))[:2] == (200, layer)
+    # the same manifest under a second tag, asked for only once the disk is full
+    Pusher(upstream.url).push_manifest("library/alpine", "alias", image.manifest, image.media_type)
     filler = _fill_up(disk)
     store = mirror.app[STORE]
     store.index.flush_seconds = -1  # every hit writes its access time (and cannot)
@@ -86,6 +89,10 @@ async def test_a_full_disk_serves_what_is_cached_and_streams_the_rest(
         assert (await _get(http, f"{base}/manifests/3.20"))[:2] == (200, image.digest)
         assert (await _get(http, f"{base}/manifests/{image.digest}"))[:2] == (200, image.digest)
         store.flush_uses()  # the hits' access times cannot be written: no error either
+    # a new tag for a kept manifest: served, and the kept copy is not lost on the way
+    assert (await _get(http, f"{base}/manifests/alias"))[:2] == (200, image.digest)
+    async with http.get(f"{base}/manifests/{image.digest}", headers={"Accept": ACCEPT}) as answer:
+        assert answer.headers["X-Mirror-Cache"] == "hit"
     # unknown: 404, as ever
     status, _, body = await _get(http, f"{base}/manifests/no-such-tag")
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "MANIFEST_UNKNOWN"

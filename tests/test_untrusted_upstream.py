@@ -5,9 +5,12 @@ of the wrong type, slowly, or that points the mirror at internal addresses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +28,7 @@ from tests.support.fake_upstream import (
 )
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry
+from tests.support.waiting import until
 
 MiB = 1024 * 1024
 ACCEPT = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
@@ -406,3 +410,114 @@ async def test_blob_body_cut_without_a_length_is_never_served_whole(
             await response.read()
     status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/blobs/{digest}")
     assert (status, body) == (200, data)
+
+
+@pytest.mark.parametrize("cut", [None, 19_910], ids=["whole", "cut"])
+async def test_a_close_delimited_manifest_without_digest_is_kept_only_whole(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession, cut: int | None
+) -> None:
+    """No length, no chunks, no digest: the body ends when the connection closes, so only
+    its form can tell a cut one (it is not a whole JSON document)."""
+    data, media_type = manifest_of_size(20_010)
+    fake.set(
+        "GET",
+        "/v2/old/server/manifests/v1",
+        Body(data, media_type, digest_header=False, close_delimited=True, cut_after=cut),
+    )
+    mirror = await make_mirror({"docker.io": fake.url})
+    for _ in range(2):
+        status, body, _ = await _get(http, f"{mirror.url}/v2/old/server/manifests/v1")
+        if cut is None:
+            assert (status, body) == (200, data)
+        else:
+            assert status == 502 and "not a whole JSON document" in _error(body)["message"]
+    assert fake.count("GET", "/manifests/") == (1 if cut is None else 2)
+
+
+@pytest.mark.parametrize("declared", ["text/html", "application/octet-stream", "text/plain"])
+async def test_a_manifest_declared_as_anything_else_is_refused(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession, declared: str
+) -> None:
+    data, _ = manifest_of_size(12_000)  # a real manifest body, with its own mediaType
+    fake.set("GET", "/v2/a/b/manifests/v1", Body(data, declared))
+    mirror = await make_mirror({"docker.io": fake.url})
+    status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/manifests/v1")
+    assert status == 502 and declared in _error(body)["message"]
+
+
+async def test_tag_lists_and_referrers_are_served_as_json_whatever_the_upstream_says(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    page = b"<html><script>alert(document.domain)</script></html>"
+    fake.set("GET", "/v2/a/b/tags/list", Body(page, "text/html", digest_header=False))
+    digest = sha256_digest(b"subject")
+    fake.set("GET", f"/v2/a/b/referrers/{digest}", Body(page, "text/html", digest_header=False))
+    mirror = await make_mirror({"docker.io": fake.url})
+    for path in ("tags/list", f"referrers/{digest}"):
+        async with http.get(f"{mirror.url}/v2/a/b/{path}") as response:
+            assert response.content_type == "application/json", path
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_a_reference_with_a_trailing_newline_is_invalid(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    data, media_type = manifest_of_size(10_000)
+    fake.set("GET", "/v2/a/b/manifests/latest", Body(data, media_type))
+    mirror = await make_mirror({"docker.io": fake.url})
+    for reference in ("latest%0a", f"{sha256_digest(data)}%0a"):
+        async with http.get(f"{mirror.url}/v2/a/b/manifests/{reference}") as response:
+            assert response.status == 400, reference
+    assert fake.count("GET", "/manifests/") == 0
+
+
+async def test_every_blob_answer_says_where_it_came_from(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    data = b"blob" * 1000
+    digest = sha256_digest(data)
+    fake.set("GET", f"/v2/a/b/blobs/{digest}", Body(data, "application/octet-stream"))
+    mirror = await make_mirror({"docker.io": fake.url})
+    url = f"{mirror.url}/v2/a/b/blobs/{digest}"
+    async with http.head(url) as response:
+        assert (response.status, response.headers["X-Mirror-Cache"]) == (200, "miss")
+    async with http.get(url) as response:
+        assert await response.read() == data
+    for _ in range(200):  # kept just after its client had it
+        async with http.head(url) as response:
+            if response.headers["X-Mirror-Cache"] == "hit":
+                break
+        await asyncio.sleep(0.01)
+    assert response.headers["X-Mirror-Cache"] == "hit"
+    async with http.get(url, headers={"If-None-Match": f'"{digest}"'}) as response:
+        assert (response.status, response.headers["X-Mirror-Cache"]) == (304, "hit")
+
+
+def _open_deleted_temporaries() -> list[str]:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if ".part" in target and target.endswith("(deleted)"):
+                found.append(target)
+    return found
+
+
+@pytest.mark.in_process  # looks at this process's open files
+async def test_a_failed_transfer_lets_go_of_its_temporary_at_once(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(2 * MiB)
+    digest = sha256_digest(data)
+    fake.set(
+        "GET",
+        f"/v2/a/b/blobs/{digest}",
+        Body(data, "application/octet-stream", piece=65536, pause=0.05),
+    )
+    mirror = await make_mirror(
+        {"docker.io": fake.url}, timeouts={"connect": 1, "read": 5, "transfer": 0.5}
+    )
+    async with http.get(f"{mirror.url}/v2/a/b/blobs/{digest}") as response:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    await until(lambda: not _open_deleted_temporaries(), "no removed temporary is held open")

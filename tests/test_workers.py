@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RelayFactory, Seeded
 from tests.support.clients import skopeo_copy_to_dir
+from tests.support.fake_upstream import Body, FakeUpstream, generated_digest
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
 from tests.support.relay import Relay
@@ -185,3 +186,32 @@ async def test_a_worker_killed_mid_fill_leaves_no_temporary_behind(
     finally:
         assert await mirror.stop() == 0
     assert "removed 1 temporaries the worker left" in mirror.log.read_text()
+
+
+async def test_a_blob_streamed_through_reaches_every_client_of_every_worker(
+    tmp_path: Path, fake: FakeUpstream
+) -> None:
+    """Larger than the store: the worker fetching it keeps nothing to follow, so clients
+    of the other worker get a transfer of their own instead of a stalled one."""
+    size = 24 * 1024 * 1024
+    digest = await asyncio.to_thread(generated_digest, size)
+    slow = Body(generated=size, content_type="application/octet-stream", piece=65536, pause=0.003)
+    fake.set("GET", f"/v2/big/blob/blobs/{digest}", slow)  # about 20 MB/s
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": 2,
+            "storage": {"path": str(tmp_path / "cache"), "max_size": "8MiB"},
+            "upstreams": {"docker.io": {"url": fake.url}},
+        },
+    ).start()
+    # separate connections, so the kernel spreads them over both workers
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            results = await asyncio.gather(
+                *(_fetch(session, f"{mirror.url}/v2/big/blob/blobs/{digest}") for _ in range(8))
+            )
+    finally:
+        assert await mirror.stop() == 0
+    assert [r["digest"] for r in results] == [digest] * 8

@@ -48,6 +48,9 @@ class Body:
     cut_after: int | None = None  # close the connection after this many body bytes
     hang: bool = False  # send the headers, then never the body
     hang_before_headers: bool = False  # accept the request, never answer
+    # HTTP/1.0 style: no length, not chunked, the body ends when the connection closes
+    # (with cut_after: closes early, and nothing in HTTP can tell).
+    close_delimited: bool = False
     headers: dict[str, str] = field(default_factory=dict)  # extra (Location, WWW-Authenticate)
 
     @property
@@ -187,6 +190,8 @@ class FakeUpstream:
     ) -> web.StreamResponse:
         if body.hang_before_headers:
             await _forever()
+        if body.close_delimited:
+            return await self._send_close_delimited(body, transport)
         response = web.StreamResponse(status=body.status, headers=body.headers)
         response.content_type = body.content_type
         if body.digest_header:
@@ -212,6 +217,21 @@ class FakeUpstream:
         else:
             transport.close()  # cut, or the declared length was a lie
         return response
+
+    async def _send_close_delimited(
+        self, body: Body, transport: asyncio.BaseTransport
+    ) -> web.StreamResponse:
+        assert isinstance(transport, asyncio.WriteTransport)
+        head = f"HTTP/1.1 {body.status} X\r\nContent-Type: {body.content_type}\r\n"
+        for name, value in body.headers.items():
+            head += f"{name}: {value}\r\n"
+        if body.digest_header:
+            head += f"Docker-Content-Digest: {await _digest(body)}\r\n"
+        transport.write(f"{head}Connection: close\r\n\r\n".encode())
+        data = body.data if body.cut_after is None else body.data[: body.cut_after]
+        transport.write(data)
+        transport.close()
+        return web.Response()  # never sent: the connection is closed
 
     async def _write_pieces(
         self,
