@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from .clock import Clock, system_clock
 from .config import Config
 from .diskstore import DiskStore
 from .errors import error_middleware
@@ -85,13 +86,18 @@ async def _note_uses(store: BlobStore) -> None:
         await asyncio.to_thread(store.flush_uses)
 
 
-async def create_app(config: Config, *, repair_store: bool = True) -> web.Application:
+async def create_app(
+    config: Config, *, repair_store: bool = True, clock: Clock = system_clock
+) -> web.Application:
     """Build the app for `config`; must run inside the event loop that will serve it.
-    Worker processes pass repair_store=False: their parent repaired the store once."""
+    Worker processes pass repair_store=False: their parent repaired the store once. Tests
+    pass a `clock` they move by hand (what has expired is decided by it)."""
     metrics = Metrics()
     app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
-    store = DiskStore(config.storage.path, config.storage.max_size, repair=repair_store)
-    tags = TagIndex(config.storage.path / "index", store.counters.write_failed)
+    store = DiskStore(
+        config.storage.path, config.storage.max_size, repair=repair_store, clock=clock
+    )
+    tags = TagIndex(config.storage.path / "index", store.counters.write_failed, clock)
     # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
     # stored them, never as a transport encoding changed them.
     session = aiohttp.ClientSession(
@@ -100,10 +106,10 @@ async def create_app(config: Config, *, repair_store: bool = True) -> web.Applic
         headers={"Accept-Encoding": "identity"},
     )
     upstreams = {
-        name: UpstreamClient(upstream, session, config.timeouts, metrics)
+        name: UpstreamClient(upstream, session, config.timeouts, metrics, clock)
         for name, upstream in config.upstreams.items()
     }
-    proxy = Proxy(config, store, tags, upstreams, metrics)
+    proxy = Proxy(config, store, tags, upstreams, metrics, clock)
     metrics.live = LiveState(
         cache_bytes=store.usage,
         cache_bound=store.max_size,

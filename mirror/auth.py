@@ -12,7 +12,6 @@ import ipaddress
 import json
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -20,6 +19,7 @@ import aiohttp
 
 from .addresses import AddressPolicy
 from .bodies import TOKEN_LIMIT, describe, read_body
+from .clock import Clock, system_clock
 from .config import UpstreamConfig
 from .credentials import Credentials
 from .errors import UpstreamError, UpstreamTimeout
@@ -95,7 +95,9 @@ class TokenCache:
         credentials: Credentials,
         addresses: AddressPolicy,
         timeout: aiohttp.ClientTimeout,
+        clock: Clock = system_clock,
     ) -> None:
+        self._clock = clock
         self._upstream = upstream
         self._addresses = addresses
         self._timeout = timeout
@@ -108,7 +110,7 @@ class TokenCache:
     def cached(self, challenge: Challenge, scope: str) -> str | None:
         key = self._key(challenge, scope)
         token = self._tokens.get(key)
-        if token is None or token.expires_at <= time.monotonic():
+        if token is None or token.expires_at <= self._clock():
             return None
         return token.value
 
@@ -192,7 +194,7 @@ class TokenCache:
         log.debug("token for %s on %s, valid %ss", scope, name, lifetime)
         # Renew a little before the server's expiry, so no request carries a dying token.
         usable = float(lifetime) - min(RENEW_MARGIN, float(lifetime) / 4)
-        token = _Token(value=value, expires_at=time.monotonic() + usable)
+        token = _Token(value=value, expires_at=self._clock() + usable)
         # Kept before the shared fetch completes, so no late caller starts another one.
         self._tokens[self._key(challenge, scope)] = token
         return token

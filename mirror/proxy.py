@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from .clock import Clock, system_clock
 from .config import Config
 from .errors import (
     BlobUnknown,
@@ -87,8 +88,10 @@ class Proxy:
         tags: TagIndex,
         upstreams: dict[str, UpstreamClient],
         metrics: Metrics,
+        clock: Clock = system_clock,
     ) -> None:
         self._config = config
+        self._clock = clock
         self._metrics = metrics
         self._store = store
         self._tags = tags
@@ -157,7 +160,7 @@ class Proxy:
         if entry is not None and not accepts(accept, entry.media_type):
             entry = None  # the client cannot take what we know: ask the upstream
         if entry is not None:
-            fresh = entry.age() < upstream.ttl_for(route.repository, tag)
+            fresh = entry.age(self._clock()) < upstream.ttl_for(route.repository, tag)
             if fresh or upstream.offline:
                 cached = self._cached_manifest(entry.digest, head=head, source=HIT)
                 if cached is not None:
@@ -203,7 +206,7 @@ class Proxy:
                 route.repository,
                 tag,
                 entry.digest,
-                entry.age(),
+                entry.age(self._clock()),
                 why,
             )
         return cached
@@ -234,7 +237,10 @@ class Proxy:
 
     def _remember_tag(self, route: Route, tag: str, digest: str, media_type: str) -> None:
         self._tags.put(
-            route.upstream.name, route.repository, tag, TagEntry(digest, media_type, time.time())
+            route.upstream.name,
+            route.repository,
+            tag,
+            TagEntry(digest, media_type, self._clock()),
         )
 
     async def _get_manifest(

@@ -7,13 +7,14 @@ last confirmed upstream; it survives a restart so a restarted mirror knows its t
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
+
+from .clock import Clock, system_clock
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,12 @@ class TagEntry:
     media_type: str
     confirmed_at: float  # wall-clock time of the last upstream confirmation
 
-    def age(self, now: float | None = None) -> float:
-        return (time.time() if now is None else now) - self.confirmed_at
+    def age(self, now: float) -> float:
+        return now - self.confirmed_at
 
 
 WRITE_ERRORS = (OSError, sqlite3.Error)
+MISSING_SLACK = 60.0  # seconds a remembered 404 stays on disk past its end
 MEMORY_ENTRIES = 100_000  # tag answers also kept in memory, so a hit never reads the disk
 
 
@@ -35,8 +37,12 @@ class TagIndex:
     an in-memory copy that serves the hot path."""
 
     def __init__(
-        self, folder: Path, write_failed: Callable[[str, BaseException], None] | None = None
+        self,
+        folder: Path,
+        write_failed: Callable[[str, BaseException], None] | None = None,
+        clock: Clock = system_clock,
     ) -> None:
+        self._clock = clock
         self._cache = diskcache.Cache(str(folder), eviction_policy="none")
         self._memory: OrderedDict[str, TagEntry] = OrderedDict()
         # Told when the disk cannot take a write: the answer is kept in memory only.
@@ -78,13 +84,17 @@ class TagIndex:
     def remember_missing(self, upstream: str, repository: str, reference: str, ttl: float) -> None:
         if ttl <= 0:
             return
+        until = self._clock() + ttl
         try:
-            self._cache.set(("missing", upstream, repository, reference), True, expire=ttl)
+            # diskcache's own expiry (real time) only clears the row away later.
+            key = ("missing", upstream, repository, reference)
+            self._cache.set(key, until, expire=ttl + MISSING_SLACK)
         except WRITE_ERRORS as exc:
             self._write_failed(f"recording a 404 for {upstream}/{repository}:{reference}", exc)
 
     def known_missing(self, upstream: str, repository: str, reference: str) -> bool:
-        return self._cache.get(("missing", upstream, repository, reference)) is True
+        until = self._cache.get(("missing", upstream, repository, reference))
+        return isinstance(until, float) and self._clock() < until
 
     def close(self) -> None:
         self._cache.close()

@@ -25,6 +25,7 @@ from multidict import CIMultiDict
 from .addresses import AddressPolicy
 from .auth import Challenge, TokenCache, basic_header, parse_challenge
 from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
+from .clock import Clock, system_clock
 from .config import TimeoutConfig, UpstreamConfig
 from .credentials import credentials_for
 from .errors import (
@@ -136,6 +137,7 @@ class UpstreamClient:
         session: aiohttp.ClientSession,
         timeouts: TimeoutConfig,
         metrics: Metrics,
+        clock: Clock = system_clock,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -146,7 +148,7 @@ class UpstreamClient:
         self._addresses = AddressPolicy(config.url, config.auth_hosts)
         self._login = credentials_for(config, session, metrics)
         self._tokens = TokenCache(
-            config, session, metrics, self._login, self._addresses, self.answer_timeout()
+            config, session, metrics, self._login, self._addresses, self.answer_timeout(), clock
         )
         self._challenge: Challenge | None = None  # learned from the last 401
         # Bounds the blob transfers running at once from this upstream.

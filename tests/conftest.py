@@ -16,7 +16,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from mirror.app import create_app
+from mirror.clock import system_clock
 from mirror.config import from_mapping
+from tests.support.clock import ManualClock
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import Image, Pusher
 from tests.support.process import MirrorProcess
@@ -117,6 +119,7 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         upstreams: dict[str, Any],
         storage: Path | None = None,
         max_size: int | str = "10GiB",
+        clock: ManualClock | None = None,
         **settings: Any,
     ) -> Mirror:
         storage = storage or tmp_path / f"cache{len(mirrors)}"
@@ -130,10 +133,12 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
             **settings,
         }
         if TEST_WORKERS:
+            assert clock is None, "a test that moves the clock looks inside: mark it in_process"
             process = await MirrorProcess(tmp_path, {"workers": TEST_WORKERS, **raw}).start()
             mirror = Mirror(process.host, storage, process=process)
         else:
-            app = await create_app(from_mapping({"listen": "127.0.0.1:0", **raw}, env={}))
+            config = from_mapping({"listen": "127.0.0.1:0", **raw}, env={})
+            app = await create_app(config, clock=clock or system_clock)
             server = TestServer(app, host="127.0.0.1")
             await server.start_server()
             mirror = Mirror(f"127.0.0.1:{server.port}", storage, server=server)
@@ -205,3 +210,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     yield mount
     for where in mounts:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Time for what expires, moved by the test (pass it to make_mirror)."""
+    return ManualClock()

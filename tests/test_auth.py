@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import MirrorFactory, RelayFactory
 from tests.support.clients import skopeo_copy_to_dir
+from tests.support.clock import ManualClock
 from tests.support.images import Pusher
 from tests.support.registry import Registry
 from tests.support.tokens import TokenServer
@@ -119,19 +120,22 @@ async def test_token_is_per_repository_and_shared_by_concurrent_requests(
         assert _access(header) == [repository]
 
 
-async def test_short_lived_tokens_are_renewed(make_mirror: MirrorFactory, tmp_path: Path) -> None:
-    tokens = TokenServer(tmp_path, lifetime=4)
+@pytest.mark.in_process  # moves the mirror's clock
+async def test_short_lived_tokens_are_renewed(
+    make_mirror: MirrorFactory, tmp_path: Path, clock: ManualClock
+) -> None:
+    tokens = TokenServer(tmp_path, lifetime=30)
     registry = Registry(tmp_path / "registry", auth=tokens.registry_auth())
     try:
         image = Pusher(registry.url, tokens.admin_authorization).image(
             "public/renew", "1", layer_sizes=(100, 200, 300)
         )
-        mirror = await make_mirror({"docker.io": registry.url})
+        mirror = await make_mirror({"docker.io": registry.url}, clock=clock)
         blobs = list(image.blobs)
         async with aiohttp.ClientSession() as session:
             for index, digest in enumerate(blobs):
                 if index:
-                    await asyncio.sleep(3.5)  # past the renewal point of the last token
+                    clock.advance(23)  # past the renewal point (30 s less its margin, 7.5 s)
                 async with session.get(f"{mirror.url}/v2/public/renew/blobs/{digest}") as r:
                     assert r.status == 200
                     assert await r.read() == image.blobs[digest]

@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import BIG_LAYER, Mirror, MirrorFactory, RelayFactory, Seeded
 from tests.support.registry import Registry
 from tests.support.tokens import TokenServer
+from tests.support.waiting import until
 
 
 def _big_blob(seeded: Seeded) -> tuple[str, bytes]:
@@ -63,7 +64,7 @@ async def test_sixteen_clients_one_upstream_transfer_streamed_to_all(
     elapsed = time.monotonic() - started
     for result in results:
         assert result["status"] == 200
-        assert result["size"] == len(data) == BIG_LAYER + (len(data) - BIG_LAYER)
+        assert result["size"] == len(data) > BIG_LAYER  # the whole gzip'd tar of 100 MB
         assert result["sha256"] == digest
     # every client had bytes before any client had the whole blob: streamed, not stored first
     assert max(r["first"] for r in results) < min(r["done"] for r in results)
@@ -210,11 +211,9 @@ async def test_unsatisfiable_range_is_an_oci_416_on_hit_and_miss(
 
 
 async def _until_kept(mirror: Mirror, digest: str) -> None:
-    """Wait (up to 5 s) until the fill of `digest` is in the store."""
-    for _ in range(250):
-        if any((mirror.storage / "blobs").rglob(digest[7:])):
-            return
-        await asyncio.sleep(0.02)
+    """Wait (up to 5 s, then fail) until the fill of `digest` is in the store."""
+    folder = mirror.storage / "blobs"
+    await until(lambda: any(folder.rglob(digest[7:])), f"{digest} is kept", seconds=5)
 
 
 async def _cached_big_blob(mirror: Mirror, seeded: Seeded) -> tuple[str, bytes, str]:

@@ -3,14 +3,13 @@ and serving through a full disk without keeping anything partial."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,6 +19,7 @@ from mirror.app import STORE
 from mirror.reference import Digest, parse_digest
 from tests.conftest import MirrorFactory, RelayFactory, Seeded
 from tests.support.clients import skopeo_copy_to_dir
+from tests.support.clock import ManualClock
 from tests.support.images import Image, Pusher
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
@@ -38,15 +38,6 @@ async def _sha256_of(http: aiohttp.ClientSession, url: str) -> tuple[int, str, i
         return response.status, "sha256:" + hasher.hexdigest(), size
 
 
-async def _until(condition: Callable[[], bool], seconds: float = 10) -> None:
-    """Wait for a fill to be kept: it is flushed to disk just after its clients had it."""
-    for _ in range(int(seconds / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("not kept in time")
-
-
 def _blob_gets(upstream: Registry, since: int, digest: str) -> int:
     return sum(1 for h in upstream.hits(since) if h.method == "GET" and digest in h.path)
 
@@ -54,7 +45,7 @@ def _blob_gets(upstream: Registry, since: int, digest: str) -> int:
 @pytest.mark.in_process  # looks inside the store
 @pytest.mark.slow
 async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
-    make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path
+    make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path, clock: ManualClock
 ) -> None:
     bound = 200 * MiB
     pusher = Pusher(upstream.url)
@@ -62,7 +53,7 @@ async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
         pusher.image(f"bound/img{i}", "1", layer_sizes=(42 * MiB,), compress=False)
         for i in range(10)
     ]  # 420 MiB: more than twice the bound
-    mirror = await make_mirror({"docker.io": upstream.url}, max_size=bound)
+    mirror = await make_mirror({"docker.io": upstream.url}, max_size=bound, clock=clock)
     store = mirror.app[STORE]
     peak = 0
     for index, image in enumerate(images):
@@ -75,7 +66,7 @@ async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
         peak = max(peak, used)
         on_disk = sum(p.stat().st_size for p in mirror.storage.rglob("*") if p.is_file())
         assert on_disk - used < 10 * MiB  # the index's count is the files' real size
-        await asyncio.sleep(1.1)  # past the eviction grace of the pull before
+        clock.advance(2)  # past the eviction grace of the pull before
     newest, oldest = images[-1], images[0]
     assert all(store.has_blob(_digest(d)) for d in newest.blobs)
     assert not store.has_blob(_digest(oldest.layers[0]))
@@ -198,7 +189,7 @@ async def test_verify_finds_a_corrupt_byte_and_the_blob_is_refetched(
         status, digest, _ = await _sha256_of(http, f"{mirror.url}/v2/team/app/blobs/{layer}")
         assert (status, digest) == (200, layer)
         assert _blob_gets(upstream, mark, layer) == 1
-        await _until(stored.exists)
+        await until(stored.exists, "the blob is kept")
     finally:
         await mirror.stop()
 
@@ -285,14 +276,15 @@ async def test_disk_full_during_a_fill_still_serves_the_client(
     status, digest, size = await _sha256_of(http, f"{mirror.url}/v2/full/disk/blobs/{layer}")
     assert (status, digest, size) == (200, layer, len(image.blobs[layer]))
     store = mirror.app[STORE]
-    assert store.counters.disk_full == 1
+    assert store.counters.disk_full >= 1
     assert not store.has_blob(_digest(layer))
-    assert not any((small_disk / "cache" / "tmp").iterdir())
+    tmp = small_disk / "cache" / "tmp"
+    await until(lambda: not any(tmp.iterdir()), "the fill has let go of tmp/")
     # and it keeps serving: small content still fits and is kept
     small = seeded.oci.layers[0]
     status, digest, _ = await _sha256_of(http, f"{mirror.url}/v2/library/alpine/blobs/{small}")
     assert (status, digest) == (200, small)
-    await _until(lambda: store.has_blob(_digest(small)))
+    await until(lambda: store.has_blob(_digest(small)), "the small blob is kept")
 
 
 @pytest.mark.in_process  # looks inside the store
@@ -301,24 +293,23 @@ async def test_eviction_does_not_break_a_response_in_flight(
     make_mirror: MirrorFactory,
     upstream: Registry,
     seeded: Seeded,
+    clock: ManualClock,
 ) -> None:
-    mirror = await make_mirror({"docker.io": upstream.url})
+    mirror = await make_mirror({"docker.io": upstream.url}, clock=clock)
     layer = seeded.big.layers[0]
     url = f"{mirror.url}/v2/big/layer/blobs/{layer}"
     store = mirror.app[STORE]
     async with aiohttp.ClientSession() as session:
         assert (await _sha256_of(session, url))[1] == layer
-        for _ in range(100):  # kept once flushed to disk, just after the client had it all
-            if store.has_blob(_digest(layer)):
-                break
-            await asyncio.sleep(0.05)
+        # kept once flushed to disk, just after the client had it all
+        await until(lambda: store.has_blob(_digest(layer)), "the blob is kept")
         hasher = hashlib.sha256()
         size = 0
         async with session.get(url) as response:
             assert response.headers["X-Mirror-Cache"] == "hit"
             hasher.update(await response.content.readexactly(MiB))
             size += MiB
-            await asyncio.sleep(1.1)  # past the eviction grace
+            clock.advance(2)  # past the eviction grace
             for entry in list(store.index.entries()):
                 store.evict(entry)
             assert not store.has_blob(_digest(layer))

@@ -16,10 +16,12 @@ from mirror.app import STORE
 from mirror.reference import parse_digest
 from tests.conftest import MirrorFactory, RelayFactory, Seeded
 from tests.support.clients import run
+from tests.support.clock import ManualClock
 from tests.support.images import Pusher
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
 from tests.support.tokens import TokenServer
+from tests.support.waiting import until
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
@@ -45,7 +47,7 @@ def _get(
 
 @pytest.fixture
 async def scripted(
-    make_mirror: MirrorFactory, make_relay: RelayFactory, upstream: Registry
+    make_mirror: MirrorFactory, make_relay: RelayFactory, upstream: Registry, clock: ManualClock
 ) -> dict[str, object]:
     """A mirror taken through a miss, a hit, a coalesced pull, a stale answer, a negative
     answer and an eviction, with what it fetched."""
@@ -55,13 +57,15 @@ async def scripted(
     sizes = {d: len(image.blobs[d]) for d in image.blobs}
     relay = await make_relay(upstream.url, ratelimit=(100, 76))
     bound = sizes[a] + sizes[b] + len(image.manifest) + sizes[c] - 1
-    mirror = await make_mirror({"docker.io": relay.url}, max_size=bound, manifest_ttl=0)
+    mirror = await make_mirror(
+        {"docker.io": relay.url}, max_size=bound, manifest_ttl=0, clock=clock
+    )
     base = f"{mirror.url}/v2/observed/app"
     async with aiohttp.ClientSession() as http:
         assert (await _read(http, f"{base}/blobs/{a}"))[0] == 200  # miss
         store = mirror.app[STORE]
-        while not store.has_blob(parse_digest(a)):  # type: ignore[arg-type]
-            await asyncio.sleep(0.02)  # kept once flushed, just after the client had it
+        # kept once flushed, just after the client had it
+        await until(lambda: store.has_blob(parse_digest(a)), "A is kept")  # type: ignore[arg-type]
         assert (await _read(http, f"{base}/blobs/{a}"))[0] == 200  # hit
         relay.faults.rate = 4000  # B takes over a second to arrive
         first = asyncio.create_task(_read(http, f"{base}/blobs/{b}"))  # miss
@@ -77,10 +81,9 @@ async def scripted(
         relay.faults.status = None
         assert (await _read(http, f"{base}/manifests/nope"))[0] == 404  # error
         assert (await _read(http, f"{base}/manifests/nope"))[0] == 404  # negative
-        await asyncio.sleep(1.1)  # everything is past the eviction grace
+        clock.advance(2)  # everything is past the eviction grace
         assert (await _read(http, f"{base}/blobs/{c}"))[0] == 200  # miss, evicts A
-        while not store.has_blob(parse_digest(c)):  # type: ignore[arg-type]
-            await asyncio.sleep(0.02)
+        await until(lambda: store.has_blob(parse_digest(c)), "C is kept")  # type: ignore[arg-type]
         status, metrics_text = await _read(http, f"{mirror.url}/metrics")
     assert status == 200
     return {

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import MirrorFactory, RelayFactory, Seeded
 from tests.support.clients import CommandFailed, skopeo_copy_to_dir
+from tests.support.clock import ManualClock
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry
 
@@ -113,20 +114,25 @@ async def test_upstream_404_for_cached_tag_wins_unless_configured(
     assert headers["X-Mirror-Cache"] == "stale"
 
 
+@pytest.mark.in_process  # moves the mirror's clock
 async def test_missing_manifest_is_remembered_briefly(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,
     upstream: Registry,
     http: aiohttp.ClientSession,
+    clock: ManualClock,
 ) -> None:
     relay = await make_relay(upstream.url)
-    mirror = await make_mirror({"docker.io": relay.url}, negative_ttl=1)
+    mirror = await make_mirror({"docker.io": relay.url}, negative_ttl=30, clock=clock)
     url = f"{mirror.url}/v2/team/app/manifests/not-there"
     for _ in range(5):
         status, body, _ = await _get(http, url)
         assert status == 404 and b"MANIFEST_UNKNOWN" in body
     assert relay.count("GET", "/manifests/not-there") == 1
-    await asyncio.sleep(1.1)
+    clock.advance(29)
+    assert (await _get(http, url))[0] == 404
+    assert relay.count("GET", "/manifests/not-there") == 1  # still remembered
+    clock.advance(2)
     assert (await _get(http, url))[0] == 404
     assert relay.count("GET", "/manifests/not-there") == 2
 
@@ -179,18 +185,22 @@ async def test_ttl_rules_per_tag_pattern(
     assert relay.count("GET", "/manifests/") == 2  # bodies fetched once each
 
 
-@pytest.mark.in_process  # revalidations are shared within one process
+@pytest.mark.in_process  # revalidations are shared within one process; moves its clock
 async def test_concurrent_revalidations_share_one_head(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,
     upstream: Registry,
     http: aiohttp.ClientSession,
+    clock: ManualClock,
 ) -> None:
     relay = await make_relay(upstream.url)
-    mirror = await make_mirror({"docker.io": relay.url}, manifest_ttl=0.5)
+    mirror = await make_mirror({"docker.io": relay.url}, manifest_ttl=300, clock=clock)
     url = f"{mirror.url}/v2/team/app/manifests/v1"
     await _get(http, url)
-    await asyncio.sleep(0.6)
+    clock.advance(299)
+    await _get(http, url)
+    assert relay.count("HEAD") == 0  # still fresh
+    clock.advance(2)
     before = relay.count("HEAD")
     results = await asyncio.gather(*(_get(http, url) for _ in range(10)))
     assert all(status == 200 for status, _, _ in results)
