@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from mirror.lru import UsageIndex
+from mirror.store.lru import UsageIndex
 
 
 def free_port() -> int:

@@ -13,16 +13,16 @@ from aiohttp import web
 
 from .clock import Clock, system_clock
 from .config import Config
-from .diskstore import DiskStore
 from .errors import error_middleware
-from .handlers import RegistryHandlers
+from .http.handlers import RegistryHandlers
+from .http.observe import observe_middleware
+from .http.status import status_handler
 from .metrics import LiveState, Metrics
-from .observe import observe_middleware
-from .proxy import Proxy
-from .status import status_handler
-from .storage import BlobStore
-from .tagindex import TagIndex
-from .upstream import UpstreamClient
+from .policy.proxy import Proxy
+from .store.base import BlobStore
+from .store.disk import DiskStore
+from .store.tags import TagIndex
+from .upstream.client import UpstreamClient
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)

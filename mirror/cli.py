@@ -19,8 +19,8 @@ from aiohttp import web
 from . import logs, maintenance
 from .app import create_app
 from .config import Config, ConfigError, load, parse_size
-from .diskstore import DiskStore
 from .metrics import share_between_workers, start_worker_metrics
+from .store.disk import DiskStore
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from .diskstore import DiskStore
-from .storage import BlobStore
+from .store.base import BlobStore
+from .store.disk import DiskStore
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 

@@ -185,6 +185,6 @@ async def test_credentials_are_not_sent_to_a_foreign_realm(
     ],
 )
 def test_realm_trust(registry: str, realm: str, allowed: bool) -> None:
-    from mirror.auth import may_send_credentials
+    from mirror.upstream.auth import may_send_credentials
 
     assert may_send_credentials(registry, realm, ()) is allowed

@@ -242,7 +242,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
         subprocess.run(["umount", "-l", str(mount)], check=False)
         return
-    import mirror.storage as storage_module
+    import mirror.store.base as storage_module
 
     real_write = os.write
     budget = {"left": 24 * MiB}

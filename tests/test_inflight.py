@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.diskfill import FileReadBack
 from mirror.inflight import SingleFlight, Transfer, TransferFailed
+from mirror.store.fill import FileReadBack
 
 
 async def test_single_flight_runs_once_and_survives_a_cancelled_caller() -> None:

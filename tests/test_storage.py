@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mirror.diskstore import DiskStore
 from mirror.inflight import TransferFailed
-from mirror.memorystore import MemoryStore
 from mirror.reference import Digest, digest_of
-from mirror.storage import BlobStore, DigestMismatch
+from mirror.store.base import BlobStore, DigestMismatch
+from mirror.store.disk import DiskStore
+from mirror.store.memory import MemoryStore
 
 
 class Clock:

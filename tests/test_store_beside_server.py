@@ -18,8 +18,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.app import STORE
-from mirror.diskstore import DiskStore
 from mirror.reference import digest_of
+from mirror.store.disk import DiskStore
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.registry import Registry
 

@@ -13,9 +13,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .clock import Clock, system_clock
-from .config import Config
-from .errors import (
+from ..clock import Clock, system_clock
+from ..config import Config
+from ..errors import (
     BlobUnknown,
     Denied,
     KnownMissing,
@@ -26,11 +26,11 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .inflight import BlobStream, NotKept, SingleFlight, Transfer, TransferFailed
-from .metrics import Metrics
-from .reference import MANIFEST_TYPES, Digest, parse_digest
-from .routing import Route
-from .storage import (
+from ..inflight import BlobStream, NotKept, SingleFlight, Transfer, TransferFailed
+from ..metrics import Metrics
+from ..reference import MANIFEST_TYPES, Digest, parse_digest
+from ..routing import Route
+from ..store.base import (
     WRITE_ERRORS,
     BlobStore,
     DigestMismatch,
@@ -38,8 +38,8 @@ from .storage import (
     StoredBlob,
     TempBlob,
 )
-from .tagindex import TagEntry, TagIndex
-from .upstream import Page, UpstreamClient
+from ..store.tags import TagEntry, TagIndex
+from ..upstream.client import Page, UpstreamClient
 
 log = logging.getLogger("mirror.proxy")
 

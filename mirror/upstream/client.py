@@ -22,13 +22,9 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from .addresses import AddressPolicy
-from .auth import Challenge, TokenCache, basic_header, parse_challenge
-from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
-from .clock import Clock, system_clock
-from .config import TimeoutConfig, UpstreamConfig
-from .credentials import credentials_for
-from .errors import (
+from ..clock import Clock, system_clock
+from ..config import TimeoutConfig, UpstreamConfig
+from ..errors import (
     PASSED_THROUGH,
     BlobUnknown,
     Denied,
@@ -37,8 +33,12 @@ from .errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from .metrics import Metrics
-from .reference import Digest, digest_of, is_manifest_type, manifest_matches, parse_digest
+from ..metrics import Metrics
+from ..reference import Digest, digest_of, is_manifest_type, manifest_matches, parse_digest
+from .addresses import AddressPolicy
+from .auth import Challenge, TokenCache, basic_header, parse_challenge
+from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
+from .credentials import credentials_for
 
 log = logging.getLogger("mirror.upstream")
 

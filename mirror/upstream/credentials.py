@@ -19,11 +19,11 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from ..config import AcrConfig, EcrConfig, UpstreamConfig
+from ..errors import UpstreamError
+from ..inflight import SingleFlight
+from ..metrics import Metrics
 from .bodies import TOKEN_LIMIT, describe, read_body
-from .config import AcrConfig, EcrConfig, UpstreamConfig
-from .errors import UpstreamError
-from .inflight import SingleFlight
-from .metrics import Metrics
 
 log = logging.getLogger("mirror.credentials")
 

@@ -12,11 +12,11 @@ from html import escape
 
 from aiohttp import web
 
-from .config import Config
-from .errors import Handler
-from .maintenance import human
-from .metrics import Metrics
-from .storage import BlobStore
+from ..config import Config
+from ..errors import Handler
+from ..maintenance import human
+from ..metrics import Metrics
+from ..store.base import BlobStore
 
 STYLE = """
 body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:56rem;padding:1rem;color:#1d232a}

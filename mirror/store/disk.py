@@ -19,10 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .diskfill import DiskFills, DiskTempBlob, FollowedFill
-from .lru import Entry, UsageIndex
-from .reference import Digest, manifest_matches, parse_digest
-from .storage import (
+from ..reference import Digest, manifest_matches, parse_digest
+from .base import (
     WRITE_ERRORS,
     Counters,
     DigestMismatch,
@@ -31,6 +29,8 @@ from .storage import (
     manifest_key,
     parse_key,
 )
+from .fill import DiskFills, DiskTempBlob, FollowedFill
+from .lru import Entry, UsageIndex
 
 log = logging.getLogger("mirror.storage")
 

@@ -12,9 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .lru import Entry
-from .reference import Digest, manifest_matches
-from .storage import (
+from ..reference import Digest, manifest_matches
+from .base import (
     BytesBlob,
     Counters,
     DigestMismatch,
@@ -22,6 +21,7 @@ from .storage import (
     blob_key,
     manifest_key,
 )
+from .lru import Entry
 
 EVICTION_GRACE = 1.0  # seconds: as the disk store, content used this recently is spared
 

@@ -14,7 +14,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from .errors import UpstreamError
+from ..errors import UpstreamError
 
 
 def _internal_ip(text: str) -> bool:

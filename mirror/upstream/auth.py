@@ -17,14 +17,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from ..clock import Clock, system_clock
+from ..config import UpstreamConfig
+from ..errors import UpstreamError, UpstreamTimeout
+from ..inflight import SingleFlight
+from ..metrics import Metrics
 from .addresses import AddressPolicy
 from .bodies import TOKEN_LIMIT, describe, read_body
-from .clock import Clock, system_clock
-from .config import UpstreamConfig
 from .credentials import Credentials
-from .errors import UpstreamError, UpstreamTimeout
-from .inflight import SingleFlight
-from .metrics import Metrics
 
 log = logging.getLogger("mirror.auth")
 

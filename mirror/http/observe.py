@@ -9,10 +9,10 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .errors import RESULT, Handler
+from ..errors import RESULT, Handler
+from ..logs import printable
+from ..metrics import Metrics
 from .handlers import BODY_SENT, ROUTE
-from .logs import printable
-from .metrics import Metrics
 
 log = logging.getLogger("mirror.access")
 

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from .inflight import ReadBack
+from ..inflight import ReadBack
+from ..reference import Digest, parse_digest
 from .lru import Entry
-from .reference import Digest, parse_digest
 
 log = logging.getLogger("mirror.storage")
 

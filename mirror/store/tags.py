@@ -14,7 +14,7 @@ from pathlib import Path
 
 import diskcache
 
-from .clock import Clock, system_clock
+from ..clock import Clock, system_clock
 
 
 @dataclass(frozen=True)

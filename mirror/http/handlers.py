@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from .config import Config
-from .errors import (
+from ..config import Config
+from ..errors import (
     RESULT,
     DigestInvalid,
     ManifestUnknown,
@@ -23,13 +23,13 @@ from .errors import (
     TagInvalid,
     Unsupported,
 )
-from .inflight import BlobStream, TransferFailed
-from .logs import printable
-from .proxy import HIT, MISS, Manifest, Proxy
-from .reference import Digest, is_valid_tag, looks_like_digest, parse_digest
-from .routing import Route, resolve
+from ..inflight import BlobStream, TransferFailed
+from ..logs import printable
+from ..policy.proxy import HIT, MISS, Manifest, Proxy
+from ..reference import Digest, is_valid_tag, looks_like_digest, parse_digest
+from ..routing import Route, resolve
+from ..store.base import StoredBlob
 from .sendfile import FileShrank, send_file
-from .storage import StoredBlob
 
 log = logging.getLogger("mirror.handlers")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from .errors import UpstreamError, UpstreamTimeout
+from ..errors import UpstreamError, UpstreamTimeout
 
 MANIFEST_LIMIT = 4 * 1024 * 1024  # as distribution enforces on push
 PAGE_LIMIT = 16 * 1024 * 1024  # a tags list or referrers answer (tens of thousands of tags)

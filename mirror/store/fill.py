@@ -19,9 +19,9 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from .inflight import READ_CHUNK, NotKept, TransferFailed
-from .reference import Digest
-from .storage import DigestMismatch
+from ..inflight import READ_CHUNK, NotKept, TransferFailed
+from ..reference import Digest
+from .base import DigestMismatch
 
 VERIFIED = "verified"  # written to a fill's lock file once its content checked out
 SPILLED = "spilled"  # written when the fill stopped keeping its bytes: nothing to follow

@@ -1,0 +1,1 @@
+"""HTTP: thin handlers, kernel sends, access log and counting, the status page."""
