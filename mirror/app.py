@@ -22,7 +22,8 @@ from .policy.proxy import Proxy
 from .store.base import BlobStore
 from .store.disk import DiskStore
 from .store.tags import TagIndex
-from .upstream.client import UpstreamClient
+from .upstream.client import Upstream, UpstreamClient
+from .upstream.offline import OfflineClient
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -105,8 +106,13 @@ async def create_app(
         auto_decompress=False,
         headers={"Accept-Encoding": "identity"},
     )
-    upstreams = {
-        name: UpstreamClient(upstream, session, config.timeouts, metrics, clock)
+    # An offline upstream is a client that refuses: the policy never asks whether.
+    upstreams: dict[str, Upstream] = {
+        name: (
+            OfflineClient(name, upstream.max_transfers)
+            if upstream.offline
+            else UpstreamClient(upstream, session, config.timeouts, metrics, clock)
+        )
         for name, upstream in config.upstreams.items()
     }
     proxy = Proxy(config, store, tags, upstreams, metrics, clock)

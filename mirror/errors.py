@@ -71,6 +71,11 @@ class KnownMissing(ManifestUnknown):
     result = "negative"
 
 
+class NotCached(ManifestUnknown):
+    """Not in the cache, and the upstream may not be asked (offline): not the upstream's
+    404, so nothing is remembered about it."""
+
+
 class BlobUnknown(RegistryError):
     code, status, default_message = "BLOB_UNKNOWN", 404, "blob unknown to registry"
 

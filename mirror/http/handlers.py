@@ -25,7 +25,8 @@ from ..errors import (
 )
 from ..inflight import BlobStream, TransferFailed
 from ..logs import printable
-from ..policy.proxy import HIT, MISS, Manifest, Proxy
+from ..policy.answers import HIT, MISS, Manifest
+from ..policy.proxy import Proxy
 from ..reference import Digest, is_valid_tag, looks_like_digest, parse_digest
 from ..routing import Route, resolve
 from ..store.base import StoredBlob

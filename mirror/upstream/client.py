@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -83,6 +83,44 @@ class Page:
     body: bytes
     content_type: str
     next_query: str | None
+
+
+class Upstream(Protocol):
+    """What the policy may ask of an upstream: typed calls, never an HTTP response.
+    UpstreamClient asks the registry; OfflineClient refuses."""
+
+    name: str
+    transfer_slots: asyncio.Semaphore  # bounds the blob transfers running at once
+
+    async def head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
+        """What a tag or digest points to (digest, type, length), without the body."""
+
+    async def get_manifest(
+        self, repository: str, reference: str, accept: str, expected: Digest | None
+    ) -> FetchedManifest:
+        """A manifest's exact bytes, checked against its digest."""
+
+    async def get_page(
+        self,
+        repository: str,
+        path: str,
+        params: Mapping[str, str],
+        not_found: type[RegistryError],
+    ) -> Page:
+        """A tags list or referrers answer."""
+
+    async def head_blob(self, repository: str, digest: Digest) -> int:
+        """A blob's length."""
+
+    def blob_chunks(
+        self,
+        repository: str,
+        digest: Digest,
+        *,
+        deadline: float,
+        started: Callable[[int | None], None],
+    ) -> AsyncIterator[bytes]:
+        """A blob's bytes as they arrive, resumed when cut, ended by `deadline`."""
 
 
 def _media_type(response: aiohttp.ClientResponse) -> str:

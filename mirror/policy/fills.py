@@ -1,0 +1,193 @@
+"""Fills: one upstream transfer per missing blob, streamed to every waiting client as it
+arrives, verified, then kept; or, when the store cannot keep it, streamed through in a
+bounded window. Each runs on its own task, so a client that hangs up does not stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+
+from ..config import Config
+from ..errors import RegistryError, UpstreamError, UpstreamTimeout
+from ..inflight import Transfer
+from ..metrics import Metrics
+from ..reference import Digest
+from ..routing import Route
+from ..store.base import WRITE_ERRORS, BlobStore, DigestMismatch, PassThroughBlob, TempBlob
+from ..upstream.client import Upstream
+
+log = logging.getLogger("mirror.proxy")
+
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write refused for want of space
+
+
+class Fills:
+    """The blob transfers of this process, by digest."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: BlobStore,
+        metrics: Metrics,
+        upstream_of: Callable[[Route], Upstream],
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._metrics = metrics
+        self._upstream_of = upstream_of
+        self._transfers: dict[str, Transfer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def running(self, digest: Digest) -> Transfer | None:
+        return self._transfers.get(str(digest))
+
+    def in_flight(self) -> int:
+        return len(self._transfers)
+
+    def waiting_clients(self) -> int:
+        return sum(transfer.readers for transfer in self._transfers.values())
+
+    def start(self, route: Route, digest: Digest) -> Transfer | None:
+        """Begin the one fill of `digest` (None: another process runs it)."""
+        temp: TempBlob | None
+        try:
+            temp = self._store.begin_blob(digest, route.upstream.name, route.repository)
+        except WRITE_ERRORS as exc:
+            self._store.counters.write_failed(f"beginning {digest}", exc)
+            temp = PassThroughBlob(digest)
+        if temp is None:
+            return None
+        if self._store.has_blob(digest):  # finished while we took the lock
+            temp.discard()
+            return None
+        transfer = self._run(route, digest, temp)
+        self._transfers[str(digest)] = transfer
+        return transfer
+
+    def pass_through(self, route: Route, digest: Digest) -> Transfer:
+        """A transfer for one client that keeps nothing (and coalesces with nothing)."""
+        return self._run(route, digest, PassThroughBlob(digest))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _run(self, route: Route, digest: Digest, temp: TempBlob) -> Transfer:
+        transfer = Transfer(temp.read_back())
+        task = asyncio.create_task(self._fill(route, digest, temp, transfer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return transfer
+
+    async def _fill(self, route: Route, digest: Digest, temp: TempBlob, transfer: Transfer) -> None:
+        """Fetch one blob into the store, feeding `transfer`'s readers as bytes arrive. The
+        whole of it, waiting for a transfer slot included, ends within `timeouts.transfer`."""
+        upstream = self._upstream_of(route)
+        deadline = time.monotonic() + self._config.timeouts.transfer
+        try:
+            try:
+                async with asyncio.timeout_at(deadline), upstream.transfer_slots:
+                    await self._download(upstream, route, digest, temp, transfer, deadline)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"upstream {upstream.name}: transfer of {digest} took longer than "
+                    f"timeouts.transfer ({self._config.timeouts.transfer:g}s)"
+                ) from None
+            temp.verify()
+            transfer.finish()  # the right bytes: clients get their last byte now
+            # fsync, rename, index and eviction: off the loop, so other clients go on.
+            if await asyncio.to_thread(_keep, temp):
+                log.info("stored %s (%d bytes) from %s", digest, temp.written, upstream.name)
+            else:
+                log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
+        except (RegistryError, DigestMismatch, OSError) as exc:
+            temp.discard()
+            error = _as_registry_error(exc, upstream.name, digest)
+            log.warning("fetch of %s from %s failed: %s", digest, upstream.name, error.message)
+            transfer.fail(error)
+        except BaseException as exc:
+            temp.discard()
+            transfer.fail(UpstreamError("transfer stopped"))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.exception("fetch of %s from %s failed", digest, upstream.name)
+        finally:
+            if self._transfers.get(str(digest)) is transfer:
+                del self._transfers[str(digest)]
+
+    async def _download(
+        self,
+        upstream: Upstream,
+        route: Route,
+        digest: Digest,
+        temp: TempBlob,
+        transfer: Transfer,
+        deadline: float,
+    ) -> None:
+        """Stream the blob into `temp` and to `transfer`'s readers. What the store cannot
+        keep (larger than its bound, or the disk is full) is streamed through in a bounded
+        window, never buffered whole."""
+
+        def started(size: int | None) -> None:
+            # Spilled before announced: processes following this fill learn both at once.
+            if size is not None and size > self._store.max_size:
+                self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
+            try:
+                temp.announce(size)
+            except WRITE_ERRORS as exc:
+                self._store.counters.write_failed(f"announcing {digest}", exc)
+                self._spill(temp, transfer, digest, "the disk is full")
+            transfer.start(size)
+
+        fetched = self._metrics.fetched_bytes.labels(upstream.name)  # looked up once
+        chunks = upstream.blob_chunks(route.repository, digest, deadline=deadline, started=started)
+        async for chunk in chunks:
+            self._write(temp, transfer, chunk, digest)
+            fetched.inc(len(chunk))
+            if transfer.spilled:
+                await transfer.drain(self._config.timeouts.read)
+
+    def _write(self, temp: TempBlob, transfer: Transfer, chunk: bytes, digest: Digest) -> None:
+        """Append a chunk; when the store cannot take it, go on streaming without keeping."""
+        if not temp.spilled and temp.written + len(chunk) > self._store.max_size:
+            self._spill(temp, transfer, digest, "over the store's bound")
+        try:
+            temp.write(chunk)
+        except OSError as exc:
+            if exc.errno not in FULL:
+                raise
+            self._store.counters.write_failed(f"writing {digest}", exc)
+            self._spill(temp, transfer, digest, f"the disk is full at byte {temp.written}")
+            temp.write(chunk)
+        transfer.advance(chunk)
+
+    def _spill(self, temp: TempBlob, transfer: Transfer, digest: Digest, why: str) -> None:
+        if not temp.spilled:
+            log.warning("streaming %s through without keeping it: %s", digest, why)
+        temp.spill()
+        transfer.spill()
+
+
+def _keep(temp: TempBlob) -> bool:
+    """Make a verified fill durable and visible, unless it was not kept (blocking)."""
+    if temp.spilled:
+        return temp.commit(keep=False)
+    temp.sync()
+    return temp.commit()
+
+
+def _as_registry_error(exc: BaseException, upstream: str, digest: Digest) -> RegistryError:
+    if isinstance(exc, RegistryError):
+        return exc
+    if isinstance(exc, DigestMismatch):
+        return UpstreamError(f"upstream {upstream} sent content that does not match {digest}")
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"upstream {upstream} stalled sending {digest}")
+    if isinstance(exc, OSError):
+        return UpstreamError(f"could not store {digest}: {exc.strerror or exc}")
+    return UpstreamError(f"upstream {upstream} failed sending {digest}")

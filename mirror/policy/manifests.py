@@ -1,0 +1,217 @@
+"""Manifests: exact upstream bytes kept under their digest; a tag's digest trusted for its
+TTL, then revalidated with a HEAD; the last known answer served when the upstream fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..clock import Clock
+from ..config import Config
+from ..errors import (
+    Denied,
+    KnownMissing,
+    ManifestUnknown,
+    NameUnknown,
+    NotCached,
+    TooManyRequests,
+    UpstreamError,
+)
+from ..inflight import SingleFlight
+from ..reference import MANIFEST_TYPES, Digest, parse_digest
+from ..routing import Route
+from ..store.base import BlobStore, DigestMismatch
+from ..store.tags import TagEntry, TagIndex
+from ..upstream.client import Upstream
+from .answers import HIT, MISS, STALE, Manifest
+
+log = logging.getLogger("mirror.proxy")
+
+ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
+
+
+def _kinds(accept: str) -> set[str]:
+    return {part.split(";")[0].strip().lower() for part in accept.split(",")} - {""}
+
+
+def accepts(accept: str, media_type: str) -> bool:
+    """Whether a client's Accept header admits `media_type` (no Accept admits anything)."""
+    kinds = _kinds(accept)
+    return not kinds or "*/*" in kinds or media_type.lower() in kinds
+
+
+def upstream_accept(accept: str) -> str:
+    """The Accept to send upstream: the client's list, or every manifest type when the
+    client named none (a bare `*/*` would make the reference registry answer schema1)."""
+    kinds = _kinds(accept) - {"*/*"}
+    return accept if kinds else ALL_MANIFEST_TYPES
+
+
+class Manifests:
+    """Answers manifest requests, by tag or by digest."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: BlobStore,
+        tags: TagIndex,
+        upstream_of: Callable[[Route], Upstream],
+        clock: Clock,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._tags = tags
+        self._upstream_of = upstream_of
+        self._clock = clock
+        self._fetches: SingleFlight[tuple[str, ...], Manifest] = SingleFlight()
+
+    async def answer(self, route: Route, reference: str, accept: str, *, head: bool) -> Manifest:
+        digest = parse_digest(reference)
+        if digest is not None:
+            return await self._by_digest(route, digest, head=head)
+        return await self._by_tag(route, reference, accept, head=head)
+
+    async def close(self) -> None:
+        await self._fetches.close()
+
+    def _cached(self, digest_text: str, *, head: bool, source: str) -> Manifest | None:
+        digest = parse_digest(digest_text)
+        found = self._store.get_manifest(digest) if digest is not None else None
+        if found is None:
+            return None
+        data, media_type = found
+        return Manifest(str(digest), media_type, len(data), None if head else data, source)
+
+    def _refuse_known_missing(self, route: Route, reference: str) -> None:
+        """Answer a 404 the upstream gave a moment ago without asking it again."""
+        if self._tags.known_missing(route.upstream.name, route.repository, reference):
+            raise KnownMissing(
+                f"manifest unknown to upstream {route.upstream.name} (answer cached)",
+                detail={"reference": reference},
+            )
+
+    async def _by_digest(self, route: Route, digest: Digest, *, head: bool) -> Manifest:
+        cached = self._cached(str(digest), head=head, source=HIT)
+        if cached is not None:
+            return cached
+        self._refuse_known_missing(route, str(digest))
+        key = (route.upstream.name, route.repository, str(digest))
+        try:
+            return await self._fetches.run(
+                key, lambda: self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+            )
+        except NotCached:
+            raise
+        except (ManifestUnknown, NameUnknown):
+            self._remember_missing(route, str(digest))
+            raise
+
+    async def _by_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
+        upstream = route.upstream
+        entry = self._tags.get(upstream.name, route.repository, tag)
+        if entry is not None and not accepts(accept, entry.media_type):
+            entry = None  # the client cannot take what we know: ask the upstream
+        if entry is not None:
+            fresh = entry.age(self._clock()) < upstream.ttl_for(route.repository, tag)
+            if fresh or upstream.offline:  # offline, what we know is all there is
+                cached = self._cached(entry.digest, head=head, source=HIT)
+                if cached is not None:
+                    return cached
+        self._refuse_known_missing(route, tag)
+        key = (upstream.name, route.repository, tag, accept, "HEAD" if head else "GET")
+        # A tag seen before is revalidated with a HEAD (free under Docker Hub's limit); an
+        # unknown one asked with GET is fetched at once, saving the HEAD's round trip.
+        revalidate = head or entry is not None
+        try:
+            return await self._fetches.run(
+                key, lambda: self._refresh(route, tag, accept, head=head, revalidate=revalidate)
+            )
+        except NotCached:
+            raise
+        except (ManifestUnknown, NameUnknown):
+            self._remember_missing(route, tag)
+            if upstream.serve_stale_on_404:
+                stale = self._stale(route, tag, entry, head, "the upstream answered 404")
+                if stale is not None:
+                    return stale
+            raise
+        except (UpstreamError, TooManyRequests, Denied) as error:
+            stale = self._stale(route, tag, entry, head, error.message)
+            if stale is not None:
+                return stale
+            raise
+
+    def _remember_missing(self, route: Route, reference: str) -> None:
+        self._tags.remember_missing(
+            route.upstream.name, route.repository, reference, self._config.negative_ttl
+        )
+
+    def _stale(
+        self, route: Route, tag: str, entry: TagEntry | None, head: bool, why: str
+    ) -> Manifest | None:
+        """The last known answer for a tag, when the upstream cannot give a fresh one."""
+        if entry is None:
+            return None
+        cached = self._cached(entry.digest, head=head, source=STALE)
+        if cached is not None:
+            log.warning(
+                "serving %s/%s:%s stale (%s, confirmed %.0fs ago): %s",
+                route.upstream.name,
+                route.repository,
+                tag,
+                entry.digest,
+                entry.age(self._clock()),
+                why,
+            )
+        return cached
+
+    async def _refresh(
+        self, route: Route, tag: str, accept: str, *, head: bool, revalidate: bool
+    ) -> Manifest:
+        """Ask the upstream what the tag points to: HEAD first (when revalidating), GET only
+        for what is missing."""
+        send_accept = upstream_accept(accept)
+        if revalidate:
+            answer = await self._upstream_of(route).head_manifest(
+                route.repository, tag, send_accept
+            )
+            if answer.digest is not None:
+                digest_text = str(answer.digest)
+                self._remember_tag(route, tag, digest_text, answer.media_type)
+                cached = self._cached(digest_text, head=head, source=HIT)
+                if cached is not None:
+                    return cached
+                if head and answer.size is not None:
+                    return Manifest(digest_text, answer.media_type, answer.size, None, MISS)
+        manifest = await self._get(route, tag, send_accept, None)
+        self._remember_tag(route, tag, manifest.digest, manifest.media_type)
+        return manifest
+
+    def _remember_tag(self, route: Route, tag: str, digest: str, media_type: str) -> None:
+        entry = TagEntry(digest, media_type, self._clock())
+        self._tags.put(route.upstream.name, route.repository, tag, entry)
+
+    async def _get(
+        self, route: Route, reference: str, accept: str, expected: Digest | None
+    ) -> Manifest:
+        """GET a manifest (checked by the upstream client) and keep it when the store can;
+        when it cannot, the exact bytes are served all the same."""
+        upstream = self._upstream_of(route)
+        fetched = await upstream.get_manifest(route.repository, reference, accept, expected)
+        digest, media_type, data = fetched.digest, fetched.media_type, fetched.data
+        try:
+            await asyncio.to_thread(  # two fsyncs and the index: off the loop
+                self._store.put_manifest,
+                digest,
+                data,
+                media_type,
+                route.upstream.name,
+                route.repository,
+            )
+        except DigestMismatch:  # checked already; the store checks again, being the store
+            raise UpstreamError(
+                f"upstream {upstream.name} sent a manifest that does not match {digest}"
+            ) from None
+        return Manifest(str(digest), media_type, len(data), data, MISS)
