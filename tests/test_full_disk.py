@@ -16,6 +16,7 @@ import pytest
 from mirror.app import STORE
 from mirror.reference import MANIFEST_TYPES, Digest, parse_digest
 from tests.conftest import MirrorFactory, Seeded
+from tests.support import memory
 from tests.support.fake_upstream import Body, FakeUpstream, generated_digest
 from tests.support.images import Pusher
 from tests.support.registry import Registry
@@ -121,19 +122,6 @@ def _digest(text: str) -> Digest:
     return digest
 
 
-def _peak_rss_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM, the peak resident set
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
-
-
 @pytest.mark.in_process  # measures this process's memory
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["disk-fills", "over-the-bound"])
@@ -152,8 +140,8 @@ async def test_a_gigabyte_that_cannot_be_kept_streams_through_in_bounded_memory(
     mirror = await make_mirror({"docker.io": fake.url}, storage=disk / "cache", max_size=max_size)
     tmp = disk / "cache" / "tmp"
     await _get(http, f"{mirror.url}/v2/")
-    _peak_rss_reset()
-    before = _peak_rss()
+    memory.reset_peak()
+    before = memory.peak()
     seen_parts: list[int] = []  # bytes of temporaries in the store, every 128 MiB
     hasher = hashlib.sha256()
     received = 0
@@ -165,7 +153,7 @@ async def test_a_gigabyte_that_cannot_be_kept_streams_through_in_bounded_memory(
             if received >= (len(seen_parts) + 1) * 128 * MiB:
                 seen_parts.append(sum(p.stat().st_size for p in tmp.glob("*.part")))
     assert (received, "sha256:" + hasher.hexdigest()) == (GiB, digest)
-    grew = _peak_rss() - before
+    grew = memory.peak() - before
     assert grew < 100 * MiB, f"peak resident memory grew by {grew / MiB:.0f} MiB"
     assert max(seen_parts) == 0, seen_parts  # the temporary went at once, not at the end
     assert mirror.app[STORE].has_blob(_digest(digest)) is False

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from mirror.app import STORE
 from mirror.reference import digest_of
 from mirror.store.disk import DiskStore
 from tests.conftest import MirrorFactory, Seeded
+from tests.support.process import mirror_command
 from tests.support.registry import Registry
 
 
@@ -37,24 +36,6 @@ def _config(tmp_path: Path, storage: Path) -> Path:
     return path
 
 
-async def _mirror_command(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mirror",
-        *args,
-        "--config",
-        str(config),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    return subprocess.CompletedProcess(
-        list(args), process.returncode or 0, out.decode(), err.decode()
-    )
-
-
 async def test_maintenance_leaves_a_live_servers_work_in_progress(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     server = DiskStore(root, 10 << 30)  # stands for the server: it holds what it writes
@@ -68,7 +49,7 @@ async def test_maintenance_leaves_a_live_servers_work_in_progress(tmp_path: Path
     server.index.begin(committing, 24)  # recorded as pending; the rename comes next
     config = _config(tmp_path, root)
     for command in (("du",), ("verify",), ("gc", "--max-size", "5GiB")):
-        result = await _mirror_command(config, *command)
+        result = await mirror_command(config, *command)
         assert result.returncode in (0, 1), result.stderr
         assert filling.path.exists(), command
         assert manifest_temp.exists(), command
@@ -91,7 +72,7 @@ async def test_gc_beside_a_live_server_is_seen_and_counted_by_it(
     url = f"{mirror.url}/v2/library/alpine/manifests/{image.digest}"
     async with http.get(url) as response:
         assert response.status == 200 and await response.read() == image.manifest
-    result = await _mirror_command(_config(tmp_path, mirror.storage), "gc", "--max-size", "1")
+    result = await mirror_command(_config(tmp_path, mirror.storage), "gc", "--max-size", "1")
     assert result.returncode == 0, result.stderr
     mark = upstream.mark()
     async with http.get(url) as response:  # gone from the store: asked upstream again
@@ -144,9 +125,7 @@ async def test_the_loop_stays_responsive_while_gc_runs_beside_it(
     for url in hits:
         async with http.get(url) as response:
             assert response.status == 200
-    gc = asyncio.create_task(
-        _mirror_command(_config(tmp_path, root), "gc", "--older-than", "86400")
-    )
+    gc = asyncio.create_task(mirror_command(_config(tmp_path, root), "gc", "--older-than", "86400"))
     slowest = {"/healthz": 0.0, "hit": 0.0}
     rounds = 0
     while not gc.done():

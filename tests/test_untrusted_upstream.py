@@ -18,6 +18,7 @@ import pytest
 
 from mirror.app import PROXY
 from tests.conftest import MirrorFactory
+from tests.support import memory
 from tests.support.fake_upstream import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -255,19 +256,6 @@ async def test_only_manifest_media_types_are_served_and_nothing_is_sniffed(
             assert response.headers["X-Content-Type-Options"] == "nosniff", path
 
 
-def _peak_rss_reset() -> None:
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # resets VmHWM, the peak resident set
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
-
-
 @pytest.mark.in_process  # measures this process's memory
 async def test_gigabyte_error_and_list_bodies_do_not_grow_memory(
     make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
@@ -281,14 +269,14 @@ async def test_gigabyte_error_and_list_bodies_do_not_grow_memory(
     fake.set("GET", "/v2/c/d/tags/list", Body(generated=gib, length_header=False, **page))
     mirror = await make_mirror({"docker.io": fake.url})
     await _get(http, f"{mirror.url}/v2/")
-    _peak_rss_reset()
-    before = _peak_rss()
+    memory.reset_peak()
+    before = memory.peak()
     started = time.monotonic()
     for path in ("a/b/manifests/sized", "a/b/manifests/chunked", "a/b/tags/list", "c/d/tags/list"):
         status, body, _ = await _get(http, f"{mirror.url}/v2/{path}")
         assert status == 502, path
         assert _error(body)["code"] == "UNAVAILABLE"
-    assert _peak_rss() - before < 64 * MiB
+    assert memory.peak() - before < 64 * MiB
     assert time.monotonic() - started < 30  # refused at the limit, not read to the end
 
 

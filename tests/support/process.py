@@ -71,16 +71,21 @@ class MirrorProcess:
 
     async def command(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run a maintenance command (`mirror verify`, ...) on this mirror's config."""
-        process = await asyncio.create_subprocess_exec(
-            *MIRROR,
-            *args,
-            "--config",
-            str(self.config),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        out, err = await process.communicate()
-        return subprocess.CompletedProcess(
-            list(args), process.returncode or 0, out.decode(), err.decode()
-        )
+        return await mirror_command(self.config, *args)
+
+
+async def mirror_command(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `mirror <args> --config <config>` and collect what it said."""
+    process = await asyncio.create_subprocess_exec(
+        *MIRROR,
+        *args,
+        "--config",
+        str(config),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    return subprocess.CompletedProcess(
+        list(args), process.returncode or 0, out.decode(), err.decode()
+    )
