@@ -105,7 +105,7 @@ class Manifests:
         except NotCached:
             raise
         except (ManifestUnknown, NameUnknown):
-            self._remember_missing(route, str(digest))
+            await self._remember_missing(route, str(digest))
             raise
 
     async def _by_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
@@ -131,7 +131,7 @@ class Manifests:
         except NotCached:
             raise
         except (ManifestUnknown, NameUnknown):
-            self._remember_missing(route, tag)
+            await self._remember_missing(route, tag)
             if upstream.serve_stale_on_404:
                 stale = self._stale(route, tag, entry, head, "the upstream answered 404")
                 if stale is not None:
@@ -143,9 +143,13 @@ class Manifests:
                 return stale
             raise
 
-    def _remember_missing(self, route: Route, reference: str) -> None:
-        self._tags.remember_missing(
-            route.upstream.name, route.repository, reference, self._config.negative_ttl
+    async def _remember_missing(self, route: Route, reference: str) -> None:
+        await asyncio.to_thread(  # a database write: off the loop
+            self._tags.remember_missing,
+            route.upstream.name,
+            route.repository,
+            reference,
+            self._config.negative_ttl,
         )
 
     def _stale(
@@ -179,19 +183,20 @@ class Manifests:
             )
             if answer.digest is not None:
                 digest_text = str(answer.digest)
-                self._remember_tag(route, tag, digest_text, answer.media_type)
+                await self._remember_tag(route, tag, digest_text, answer.media_type)
                 cached = self._cached(digest_text, head=head, source=HIT)
                 if cached is not None:
                     return cached
                 if head and answer.size is not None:
                     return Manifest(digest_text, answer.media_type, answer.size, None, MISS)
         manifest = await self._get(route, tag, send_accept, None)
-        self._remember_tag(route, tag, manifest.digest, manifest.media_type)
+        await self._remember_tag(route, tag, manifest.digest, manifest.media_type)
         return manifest
 
-    def _remember_tag(self, route: Route, tag: str, digest: str, media_type: str) -> None:
+    async def _remember_tag(self, route: Route, tag: str, digest: str, media_type: str) -> None:
         entry = TagEntry(digest, media_type, self._clock())
-        self._tags.put(route.upstream.name, route.repository, tag, entry)
+        # A database write: off the loop.
+        await asyncio.to_thread(self._tags.put, route.upstream.name, route.repository, tag, entry)
 
     async def _get(
         self, route: Route, reference: str, accept: str, expected: Digest | None

@@ -115,6 +115,8 @@ class DiskStore:
         self._fills = DiskFills(self._tmp)
         self.index = UsageIndex(root / "lru.sqlite", clock)
         self._manifests_in_memory = MemoryLru(MANIFEST_MEMORY_BYTES)
+        self._missing: set[str] = set()  # index keys whose file was found gone
+        self._lock = threading.Lock()
         if repair:  # worker processes leave it to the parent, which repairs once
             self.recover()
 
@@ -160,8 +162,17 @@ class DiskStore:
         return FileBlob(fd, os.fstat(fd).st_size)
 
     def _forget_missing(self, key: str) -> None:
-        """An index entry whose file went away (removed by hand): drop it when met."""
-        if self.index.get(key) is not None and not self.index.is_pending(key):
+        """An index entry whose file went away (removed by hand): dropped with the next
+        flush of uses, off the loop."""
+        with self._lock:
+            self._missing.add(key)
+
+    def _drop_missing(self) -> None:
+        with self._lock:
+            missing, self._missing = self._missing, set()
+        for key in missing:
+            if self.has_file(key) or self.index.is_pending(key):
+                continue  # put back since, or being put back now
             with contextlib.suppress(*WRITE_ERRORS):
                 self.index.remove(key)
 
@@ -277,6 +288,7 @@ class DiskStore:
         return self.index.oldest(limit, used_before)
 
     def flush_uses(self) -> None:
+        self._drop_missing()
         if self.index.flush_due():
             self.index.flush()
 

@@ -7,6 +7,7 @@ last confirmed upstream; it survives a restart so a restarted mirror knows its t
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,14 +46,16 @@ class TagIndex:
         self._clock = clock
         self._cache = diskcache.Cache(str(folder), eviction_policy="none")
         self._memory: OrderedDict[str, TagEntry] = OrderedDict()
+        self._lock = threading.Lock()  # writes come from threads (off the loop)
         # Told when the disk cannot take a write: the answer is kept in memory only.
         self._write_failed = write_failed or (lambda what, exc: None)
 
     def _remember(self, key: str, entry: TagEntry) -> None:
-        self._memory[key] = entry
-        self._memory.move_to_end(key)
-        if len(self._memory) > MEMORY_ENTRIES:
-            self._memory.popitem(last=False)
+        with self._lock:
+            self._memory[key] = entry
+            self._memory.move_to_end(key)
+            if len(self._memory) > MEMORY_ENTRIES:
+                self._memory.popitem(last=False)
 
     @staticmethod
     def _key(upstream: str, repository: str, tag: str) -> str:
@@ -60,7 +63,8 @@ class TagIndex:
 
     def get(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
         key = self._key(upstream, repository, tag)
-        entry = self._memory.get(key)
+        with self._lock:
+            entry = self._memory.get(key)
         if entry is not None:
             return entry
         value = self._cache.get(key)
