@@ -267,12 +267,17 @@ async def test_gigabyte_error_and_list_bodies_do_not_grow_memory(
     page = {"content_type": "application/json", "digest_header": False}
     fake.set("GET", "/v2/a/b/tags/list", Body(generated=gib, **page))
     fake.set("GET", "/v2/c/d/tags/list", Body(generated=gib, length_header=False, **page))
+    challenge = f'Bearer realm="{fake.url}/token",service="fake"'
+    denied = Body(b"{}", "application/json", status=401, headers={"WWW-Authenticate": challenge})
+    fake.set("GET", "/v2/e/f/manifests/v1", denied)
+    fake.set("GET", "/token", Body(generated=gib, length_header=False, **page))
     mirror = await make_mirror({"docker.io": fake.url})
     await _get(http, f"{mirror.url}/v2/")
     memory.reset_peak()
     before = memory.peak()
     started = time.monotonic()
-    for path in ("a/b/manifests/sized", "a/b/manifests/chunked", "a/b/tags/list", "c/d/tags/list"):
+    paths = ("a/b/manifests/sized", "a/b/manifests/chunked", "a/b/tags/list", "c/d/tags/list")
+    for path in (*paths, "e/f/manifests/v1"):  # the last one's token answer is a GiB
         status, body, _ = await _get(http, f"{mirror.url}/v2/{path}")
         assert status == 502, path
         assert _error(body)["code"] == "UNAVAILABLE"
@@ -509,3 +514,26 @@ async def test_a_failed_transfer_lets_go_of_its_temporary_at_once(
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
     await until(lambda: not _open_deleted_temporaries(), "no removed temporary is held open")
+
+
+async def test_a_token_realm_that_fails_is_not_trusted_forever(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """One bad challenge (its realm answers 500) must not stick to the upstream: the next
+    challenge says where to go now."""
+    data, _ = manifest_of_size(10_000)
+
+    def challenge(realm: str) -> Body:
+        header = f'Bearer realm="{fake.url}{realm}",service="fake"'
+        return Body(b"{}", "application/json", status=401, headers={"WWW-Authenticate": header})
+
+    fake.set("GET", "/bad-token", Body(b"{}", "application/json", status=500))
+    fake.set("GET", "/good-token", Body(b'{"token": "t"}', "application/json"))
+    manifest = "/v2/a/b/manifests/v1"
+    fake.set("GET", manifest, [challenge("/bad-token"), challenge("/good-token"), Body(data)])
+    mirror = await make_mirror({"docker.io": fake.url})
+    status, _, _ = await _get(http, f"{mirror.url}{manifest}")
+    assert status == 502  # the realm failed
+    status, body, _ = await _get(http, f"{mirror.url}{manifest}")
+    assert (status, body) == (200, data)
+    assert fake.count("GET", "/good-token") == 1
