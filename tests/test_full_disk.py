@@ -83,6 +83,7 @@ async def test_a_full_disk_serves_what_is_cached_and_streams_the_rest(
     filler = _fill_up(disk)
     store = mirror.app[STORE]
     store.index.flush_seconds = -1  # every hit writes its access time (and cannot)
+    usage = store.usage()
 
     # cached: served (the tag, past its TTL, revalidated; its record cannot be written)
     for _ in range(3):
@@ -103,6 +104,7 @@ async def test_a_full_disk_serves_what_is_cached_and_streams_the_rest(
     for blob in other.blobs:
         assert (await _get(http, f"{new}/blobs/{blob}"))[:2] == (200, blob)
     assert store.counters.disk_full > 0
+    assert store.usage() == usage  # nothing it could not keep is counted as kept
     assert await _ready(http, mirror.url) == (200, "degraded")
     assert not [p for p in (disk / "cache" / "tmp").iterdir() if p.suffix == ".part"]
 

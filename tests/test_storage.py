@@ -301,3 +301,18 @@ async def test_a_follower_of_wrong_bytes_never_gets_the_last_one(tmp_path: Path)
     with pytest.raises(TransferFailed):
         await asyncio.wait_for(reader, 2)
     assert bytes(got) == b"the wrong byte"
+
+
+def test_a_short_write_still_stores_the_whole_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.write may write less than asked (a signal, a nearly full disk): the rest must
+    follow, or the file on disk is a cut manifest."""
+    store = DiskStore(tmp_path / "store", 1 << 30)
+    data = b'{"schemaVersion": 2, "padding": "' + b"p" * 50_000 + b'"}'
+    digest = digest_of(data)
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, chunk: real_write(fd, bytes(chunk)[:1000]))
+    assert store.put_manifest(digest, data, "application/vnd.oci.image.manifest.v1+json")
+    monkeypatch.undo()
+    assert store.manifest_path(digest).read_bytes() == data
