@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from .clock import Clock, system_clock
@@ -22,17 +21,15 @@ from .policy.proxy import Proxy
 from .store.base import BlobStore
 from .store.disk import DiskStore
 from .store.tags import TagIndex
-from .upstream.client import Upstream, UpstreamClient
-from .upstream.offline import OfflineClient
+from .upstream.pool import Upstreams
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 PROXY = web.AppKey("proxy", Proxy)
 STORE = web.AppKey("store", DiskStore)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
+UPSTREAMS = web.AppKey("upstreams", Upstreams)
 TAGS = web.AppKey("tags", TagIndex)
 
-UPSTREAM_CONNECTIONS = 100  # open connections to all upstreams together
 USE_FLUSH_SECONDS = 1.0  # how often the housekeeping task looks whether uses are due
 
 
@@ -74,7 +71,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     housekeeping.cancel()
     await asyncio.gather(housekeeping, return_exceptions=True)
     await app[PROXY].close()
-    await app[SESSION].close()
+    await app[UPSTREAMS].close()
     app[TAGS].close()
     app[STORE].close()
 
@@ -99,23 +96,8 @@ async def create_app(
         config.storage.path, config.storage.max_size, repair=repair_store, clock=clock
     )
     tags = TagIndex(config.storage.path / "index", store.counters.write_failed, clock)
-    # auto_decompress off and identity encoding: bytes are hashed exactly as the upstream
-    # stored them, never as a transport encoding changed them.
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=UPSTREAM_CONNECTIONS),
-        auto_decompress=False,
-        headers={"Accept-Encoding": "identity"},
-    )
-    # An offline upstream is a client that refuses: the policy never asks whether.
-    upstreams: dict[str, Upstream] = {
-        name: (
-            OfflineClient(name, upstream.max_transfers)
-            if upstream.offline
-            else UpstreamClient(upstream, session, config.timeouts, metrics, clock)
-        )
-        for name, upstream in config.upstreams.items()
-    }
-    proxy = Proxy(config, store, tags, upstreams, metrics, clock)
+    upstreams = Upstreams(config, metrics, clock)
+    proxy = Proxy(config, store, tags, upstreams.by_name, metrics, clock)
     metrics.live = LiveState(
         cache_bytes=store.usage,
         cache_bound=store.max_size,
@@ -128,7 +110,7 @@ async def create_app(
     app[METRICS] = metrics
     app[STORE] = store
     app[TAGS] = tags
-    app[SESSION] = session
+    app[UPSTREAMS] = upstreams
     app[PROXY] = proxy
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(inert_content)
