@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -21,6 +22,8 @@ from .app import create_app
 from .config import Config, ConfigError, load, parse_size
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,8 +75,18 @@ def serve(config: Config) -> None:
         _supervise(config)
 
 
-def _run(config: Config, *, worker: bool) -> None:
+def _die_with(parent: int) -> None:
+    """Ask the kernel to end this worker when its supervisor dies (even by SIGKILL): an
+    orphan would go on serving an old config beside the next start."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(0)
+
+
+def _run(config: Config, *, worker: bool, parent: int = 0) -> None:
     if worker:
+        _die_with(parent)
         # A forked worker inherits the supervisor's handlers: a SIGTERM that came before
         # the server set its own would run the supervisor's code here and be ignored.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -103,7 +116,9 @@ def _supervise(config: Config) -> None:
     context = multiprocessing.get_context("fork")
 
     def start(number: int) -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_run, args=(config,), kwargs={"worker": True})
+        process = context.Process(
+            target=_run, args=(config,), kwargs={"worker": True, "parent": os.getpid()}
+        )
         process.name = f"mirror-worker-{number}"
         process.start()
         return process

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from .store.base import BlobStore
@@ -52,6 +53,13 @@ class Progress:
             self.stream.flush()
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0  # evicted since it was listed
+
+
 @dataclass
 class VerifyReport:
     checked: int = 0
@@ -63,13 +71,18 @@ def verify(store: DiskStore, out: TextIO) -> VerifyReport:
     """Re-hash every stored blob and manifest; remove and report those that do not match."""
     report = VerifyReport()
     files = list(store.walk_files())
-    total = sum(path.stat().st_size for _, path in files)
+    total = sum(_size(path) for _, path in files)
     progress = Progress(total, "verify")
     for key, _ in files:
+        # A live server may evict or put back files as we go: only a file that is still
+        # the one we hashed, and wrong, is corrupt.
+        inode = store.inode(key)
+        state = store.check(key, progress.advance) if inode is not None else "gone"
+        if state == "gone":
+            continue
         report.checked += 1
-        if not store.verify(key, progress.advance):
+        if state == "corrupt" and store.remove_if_unchanged(key, inode or 0):
             report.corrupt += 1
-            store.remove(key)
             out.write(f"corrupt, removed: {key}\n")
     on_disk = {key for key, _ in files}
     for key in sorted(store.indexed_keys() - on_disk):

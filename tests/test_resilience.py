@@ -159,6 +159,8 @@ async def test_offline_mode_never_contacts_the_upstream(
     layer = seeded.oci.layers[0]
     status, body, _ = await _get(http, f"{offline.url}/v2/library/alpine/blobs/{layer}")
     assert status == 404 and b"BLOB_UNKNOWN" in body
+    status, body, _ = await _get(http, f"{offline.url}/v2/library/alpine/tags/list")
+    assert status == 404 and b"offline" in body
     assert relay.requests == []
 
 

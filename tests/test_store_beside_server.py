@@ -5,9 +5,11 @@ responsive while gc works through a large cache."""
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,12 +17,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror import maintenance
 from mirror.app import STORE
 from mirror.reference import digest_of
 from mirror.store.disk import DiskStore
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.process import mirror_command
 from tests.support.registry import Registry
+from tests.support.waiting import until
 
 
 def _config(tmp_path: Path, storage: Path) -> Path:
@@ -126,10 +130,15 @@ async def test_the_loop_stays_responsive_while_gc_runs_beside_it(
         async with http.get(url) as response:
             assert response.status == 200
     gc = asyncio.create_task(mirror_command(_config(tmp_path, root), "gc", "--older-than", "86400"))
-    slowest = {"/healthz": 0.0, "hit": 0.0}
+    slowest = {"/healthz": 0.0, "hit": 0.0, "/metrics": 0.0}
     rounds = 0
     while not gc.done():
-        for name, url in (("/healthz", f"{mirror.url}/healthz"), ("hit", hits[rounds % 2])):
+        probes = (
+            ("/healthz", f"{mirror.url}/healthz"),
+            ("hit", hits[rounds % 2]),
+            ("/metrics", f"{mirror.url}/metrics"),  # reads the index's totals on the loop
+        )
+        for name, url in probes:
             started = time.monotonic()
             async with http.get(url) as response:
                 assert response.status == 200
@@ -142,4 +151,59 @@ async def test_the_loop_stays_responsive_while_gc_runs_beside_it(
     assert rounds >= 20, "gc ended before the loop was probed"
     print(f"\nslowest answers while gc evicted 30,000 entries: {slowest}")
     assert slowest["/healthz"] < 0.05, slowest
-    assert slowest["hit"] < 0.1, slowest
+    assert slowest["hit"] < 0.1 and slowest["/metrics"] < 0.1, slowest
+
+
+def test_verify_beside_a_server_that_evicts_reports_nothing_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files a live server (or gc) evicts while verify walks the store are gone, not
+    corrupt: nothing is reported, nothing removed, nothing crashes."""
+    root = tmp_path / "cache"
+    store = DiskStore(root, 10 << 30)
+    blobs = [os.urandom(50_000) for _ in range(6)]
+    for data in blobs:
+        temp = store.begin_blob(digest_of(data))
+        assert temp is not None
+        temp.write(data)
+        assert temp.commit()
+    manifest = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}'
+    store.put_manifest(digest_of(manifest), manifest, "application/vnd.oci.image.manifest.v1+json")
+    server = DiskStore(root, 10 << 30, repair=False)  # another process on the same store
+    evicting = iter(server.oldest(100, used_before=time.time() + 10))
+    check = store.check
+
+    def check_while_the_server_evicts(key: str, progress: Callable[[int], None]) -> str:
+        entry = next(evicting, None)  # the server evicts one entry more at every step
+        if entry is not None:
+            server.evict(entry)
+        return check(key, progress)
+
+    monkeypatch.setattr(store, "check", check_while_the_server_evicts)
+    out = io.StringIO()
+    report = maintenance.verify(store, out)
+    assert (report.corrupt, report.missing) == (0, 0), out.getvalue()
+    assert "removed" not in out.getvalue()
+    server.close()
+    store.close()
+
+
+@pytest.mark.in_process  # reads the server's store
+async def test_a_manifest_miss_does_not_wait_for_the_evictions_it_causes(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """A store far over its bound (30,000 entries to evict, as after lowering max_size):
+    the client is answered at once, the eviction runs on its own."""
+    root = tmp_path / "over-the-bound"
+    _fill_index(root, 30_000)
+    mirror = await make_mirror({"docker.io": upstream.url}, storage=root, max_size="1MiB")
+    started = time.monotonic()
+    async with http.get(f"{mirror.url}/v2/library/alpine/manifests/{seeded.oci.digest}") as answer:
+        assert answer.status == 200 and await answer.read() == seeded.oci.manifest
+    assert time.monotonic() - started < 1.5
+    store = mirror.app[STORE]
+    await until(lambda: store.usage()[0] <= store.max_size, "the store is back under its bound")

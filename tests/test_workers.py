@@ -215,3 +215,26 @@ async def test_a_blob_streamed_through_reaches_every_client_of_every_worker(
     finally:
         assert await mirror.stop() == 0
     assert [r["digest"] for r in results] == [digest] * 8
+
+
+async def test_workers_end_with_a_supervisor_killed_by_sigkill(tmp_path: Path) -> None:
+    """No orphan goes on serving the old config beside the next start."""
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": 2,
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": {"url": "http://127.0.0.1:9"}},
+        },
+    ).start()
+    workers: list[int] = []
+    deadline = time.monotonic() + 10
+    while len(workers) < 2:
+        assert time.monotonic() < deadline, "the workers did not start"
+        await asyncio.sleep(0.05)
+        workers = _children(mirror.pid)
+    await mirror.kill()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their supervisor"
+        await asyncio.sleep(0.05)

@@ -32,6 +32,11 @@ log = logging.getLogger("mirror.proxy")
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
 
 
+def _quietly(done: asyncio.Future[int]) -> None:
+    if not done.cancelled():
+        done.exception()  # an eviction that failed was counted and logged by the store
+
+
 def _kinds(accept: str) -> set[str]:
     return {part.split(";")[0].strip().lower() for part in accept.split(",")} - {""}
 
@@ -66,6 +71,7 @@ class Manifests:
         self._upstream_of = upstream_of
         self._clock = clock
         self._fetches: SingleFlight[tuple[str, ...], Manifest] = SingleFlight()
+        self._evictions: SingleFlight[str, int] = SingleFlight()
 
     async def answer(self, route: Route, reference: str, accept: str, *, head: bool) -> Manifest:
         digest = parse_digest(reference)
@@ -75,6 +81,7 @@ class Manifests:
 
     async def close(self) -> None:
         await self._fetches.close()
+        await self._evictions.close()
 
     def _cached(self, digest_text: str, *, head: bool, source: str) -> Manifest | None:
         digest = parse_digest(digest_text)
@@ -219,4 +226,12 @@ class Manifests:
             raise UpstreamError(
                 f"upstream {upstream.name} sent a manifest that does not match {digest}"
             ) from None
+        self._make_room_soon()
         return Manifest(str(digest), media_type, len(data), data, MISS)
+
+    def _make_room_soon(self) -> None:
+        """Evict what the new manifest pushed over the bound, on its own: however much
+        there is to evict, the client that asked does not wait for it."""
+        if "room" not in self._evictions:
+            work = self._evictions.run("room", lambda: asyncio.to_thread(self._store.make_room))
+            asyncio.ensure_future(work).add_done_callback(_quietly)

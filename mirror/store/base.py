@@ -194,6 +194,10 @@ class BlobStore(Protocol):
     def evict(self, entry: Entry) -> None:
         """Drop an entry to make room (counted as an eviction)."""
 
+    def make_room(self, keep: str | None = None) -> int:
+        """Evict the least recently used until the store is under its bound (blocking: run
+        it in a thread); returns the bytes freed."""
+
     def state(self) -> str:
         """ "ok", "degraded" (full: serving, keeping nothing new) or "unavailable"."""
 

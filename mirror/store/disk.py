@@ -117,6 +117,7 @@ class DiskStore:
         self._manifests_in_memory = MemoryLru(MANIFEST_MEMORY_BYTES)
         self._missing: set[str] = set()  # index keys whose file was found gone
         self._lock = threading.Lock()
+        self._evicting = threading.Lock()
         if repair:  # worker processes leave it to the parent, which repairs once
             self.recover()
 
@@ -255,8 +256,7 @@ class DiskStore:
             return False
         self.counters.write_succeeded()
         self._manifests_in_memory.put(key, (data, media_type))
-        self.make_room(keep=key)
-        return True
+        return True  # the room it takes is made by the caller's make_room, not in its wait
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
         temp = self._tmp / f"{path.name}.{os.getpid()}.tmp"  # the pid: see remove_stale
@@ -317,14 +317,18 @@ class DiskStore:
         Returns the bytes evicted.
         """
         try:
-            return self._make_room(keep, need)
+            with self._evicting:  # one eviction at a time: two would pick the same victims
+                freed, count = self._make_room(keep, need)
         except WRITE_ERRORS as exc:
             self.counters.write_failed("evicting", exc)
             return 0
+        if count:
+            log.info("evicted %d entries (%d bytes) to stay under the bound", count, freed)
+        return freed
 
-    def _make_room(self, keep: str | None, need: int) -> int:
+    def _make_room(self, keep: str | None, need: int) -> tuple[int, int]:
         used, _ = self.index.total()
-        freed = 0
+        freed = count = 0
         while used + need > self.max_size:
             victims = [
                 e
@@ -337,15 +341,16 @@ class DiskStore:
                 self.evict(entry)
                 used -= entry.size
                 freed += entry.size
+                count += 1
                 if used + need <= self.max_size:
                     break
-        return freed
+        return freed, count
 
     def evict(self, entry: Entry) -> None:
         self.index.mark_pending(entry.key)
         self._unlink(entry.key)
         self.index.remove(entry.key, evicted=True)
-        log.info("evicted %s (%d bytes)", entry.key, entry.size)
+        log.debug("evicted %s (%d bytes)", entry.key, entry.size)
 
     def remove(self, key: str) -> None:
         """Drop one entry and its file (a corrupt one, found by verify)."""
@@ -410,6 +415,48 @@ class DiskStore:
         if progress is not None:
             progress(len(data))
         return manifest_matches(digest, data, media_type)
+
+    def check(self, key: str, progress: Callable[[int], None] | None = None) -> str:
+        """For `mirror verify` beside a live server: "ok", "gone" (evicted or replaced
+        since it was listed: not corrupt), or "corrupt" (still the same file, and wrong)."""
+        path = self.path_of(key)
+        if path is None:
+            return "gone"
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            return "gone"
+        try:
+            right = self.verify(key, progress)
+        except FileNotFoundError:
+            return "gone"
+        if right:
+            return "ok"
+        try:
+            after = path.stat()
+        except FileNotFoundError:
+            return "gone"
+        same = (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+        return "corrupt" if same else "gone"
+
+    def remove_if_unchanged(self, key: str, inode: int) -> bool:
+        """Remove a corrupt entry, unless its file was replaced meanwhile (a live server
+        put the right content in place): then leave it."""
+        path = self.path_of(key)
+        try:
+            if path is None or path.stat().st_ino != inode:
+                return False
+        except FileNotFoundError:
+            return False
+        self.remove(key)
+        return True
+
+    def inode(self, key: str) -> int | None:
+        path = self.path_of(key)
+        try:
+            return None if path is None else path.stat().st_ino
+        except FileNotFoundError:
+            return None
 
     def _settle(self, key: str, size: int) -> None:
         path = self.path_of(key)

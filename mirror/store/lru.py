@@ -91,6 +91,11 @@ class UsageIndex:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # The one-row reads the event loop makes (usage for /metrics and the status page)
+        # go through a connection of their own: a thread holding the main one (waiting on
+        # `mirror gc`'s write lock, or evicting) never makes the loop wait.
+        self._reader = sqlite3.connect(path, timeout=BUSY_SECONDS, check_same_thread=False)
+        self._read_lock = threading.Lock()
         self._touched: dict[str, float] = {}
         self._flushed_at = time.monotonic()
         self.flush_seconds = TOUCH_FLUSH_SECONDS
@@ -99,6 +104,13 @@ class UsageIndex:
         self.flush()
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
+
+    def _one_row(self, sql: str) -> tuple[Any, ...]:
+        with self._read_lock:
+            row: tuple[Any, ...] = self._reader.execute(sql).fetchone()
+            return row
 
     def _run(self, sql: str, params: Sequence[object] = ()) -> None:
         with self._lock:
@@ -186,12 +198,12 @@ class UsageIndex:
 
     def evictions(self) -> tuple[int, int]:
         """(entries, bytes) evicted, by every process on the store."""
-        ((entries, size),) = self._rows("SELECT entries, bytes FROM evictions")
+        entries, size = self._one_row("SELECT entries, bytes FROM evictions")
         return int(entries), int(size)
 
     def total(self) -> tuple[int, int]:
         """(bytes, entries) in the store."""
-        ((size, count),) = self._rows("SELECT bytes, entries FROM totals")
+        size, count = self._one_row("SELECT bytes, entries FROM totals")
         return int(size), int(count)
 
     def get(self, key: str) -> Entry | None:

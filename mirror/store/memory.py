@@ -225,17 +225,20 @@ class MemoryStore:
                 entries, size = self._evicted
                 self._evicted = (entries + 1, size + len(kept.data))
 
-    def make_room(self, keep: str | None = None) -> None:
+    def make_room(self, keep: str | None = None) -> int:
         used, _ = self.usage()
+        freed = 0
         while used > self.max_size:
             victims = [e for e in self.oldest(64, self._clock() - EVICTION_GRACE) if e.key != keep]
             if not victims:
-                return
+                break
             for entry in victims:
                 self.evict(entry)
                 used -= entry.size
+                freed += entry.size
                 if used <= self.max_size:
-                    return
+                    break
+        return freed
 
     def state(self) -> str:
         return "ok"

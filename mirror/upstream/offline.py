@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 
-from ..errors import BlobUnknown, NotCached, RegistryError, UpstreamError
+from ..errors import BlobUnknown, NotCached, RegistryError
 from ..reference import Digest
 from .client import FetchedManifest, ManifestHead, Page
 
@@ -39,7 +39,7 @@ class OfflineClient:
         params: Mapping[str, str],
         not_found: type[RegistryError],
     ) -> Page:
-        raise UpstreamError(f"the mirror is offline for {self.name}")
+        raise not_found(self._not_cached(f"{self.name}/{repository}/{path}"))
 
     async def head_blob(self, repository: str, digest: Digest) -> int:
         raise BlobUnknown(self._not_cached(str(digest)))
