@@ -84,6 +84,11 @@ class UpstreamConfig:
     max_transfers: int = DEFAULT_MAX_TRANSFERS  # concurrent blob transfers from this upstream
     ecr: EcrConfig | None = None  # log in with Amazon ECR tokens
     acr: AcrConfig | None = None  # log in with an Azure AD refresh token
+    proxy: str | None = None  # outbound proxy URL; None: HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+    ca_file: str | None = None  # PEM CAs trusted for this upstream, besides the system's
+    cert_file: str | None = None  # client certificate (PEM) for registries requiring mTLS
+    key_file: str | None = None  # its private key (PEM)
+    tls_verify: bool = True  # false: accept any certificate (a lab registry; loud warning)
 
     def ttl_for(self, repository: str, tag: str) -> float:
         """Seconds a tag's digest is trusted: the first matching rule, else manifest_ttl."""
@@ -266,7 +271,19 @@ UPSTREAM_KEYS = {
     "max_transfers",
     "ecr",
     "acr",
+    "proxy",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "tls_verify",
 }
+
+
+def _readable_file(section: Mapping[str, Any], key: str, where: str) -> str | None:
+    path = _optional_text(section, key, where)
+    if path is not None and not os.access(path, os.R_OK):
+        raise ConfigError(f"{where}.{key}: cannot read {path}")
+    return path
 
 
 def _optional_text(section: Mapping[str, Any], key: str, where: str) -> str | None:
@@ -339,6 +356,14 @@ def _parse_upstream(
         raise ConfigError(f"{where}: ecr/acr log in by themselves; drop username and password")
     if ecr and acr:
         raise ConfigError(f"{where}: ecr and acr exclude each other")
+    proxy = _optional_text(section, "proxy", where)
+    if proxy is not None and urlsplit(proxy).scheme not in ("http", "https"):
+        raise ConfigError(f"{where}.proxy: expected an http(s) URL like http://host:3128")
+    files = {
+        key: _readable_file(section, key, where) for key in ("ca_file", "cert_file", "key_file")
+    }
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        raise ConfigError(f"{where}: cert_file and key_file go together; one of them is missing")
     max_transfers = section.get("max_transfers", defaults.max_transfers)
     if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
         raise ConfigError(f"{where}.max_transfers: expected a whole number >= 1")
@@ -360,6 +385,11 @@ def _parse_upstream(
         max_transfers=max_transfers,
         ecr=ecr,
         acr=acr,
+        proxy=proxy,
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        tls_verify=_parse_bool(section.get("tls_verify", True), f"{where}.tls_verify"),
     )
 
 

@@ -25,6 +25,7 @@ from ..metrics import Metrics
 from .addresses import AddressPolicy
 from .bodies import TOKEN_LIMIT, describe, read_body
 from .credentials import Credentials
+from .network import Network
 
 log = logging.getLogger("mirror.auth")
 
@@ -96,8 +97,10 @@ class TokenCache:
         addresses: AddressPolicy,
         timeout: aiohttp.ClientTimeout,
         clock: Clock = system_clock,
+        network: Network | None = None,
     ) -> None:
         self._clock = clock
+        self._network = network or Network(upstream, {})
         self._upstream = upstream
         self._addresses = addresses
         self._timeout = timeout
@@ -171,6 +174,7 @@ class TokenCache:
                 headers=headers,
                 allow_redirects=False,
                 timeout=self._timeout,
+                **self._network.options(realm),
             ) as response:
                 if response.status != 200:
                     raise UpstreamError(

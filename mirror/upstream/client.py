@@ -39,6 +39,7 @@ from .addresses import AddressPolicy
 from .auth import Challenge, TokenCache, basic_header, parse_challenge
 from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
 from .credentials import credentials_for
+from .network import Network
 
 log = logging.getLogger("mirror.upstream")
 
@@ -176,17 +177,26 @@ class UpstreamClient:
         timeouts: TimeoutConfig,
         metrics: Metrics,
         clock: Clock = system_clock,
+        network: Network | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self._session = session
+        self._network = network or Network(config, {})
         self._timeouts = timeouts
         self._metrics = metrics
         self.health = metrics.upstream(config.name)
         self._addresses = AddressPolicy(config.url, config.auth_hosts)
-        self._login = credentials_for(config, session, metrics)
+        self._login = credentials_for(config, session, metrics, self._network)
         self._tokens = TokenCache(
-            config, session, metrics, self._login, self._addresses, self.answer_timeout(), clock
+            config,
+            session,
+            metrics,
+            self._login,
+            self._addresses,
+            self.answer_timeout(),
+            clock,
+            self._network,
         )
         self._challenge: Challenge | None = None  # learned from the last 401
         # Bounds the blob transfers running at once from this upstream.
@@ -457,6 +467,7 @@ class UpstreamClient:
                     params=params,
                     allow_redirects=False,
                     timeout=self.answer_timeout(total),
+                    **self._network.options(url),  # redirects to a CDN: the same way out
                 )
                 self._observe(method, response, time.monotonic() - started)
                 location = response.headers.get("Location")

@@ -24,6 +24,7 @@ from ..errors import UpstreamError
 from ..inflight import SingleFlight
 from ..metrics import Metrics
 from .bodies import TOKEN_LIMIT, describe, read_body
+from .network import Network
 
 log = logging.getLogger("mirror.credentials")
 
@@ -139,11 +140,13 @@ class AcrCredentials(RenewingCredentials):
         acr: AcrConfig,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        network: Network,
     ) -> None:
         super().__init__(name, ACR_USERNAME, 0.0, metrics)
         self._url = url
         self._acr = acr
         self._session = session
+        self._network = network
 
     async def _fetch(self) -> tuple[str, str, float]:
         try:
@@ -159,7 +162,11 @@ class AcrCredentials(RenewingCredentials):
         exchange = self._acr.exchange_url or f"{self._url}/oauth2/exchange"
         try:
             async with self._session.post(
-                exchange, data=form, allow_redirects=False, timeout=EXCHANGE_TIMEOUT
+                exchange,
+                data=form,
+                allow_redirects=False,
+                timeout=EXCHANGE_TIMEOUT,
+                **self._network.options(exchange),
             ) as answer:
                 if answer.status != 200:
                     raise UpstreamError(
@@ -182,11 +189,14 @@ class AcrCredentials(RenewingCredentials):
 
 
 def credentials_for(
-    upstream: UpstreamConfig, session: aiohttp.ClientSession, metrics: Metrics
+    upstream: UpstreamConfig,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    network: Network,
 ) -> Credentials:
     """The credential source an upstream's config names (token requests are counted)."""
     if upstream.ecr is not None:
         return EcrCredentials(upstream.name, upstream.ecr, metrics)
     if upstream.acr is not None:
-        return AcrCredentials(upstream.name, upstream.url, upstream.acr, session, metrics)
+        return AcrCredentials(upstream.name, upstream.url, upstream.acr, session, metrics, network)
     return StaticCredentials(upstream.username, upstream.password)

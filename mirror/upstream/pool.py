@@ -6,12 +6,16 @@ mirror ever holds an HTTP client.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import aiohttp
 
 from ..clock import Clock
 from ..config import Config
 from ..metrics import Metrics
 from .client import Upstream, UpstreamClient
+from .network import Network
 from .offline import OfflineClient
 
 CONNECTIONS = 100  # open connections to all upstreams together
@@ -20,7 +24,14 @@ CONNECTIONS = 100  # open connections to all upstreams together
 class Upstreams:
     """The clients of the configured upstreams, by name; `close` ends their connections."""
 
-    def __init__(self, config: Config, metrics: Metrics, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        clock: Clock,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        environ = os.environ if environ is None else environ  # proxies come from it
         # auto_decompress off and identity encoding: bytes are hashed exactly as the
         # upstream stored them, never as a transport encoding changed them.
         self._session = aiohttp.ClientSession(
@@ -33,7 +44,14 @@ class Upstreams:
             name: (
                 OfflineClient(name, upstream.max_transfers)
                 if upstream.offline
-                else UpstreamClient(upstream, self._session, config.timeouts, metrics, clock)
+                else UpstreamClient(
+                    upstream,
+                    self._session,
+                    config.timeouts,
+                    metrics,
+                    clock,
+                    Network(upstream, environ),
+                )
             )
             for name, upstream in config.upstreams.items()
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -38,14 +39,23 @@ class Hit:
 class Registry:
     """One docker-registry process; `stop()` kills it, `start()` brings it back on its port."""
 
-    def __init__(self, root: Path, auth: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        auth: dict[str, Any] | None = None,
+        tls: dict[str, Any] | None = None,
+        probe: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls` is distribution's `http.tls` section (certificate, key, clientcas);
+        `probe` the TLS context that checks it is up."""
         self.binary = shutil.which("docker-registry")
         if self.binary is None:
             raise RuntimeError("docker-registry is not installed (apt-get install docker-registry)")
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self._probe = probe
         self.log_path = root / "registry.log"
         self.config_path = root / "config.yml"
         config: dict[str, Any] = {
@@ -55,7 +65,7 @@ class Registry:
                 "filesystem": {"rootdirectory": str(root / "data")},
                 "delete": {"enabled": True},
             },
-            "http": {"addr": f"127.0.0.1:{self.port}"},
+            "http": {"addr": f"127.0.0.1:{self.port}", **({"tls": tls} if tls else {})},
         }
         if auth is not None:
             config["auth"] = auth
@@ -77,7 +87,7 @@ class Registry:
             if self._process.poll() is not None:
                 raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{self.url}/v2/", timeout=1)
+                urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=self._probe)
                 return
             except urllib.error.HTTPError:
                 return  # 401 under auth: it is up

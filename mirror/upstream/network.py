@@ -1,0 +1,82 @@
+"""How one upstream is reached: through which proxy, trusting which certificates.
+
+An office's only way out is often a proxy, and its registries often have a private CA:
+`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (and their lower-case forms) are honoured by
+default, `upstreams.<name>.proxy` overrides them for that upstream (its token realm and
+its CDN redirects included), and `ca_file`, `cert_file`/`key_file` and `tls_verify` set
+what TLS trusts and presents. No netrc is read: credentials come from the config only.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..config import UpstreamConfig
+
+log = logging.getLogger("mirror.upstream")
+
+
+def _context(config: UpstreamConfig) -> ssl.SSLContext | bool:
+    """What aiohttp's `ssl=` gets: True (the system's CAs), False, or a context."""
+    if not config.tls_verify:
+        return False
+    if config.ca_file is None and config.cert_file is None:
+        return True
+    context = ssl.create_default_context()  # the system's CAs, and the upstream's own
+    if config.ca_file is not None:
+        context.load_verify_locations(cafile=config.ca_file)
+    if config.cert_file is not None and config.key_file is not None:
+        context.load_cert_chain(config.cert_file, config.key_file)
+    return context
+
+
+class Network:
+    """The proxy and TLS settings of one upstream, for each URL it sends the mirror to."""
+
+    def __init__(self, config: UpstreamConfig, environ: Mapping[str, str]) -> None:
+        self._proxy = config.proxy
+        # Lower-case forms win, as curl and Go do; NO_PROXY is read with them.
+        self._environ = {
+            key: environ[key]
+            for key in (
+                "http_proxy",
+                "https_proxy",
+                "no_proxy",
+                "HTTP_PROXY",
+                "HTTPS_PROXY",
+                "NO_PROXY",
+            )
+            if environ.get(key)
+        }
+        self.ssl = _context(config)
+        if not config.tls_verify:
+            log.warning(
+                "upstream %s: tls_verify is false: ANY certificate is accepted, so anyone on "
+                "the path can impersonate the registry; use ca_file for a private CA",
+                config.name,
+            )
+
+    def proxy_for(self, url: str) -> str | None:
+        if self._proxy is not None:
+            return self._proxy
+        parts = urlsplit(url)
+        proxies = {
+            scheme: self._environ.get(f"{scheme}_proxy")
+            or self._environ.get(f"{scheme.upper()}_PROXY")
+            for scheme in ("http", "https", "no")
+        }
+        found = {k: v for k, v in proxies.items() if v}
+        if not found.get(parts.scheme):
+            return None
+        if urllib.request.proxy_bypass_environment(parts.hostname or "", found):  # type: ignore[attr-defined]
+            return None
+        return found[parts.scheme]
+
+    def options(self, url: str) -> dict[str, Any]:
+        """The proxy and TLS keyword arguments of an aiohttp request to `url`."""
+        return {"proxy": self.proxy_for(url), "ssl": self.ssl}

@@ -1,0 +1,195 @@
+"""Office networks: registries behind a private CA, registries that require a client
+certificate, a lab registry with verification off, and the only way out a forward proxy
+(Debian's tinyproxy), set per upstream or by HTTPS_PROXY / HTTP_PROXY / NO_PROXY."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import MirrorFactory, Seeded
+from tests.support.pki import Pki, make_pki
+from tests.support.registry import Registry, free_port
+
+ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _tls_registry(root: Path, seeded_root: Path, pki: Pki, *, client_ca: bool) -> Registry:
+    """A TLS registry serving the seeded upstream's content (a copy of its storage)."""
+    shutil.copytree(seeded_root / "data", root / "data")
+    tls: dict[str, Any] = {"certificate": str(pki.server_cert), "key": str(pki.server_key)}
+    probe = ssl.create_default_context(cafile=str(pki.ca))
+    if client_ca:
+        tls["clientcas"] = [str(pki.ca)]
+        probe.load_cert_chain(pki.client_cert, pki.client_key)
+    return Registry(root, tls=tls, probe=probe)
+
+
+@pytest.fixture(scope="module")
+def tls_upstreams(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Registry, seeded: Seeded, pki: Pki
+) -> Iterator[tuple[Registry, Registry]]:
+    """(private CA, private CA and client certificates required)."""
+    plain = _tls_registry(tmp_path_factory.mktemp("tls"), upstream.root, pki, client_ca=False)
+    mutual = _tls_registry(tmp_path_factory.mktemp("mtls"), upstream.root, pki, client_ca=True)
+    yield plain, mutual
+    plain.stop()
+    mutual.stop()
+
+
+async def _pull(http: aiohttp.ClientSession, mirror_url: str, seeded: Seeded) -> tuple[int, str]:
+    """A manifest and its first layer through the mirror: the worst status, and why."""
+    image = seeded.oci
+    async with http.get(f"{mirror_url}/v2/library/alpine/manifests/3.20", headers=ACCEPT) as r:
+        body = await r.read()
+        if r.status != 200:
+            return r.status, body.decode()
+        assert body == image.manifest
+    layer = image.layers[0]
+    async with http.get(f"{mirror_url}/v2/library/alpine/blobs/{layer}") as r:
+        data = await r.read()
+        assert r.status == 200 and "sha256:" + hashlib.sha256(data).hexdigest() == layer
+    return 200, ""
+
+
+async def test_a_registry_behind_a_private_ca(
+    make_mirror: MirrorFactory,
+    tls_upstreams: tuple[Registry, Registry],
+    pki: Pki,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+) -> None:
+    registry, _ = tls_upstreams
+    untrusting = await make_mirror({"docker.io": registry.url})
+    status, why = await _pull(http, untrusting.url, seeded)
+    assert status == 502 and "TLS certificate is not trusted" in why
+    trusting = await make_mirror({"docker.io": {"url": registry.url, "ca_file": str(pki.ca)}})
+    assert await _pull(http, trusting.url, seeded) == (200, "")
+
+
+async def test_a_registry_that_requires_a_client_certificate(
+    make_mirror: MirrorFactory,
+    tls_upstreams: tuple[Registry, Registry],
+    pki: Pki,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+) -> None:
+    _, registry = tls_upstreams
+    without = await make_mirror({"docker.io": {"url": registry.url, "ca_file": str(pki.ca)}})
+    status, _ = await _pull(http, without.url, seeded)
+    assert status == 502
+    mutual = {
+        "url": registry.url,
+        "ca_file": str(pki.ca),
+        "cert_file": str(pki.client_cert),
+        "key_file": str(pki.client_key),
+    }
+    with_certificate = await make_mirror({"docker.io": mutual})
+    assert await _pull(http, with_certificate.url, seeded) == (200, "")
+
+
+@pytest.mark.in_process  # reads this process's log
+async def test_a_lab_registry_with_verification_off_is_loud(
+    make_mirror: MirrorFactory,
+    tls_upstreams: tuple[Registry, Registry],
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry, _ = tls_upstreams
+    mirror = await make_mirror({"docker.io": {"url": registry.url, "tls_verify": False}})
+    assert await _pull(http, mirror.url, seeded) == (200, "")
+    assert any("tls_verify is false" in r.getMessage() for r in caplog.records)
+
+
+@dataclass
+class Tinyproxy:
+    url: str
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    def requests(self) -> str:
+        time.sleep(0.2)  # it writes its log just after the request
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[Tinyproxy]:
+    binary = shutil.which("tinyproxy")
+    assert binary, "tinyproxy is installed by scripts/test"
+    port = free_port()
+    log = tmp_path / "tinyproxy.log"
+    config = tmp_path / "tinyproxy.conf"
+    config.write_text(
+        f'Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 60\nLogFile "{log}"\n'
+        "LogLevel Connect\nMaxClients 50\nDisableViaHeader Yes\n"
+    )
+    process = subprocess.Popen(
+        [binary, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "tinyproxy did not start"
+            time.sleep(0.05)
+    yield Tinyproxy(f"http://127.0.0.1:{port}", log, process)
+    process.kill()
+    process.wait()
+
+
+async def test_an_upstream_through_its_own_proxy(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    tinyproxy: Tinyproxy,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+) -> None:
+    mirror = await make_mirror({"docker.io": {"url": upstream.url, "proxy": tinyproxy.url}})
+    assert await _pull(http, mirror.url, seeded) == (200, "")
+    seen = tinyproxy.requests()
+    assert f"{upstream.url}/v2/library/alpine/manifests/3.20" in seen
+    assert f"/v2/library/alpine/blobs/{seeded.oci.layers[0]}" in seen
+
+
+@pytest.mark.in_process  # sets this process's environment for the mirror it starts
+async def test_https_proxy_from_the_environment_and_no_proxy(
+    make_mirror: MirrorFactory,
+    tls_upstreams: tuple[Registry, Registry],
+    pki: Pki,
+    upstream: Registry,
+    tinyproxy: Tinyproxy,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registry, _ = tls_upstreams
+    monkeypatch.setenv("HTTPS_PROXY", tinyproxy.url)
+    monkeypatch.setenv("HTTP_PROXY", tinyproxy.url)
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    through = await make_mirror({"docker.io": {"url": registry.url, "ca_file": str(pki.ca)}})
+    assert await _pull(http, through.url, seeded) == (200, "")
+    assert f"CONNECT 127.0.0.1:{registry.port}" in tinyproxy.requests()  # TLS, tunnelled
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    before = tinyproxy.requests().count("/v2/")
+    bypassing = await make_mirror({"docker.io": upstream.url})
+    assert await _pull(http, bypassing.url, seeded) == (200, "")
+    assert tinyproxy.requests().count("/v2/") == before  # NO_PROXY: straight there
