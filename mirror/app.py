@@ -47,6 +47,7 @@ async def ready(request: web.Request) -> web.Response:
         name: {
             "reachable": metrics.upstream(name).reachable,
             "last_error": metrics.upstream(name).last_error,
+            "retry_in": round(metrics.upstream(name).retry_in(), 1),
         }
         for name in request.app[CONFIG].upstreams
     }

@@ -117,6 +117,7 @@ class TimeoutConfig:
     connect: float = 10.0  # seconds to open a connection to an upstream
     read: float = 60.0  # seconds an upstream may stay silent mid-answer
     transfer: float = 3600.0  # seconds one blob transfer may take in all
+    revalidate: float = 5.0  # seconds a tag's revalidation may take before it is served stale
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     )
 
     timeouts_raw = _mapping(data.get("timeouts"), "timeouts")
-    _check_keys(timeouts_raw, {"connect", "read", "transfer"}, "timeouts")
+    _check_keys(timeouts_raw, {"connect", "read", "transfer", "revalidate"}, "timeouts")
     timeouts = TimeoutConfig(
         **{
             key: _number(value, f"timeouts.{key}", minimum=0.1)

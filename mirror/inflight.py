@@ -117,6 +117,7 @@ class Transfer:
         self._positions: dict[int, int] = {}  # reader -> next offset it will read
         self._dropped: set[int] = set()  # readers that fell too far behind a spill
         self._next_reader = 0
+        self._dropped_file = False
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
 
@@ -199,11 +200,17 @@ class Transfer:
         self._notify()
         self._close_when_unread()
 
+    def not_kept(self) -> None:
+        """The writer removed what it wrote (it could not keep it): let go of it as soon
+        as no reader needs it."""
+        self._dropped_file = True
+        self._close_when_unread()
+
     def _close_when_unread(self) -> None:
         """Once failed, or spilled (either way its temporary is removed), close the shared
         reader as soon as no reader is left, so the space returns to the disk now, not at
         some garbage collection. (A kept blob's reader may serve a late reader still.)"""
-        gone = self.error is not None or (self.complete and self.spilled)
+        gone = self.error is not None or (self.complete and (self.spilled or self._dropped_file))
         if gone and not self._positions and self._back is not None:
             self._back = None
             self._closer()

@@ -30,6 +30,7 @@ class UpstreamHealth:
     last_error: str = ""
     ratelimit_limit: float | None = None
     ratelimit_remaining: float | None = None
+    retry_in: Callable[[], float] = lambda: 0.0  # seconds until a down upstream is asked again
 
 
 @dataclass

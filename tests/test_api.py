@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Mirror, MirrorFactory, RelayFactory, Seeded
+from tests.support.clock import ManualClock
 from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Pusher
 from tests.support.registry import Registry, free_port
 from tests.support.relay import Relay
@@ -163,17 +164,24 @@ async def test_silent_upstream_is_504_within_the_read_timeout(
         assert loop.time() - started < 5
 
 
+@pytest.mark.in_process  # moves the mirror's clock past the failed upstream's back-off
 async def test_failing_upstream_is_502_and_429_is_passed_on(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,
     upstream: Registry,
     http: aiohttp.ClientSession,
+    clock: ManualClock,
 ) -> None:
     relay = await make_relay(upstream.url, status=503)
-    mirror = await make_mirror({"docker.io": relay.url})
+    mirror = await make_mirror({"docker.io": relay.url}, clock=clock)
     async with http.get(f"{mirror.url}/v2/alpine/manifests/3.20") as response:
         assert response.status == 502
         assert "docker.io" in (await _error(response))["message"]
+    async with http.get(f"{mirror.url}/v2/alpine/manifests/3.20") as response:
+        assert response.status == 502  # down: not asked again for a second
+        assert response.headers["Retry-After"] == "1"
+    assert relay.count("GET", "/manifests/") == 1
+    clock.advance(1.5)
     relay.faults.status = 429
     async with http.get(f"{mirror.url}/v2/alpine/manifests/3.20") as response:
         assert response.status == 429

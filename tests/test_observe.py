@@ -79,6 +79,7 @@ async def scripted(
         relay.faults.status = 503
         assert (await _read(http, f"{base}/manifests/1"))[0] == 200  # stale
         relay.faults.status = None
+        clock.advance(1.5)  # past the failed upstream's back-off
         assert (await _read(http, f"{base}/manifests/nope"))[0] == 404  # error
         assert (await _read(http, f"{base}/manifests/nope"))[0] == 404  # negative
         clock.advance(2)  # everything is past the eviction grace

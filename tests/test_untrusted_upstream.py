@@ -19,6 +19,7 @@ import pytest
 from mirror.app import PROXY
 from tests.conftest import MirrorFactory
 from tests.support import memory
+from tests.support.clock import ManualClock
 from tests.support.fake_upstream import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -486,12 +487,13 @@ async def test_every_blob_answer_says_where_it_came_from(
         assert (response.status, response.headers["X-Mirror-Cache"]) == (304, "hit")
 
 
-def _open_deleted_temporaries() -> list[str]:
+def _open_deleted_temporaries(store: Path) -> list[str]:
+    """Removed temporaries of the store at `store` that this process still holds open."""
     found = []
     for fd in Path("/proc/self/fd").iterdir():
         with contextlib.suppress(OSError):
             target = os.readlink(fd)
-            if ".part" in target and target.endswith("(deleted)"):
+            if target.startswith(str(store)) and target.endswith(".part (deleted)"):
                 found.append(target)
     return found
 
@@ -513,7 +515,9 @@ async def test_a_failed_transfer_lets_go_of_its_temporary_at_once(
     async with http.get(f"{mirror.url}/v2/a/b/blobs/{digest}") as response:
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-    await until(lambda: not _open_deleted_temporaries(), "no removed temporary is held open")
+    await until(
+        lambda: not _open_deleted_temporaries(mirror.storage), "no removed temporary is held open"
+    )
 
 
 async def test_a_token_realm_that_fails_is_not_trusted_forever(
@@ -537,3 +541,43 @@ async def test_a_token_realm_that_fails_is_not_trusted_forever(
     status, body, _ = await _get(http, f"{mirror.url}{manifest}")
     assert (status, body) == (200, data)
     assert fake.count("GET", "/good-token") == 1
+
+
+@pytest.mark.in_process  # moves the mirror's clock
+async def test_a_hanging_upstream_costs_one_revalidation_budget_then_nothing(
+    make_mirror: MirrorFactory,
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+) -> None:
+    """A cached tag past its TTL, the upstream black-holed: the first request waits the
+    revalidation budget and is answered stale, the next 99 at once; the upstream is probed
+    once per back-off interval, and found again by itself when it returns."""
+    data, media_type = manifest_of_size(12_000)
+    path = "/v2/a/b/manifests/v1"
+    fake.set("GET", path, Body(data, media_type))
+    mirror = await make_mirror(
+        {"docker.io": fake.url},
+        manifest_ttl=0,
+        timeouts={"connect": 1, "read": 30, "revalidate": 0.5},
+        clock=clock,
+    )
+    url = f"{mirror.url}{path}"
+    assert (await _get(http, url))[:2] == (200, data)  # cached
+    fake.set("HEAD", path, Body(hang_before_headers=True))
+    slowest = 0.0
+    for _ in range(100):
+        started = time.monotonic()
+        status, body, headers = await _get(http, url)
+        slowest = max(slowest, time.monotonic() - started)
+        assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "stale")
+    assert slowest < 1.0  # the first: the budget (0.5 s); the rest: at once
+    assert fake.count("HEAD") == 1
+    clock.advance(1.5)  # the back-off is over: one probe, which hangs too
+    assert (await _get(http, url))[2]["X-Mirror-Cache"] == "stale"
+    assert fake.count("HEAD") == 2
+    fake.set("HEAD", path, Body(data, media_type))  # the upstream is back
+    clock.advance(2.5)
+    status, body, headers = await _get(http, url)
+    assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "hit")  # revalidated
+    assert fake.count("HEAD") == 3

@@ -104,6 +104,7 @@ class Fills:
             if await asyncio.to_thread(_keep, temp):
                 log.info("stored %s (%d bytes) from %s", digest, temp.written, upstream.name)
             else:
+                transfer.not_kept()
                 log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
         except (RegistryError, DigestMismatch, OSError) as exc:
             temp.discard()

@@ -185,8 +185,10 @@ class Manifests:
         for what is missing."""
         send_accept = upstream_accept(accept)
         if revalidate:
+            # Its own short budget: past it (or with the upstream down) the last known
+            # answer is served stale at once.
             answer = await self._upstream_of(route).head_manifest(
-                route.repository, tag, send_accept
+                route.repository, tag, send_accept, self._config.timeouts.revalidate
             )
             if answer.digest is not None:
                 digest_text = str(answer.digest)

@@ -38,6 +38,7 @@ from ..reference import Digest, digest_of, is_manifest_type, manifest_matches, p
 from .addresses import AddressPolicy
 from .auth import Challenge, TokenCache, basic_header, parse_challenge
 from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
+from .breaker import Breaker
 from .credentials import credentials_for
 from .network import Network
 
@@ -93,8 +94,11 @@ class Upstream(Protocol):
     name: str
     transfer_slots: asyncio.Semaphore  # bounds the blob transfers running at once
 
-    async def head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
-        """What a tag or digest points to (digest, type, length), without the body."""
+    async def head_manifest(
+        self, repository: str, reference: str, accept: str, budget: float | None = None
+    ) -> ManifestHead:
+        """What a tag or digest points to (digest, type, length), without the body; an
+        answer not there within `budget` seconds is an UpstreamTimeout."""
 
     async def get_manifest(
         self, repository: str, reference: str, accept: str, expected: Digest | None
@@ -199,6 +203,7 @@ class UpstreamClient:
             self._network,
         )
         self._challenge: Challenge | None = None  # learned from the last 401
+        self.breaker = Breaker(config.name, clock)  # remembers that it is down
         # Bounds the blob transfers running at once from this upstream.
         self.transfer_slots = asyncio.Semaphore(config.max_transfers)
 
@@ -213,8 +218,20 @@ class UpstreamClient:
 
     # typed calls
 
-    async def head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
-        """HEAD a manifest (free under Docker Hub's pull limit)."""
+    async def head_manifest(
+        self, repository: str, reference: str, accept: str, budget: float | None = None
+    ) -> ManifestHead:
+        """HEAD a manifest (free under Docker Hub's pull limit), within `budget` seconds:
+        past it the upstream counts as down, and the caller serves what it has."""
+        try:
+            async with asyncio.timeout(budget):
+                return await self._head_manifest(repository, reference, accept)
+        except TimeoutError:
+            why = f"no answer within timeouts.revalidate ({budget:g}s)"
+            self._failed("HEAD", why)
+            raise UpstreamTimeout(f"upstream {self.name}: {why}") from None
+
+    async def _head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
         async with self._answer(
             "HEAD", repository, f"manifests/{reference}", {"Accept": accept}
         ) as response:
@@ -417,7 +434,23 @@ class UpstreamClient:
         total: float | None,
     ) -> aiohttp.ClientResponse:
         """Send the request, answering the registry's auth challenge once; the caller
-        releases the answer."""
+        releases the answer. An upstream that failed a moment ago is not asked (UpstreamDown,
+        at once) until its back-off is over; then one request probes it."""
+        self.breaker.admit()
+        try:
+            return await self._request_once(method, repository, path, headers, params, total)
+        finally:
+            self.breaker.release()  # the probe, if this was it, has its answer (or gave up)
+
+    async def _request_once(
+        self,
+        method: str,
+        repository: str,
+        path: str,
+        headers: Mapping[str, str] | None,
+        params: Mapping[str, str] | None,
+        total: float | None,
+    ) -> aiohttp.ClientResponse:
         url = f"{self.config.url}/v2/{repository}/{path}"
         scope = f"repository:{repository}:pull"
         authorization = await self._credentials(scope)
@@ -501,6 +534,11 @@ class UpstreamClient:
         health = self.health
         health.reachable = response.status < 500
         health.last_error = "" if health.reachable else f"answered {response.status}"
+        if health.reachable:
+            self.breaker.succeeded()
+        else:
+            self.breaker.failed(health.last_error)
+        health.retry_in = self.breaker.retry_in
         for header, attribute in RATELIMIT_HEADERS.items():
             value = response.headers.get(header)
             if value is not None:
@@ -511,6 +549,8 @@ class UpstreamClient:
         self._metrics.upstream_requests.labels(self.name, method, "error").inc()
         self.health.reachable = False
         self.health.last_error = why
+        self.breaker.failed(why)
+        self.health.retry_in = self.breaker.retry_in
 
     async def _raise_for_status(
         self, response: aiohttp.ClientResponse, not_found: type[RegistryError]

@@ -24,7 +24,9 @@ class OfflineClient:
     def _not_cached(self, what: str) -> str:
         return f"{what} is not cached and the mirror is offline for {self.name}"
 
-    async def head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
+    async def head_manifest(
+        self, repository: str, reference: str, accept: str, budget: float | None = None
+    ) -> ManifestHead:
         raise NotCached(self._not_cached(f"{self.name}/{repository}:{reference}"))
 
     async def get_manifest(

@@ -1,0 +1,67 @@
+"""Remembering that an upstream is down: after a failure it is not asked again for a
+back-off interval (1 s, doubling to a minute), then one request probes it while the others
+keep failing at once; a success resets it. So a hanging upstream costs one client one
+timeout, not every client one each, and the mirror finds it again by itself.
+"""
+
+from __future__ import annotations
+
+from ..clock import Clock
+from ..errors import UpstreamError
+
+FIRST_BACKOFF = 1.0  # seconds
+MAX_BACKOFF = 60.0
+
+
+class UpstreamDown(UpstreamError):
+    """Refused without asking (502, with Retry-After): the upstream failed a moment ago."""
+
+
+class Breaker:
+    """The down state of one upstream."""
+
+    def __init__(self, name: str, clock: Clock) -> None:
+        self._name = name
+        self._clock = clock
+        self._backoff = 0.0  # 0: up
+        self._retry_at = 0.0
+        self._probing = False
+        self.why = ""
+
+    @property
+    def down(self) -> bool:
+        return self._backoff > 0
+
+    def retry_in(self) -> float:
+        return max(0.0, self._retry_at - self._clock())
+
+    def admit(self) -> bool:
+        """Whether a request may go out now; True for the one probe once the back-off is
+        over. Raises UpstreamDown otherwise."""
+        if not self.down:
+            return False
+        if not self._probing and self._clock() >= self._retry_at:
+            self._probing = True
+            return True
+        wait = max(1, round(self.retry_in()))
+        raise UpstreamDown(
+            f"upstream {self._name} is down ({self.why}); asked again in {wait}s",
+            detail={"upstream": self._name, "cause": self.why},
+            headers={"Retry-After": str(wait)},
+        )
+
+    def release(self) -> None:
+        """The probe ended without saying anything of the upstream (it was cancelled, or
+        refused for another reason): the next request may probe."""
+        self._probing = False
+
+    def succeeded(self) -> None:
+        self._backoff = 0.0
+        self._probing = False
+        self.why = ""
+
+    def failed(self, why: str) -> None:
+        self._backoff = min(MAX_BACKOFF, self._backoff * 2 or FIRST_BACKOFF)
+        self._retry_at = self._clock() + self._backoff
+        self._probing = False
+        self.why = why
