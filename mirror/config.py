@@ -89,6 +89,13 @@ class UpstreamConfig:
     cert_file: str | None = None  # client certificate (PEM) for registries requiring mTLS
     key_file: str | None = None  # its private key (PEM)
     tls_verify: bool = True  # false: accept any certificate (a lab registry; loud warning)
+    aliases: tuple[str, ...] = ()  # more registry names that mean this upstream (for ns=)
+    docker_hub: bool = False  # one-part names get library/; default: named or hosted so
+
+    def names(self) -> tuple[str, ...]:
+        """Every registry name clients may use for this upstream (ns=, path prefix)."""
+        hub = DOCKER_HUB_ALIASES if self.docker_hub else ()
+        return (self.name, *self.aliases, *hub)
 
     def ttl_for(self, repository: str, tag: str) -> float:
         """Seconds a tag's digest is trusted: the first matching rule, else manifest_ttl."""
@@ -141,10 +148,30 @@ class Config:
     workers: int = 1  # processes serving one port (SO_REUSEPORT) over one store
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
-        """The upstream a registry name refers to (Docker Hub's aliases included)."""
-        if name in DOCKER_HUB_ALIASES and DOCKER_HUB in self.upstreams:
-            return self.upstreams[DOCKER_HUB]
-        return self.upstreams.get(name)
+        """The upstream a registry name refers to: its name or one of its aliases (Docker
+        Hub's names for the Docker Hub upstream)."""
+        found = self.upstreams.get(name)
+        if found is not None:
+            return found
+        return next((u for u in self.upstreams.values() if name in u.names()), None)
+
+
+def naming_warnings(config: Config) -> list[str]:
+    """Upstreams containerd could never reach with `?ns=`: it names the registry as the
+    image reference does (the registry's host), which must be the upstream's name or one
+    of its aliases."""
+    warnings = []
+    for upstream in config.upstreams.values():
+        parts = urlsplit(upstream.url)
+        host = (parts.hostname or "").lower()
+        registry = f"{host}:{parts.port}" if parts.port else host
+        if upstream.docker_hub or registry in upstream.names() or host in upstream.names():
+            continue
+        warnings.append(
+            f"upstreams.{upstream.name}: containerd's hosts.toml asks with ns={registry}, "
+            f"which names no upstream: add aliases: [{registry}] (or name it {registry})"
+        )
+    return warnings
 
 
 def parse_size(value: object, key: str) -> int:
@@ -277,7 +304,17 @@ UPSTREAM_KEYS = {
     "cert_file",
     "key_file",
     "tls_verify",
+    "aliases",
+    "docker_hub",
 }
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of registry names like [registry.example]")
+    return tuple(v.lower() for v in value)
 
 
 def _readable_file(section: Mapping[str, Any], key: str, where: str) -> str | None:
@@ -391,6 +428,14 @@ def _parse_upstream(
         cert_file=files["cert_file"],
         key_file=files["key_file"],
         tls_verify=_parse_bool(section.get("tls_verify", True), f"{where}.tls_verify"),
+        aliases=_names(section.get("aliases"), f"{where}.aliases"),
+        docker_hub=_parse_bool(
+            section.get(
+                "docker_hub",
+                name == DOCKER_HUB or (parts.hostname or "").lower() in DOCKER_HUB_ALIASES,
+            ),
+            f"{where}.docker_hub",
+        ),
     )
 
 
@@ -492,6 +537,14 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     for alias in DOCKER_HUB_ALIASES[1:]:
         if alias in upstreams:
             raise ConfigError(f"upstreams.{alias}: name Docker Hub 'docker.io' instead")
+    claimed: dict[str, str] = {}
+    for upstream in upstreams.values():
+        for registry in upstream.names():
+            other = claimed.setdefault(registry, upstream.name)
+            if other != upstream.name:
+                raise ConfigError(
+                    f"upstreams.{upstream.name}: {registry!r} already means upstream {other!r}"
+                )
 
     default_upstream = str(data.get("default_upstream", defaults.default_upstream))
     if default_upstream in DOCKER_HUB_ALIASES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DOCKER_HUB, Config, UpstreamConfig
+from .config import Config, UpstreamConfig
 from .errors import NameInvalid, NameUnknown
 from .reference import is_valid_name
 
@@ -39,6 +39,6 @@ def resolve(config: Config, name: str, ns: str | None) -> Route:
             repository = name
     if not is_valid_name(repository):
         raise NameInvalid(f"invalid repository name {repository!r}", detail={"name": name})
-    if upstream.name == DOCKER_HUB and "/" not in repository:
+    if upstream.docker_hub and "/" not in repository:
         repository = f"library/{repository}"
     return Route(upstream=upstream, repository=repository)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import ConfigError, load, parse_size
+from mirror.config import ConfigError, from_mapping, load, naming_warnings, parse_size
+from mirror.routing import resolve
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -139,3 +140,44 @@ def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
 )
 def test_sizes(value: object, size: int) -> None:
     assert parse_size(value, "k") == size
+
+
+def test_upstream_names_aliases_and_docker_hub_by_url() -> None:
+    config = from_mapping(
+        {
+            "default_upstream": "hub",
+            "upstreams": {
+                "hub": {"url": "https://registry-1.docker.io"},  # Docker Hub by its URL
+                "corp": {"url": "https://registry.corp.example:5000", "aliases": ["corp.io"]},
+                "ghcr.io": {"url": "https://ghcr.io"},
+            },
+        },
+        env={},
+    )
+    hub = config.upstreams["hub"]
+    assert hub.docker_hub and config.upstream_named("docker.io") is hub
+    assert config.upstream_named("index.docker.io") is hub
+    assert config.upstream_named("corp.io") is config.upstreams["corp"]
+    assert resolve(config, "alpine", None).repository == "library/alpine"
+    assert resolve(config, "alpine", "docker.io").upstream is hub
+    assert resolve(config, "team/app", "corp.io").upstream.name == "corp"
+    assert not config.upstreams["corp"].docker_hub
+    assert naming_warnings(config) == [
+        "upstreams.corp: containerd's hosts.toml asks with ns=registry.corp.example:5000, "
+        "which names no upstream: add aliases: [registry.corp.example:5000] "
+        "(or name it registry.corp.example:5000)"
+    ]
+
+
+def test_a_registry_name_means_one_upstream() -> None:
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(
+            {
+                "upstreams": {
+                    "docker.io": {"url": "https://registry-1.docker.io"},
+                    "mine": {"url": "https://r.example", "aliases": ["docker.io"]},
+                }
+            },
+            env={},
+        )
+    assert "upstreams.mine: 'docker.io' already means upstream 'docker.io'" in str(caught.value)
