@@ -138,12 +138,19 @@ async def test_bad_input_and_missing_content(
 async def test_unreachable_upstream_is_502_naming_it(
     make_mirror: MirrorFactory, http: aiohttp.ClientSession
 ) -> None:
-    mirror = await make_mirror({"docker.io": f"http://127.0.0.1:{free_port()}"})
+    port = free_port()
+    mirror = await make_mirror({"docker.io": f"http://127.0.0.1:{port}"})
+    errors = []
     for path in ("/v2/alpine/manifests/1", "/v2/alpine/blobs/sha256:" + "1" * 64):
         async with http.get(mirror.url + path) as response:
             assert response.status == 502
-            error = await _error(response)
-            assert "docker.io" in error["message"]
+            errors.append(await _error(response))
+    assert all("docker.io" in error["message"] for error in errors)
+    # why, in words an operator reads (not ClientConnectorError), naming the host
+    first = errors[0]
+    assert first["detail"]["host"] == f"127.0.0.1:{port}"
+    assert first["detail"]["cause"].startswith("connection refused")
+    assert "Error" not in first["message"] and "Error" not in errors[1]["message"]
 
 
 async def test_silent_upstream_is_504_within_the_read_timeout(

@@ -99,7 +99,10 @@ def render(
         elif health.reachable:
             state = "up"
         else:
-            state = f"down: {health.last_error}"
+            retry = health.retry_in()
+            state = f"down: {health.last_error}" + (
+                f" (asked again in {retry:.0f}s)" if retry else ""
+            )
         limit = (
             f"{health.ratelimit_remaining:.0f} of {health.ratelimit_limit:.0f}"
             if health.ratelimit_remaining is not None and health.ratelimit_limit is not None

@@ -515,17 +515,22 @@ class UpstreamClient:
                 if response.status == 303:
                     method = "GET"
         except TimeoutError:
-            self._failed(method, "timed out")
+            why = f"no answer from {urlsplit(url).netloc} within the timeouts"
+            self._failed(method, why)
             raise UpstreamTimeout(
-                f"upstream {self.name} timed out", detail={"upstream": self.name}
+                f"upstream {self.name} timed out: {why}", detail=self._cause(url, why)
             ) from None
         except aiohttp.ClientError as exc:
             why = describe(exc)
             self._failed(method, why)
             raise UpstreamError(
-                f"upstream {self.name} unreachable: {why}", detail={"upstream": self.name}
+                f"upstream {self.name} unreachable: {why}", detail=self._cause(url, why)
             ) from None
         raise UpstreamError(f"upstream {self.name}: too many redirects")
+
+    def _cause(self, url: str, why: str) -> dict[str, str]:
+        """What an OCI error's detail says of a failure: which upstream, which host, why."""
+        return {"upstream": self.name, "host": urlsplit(url).netloc, "cause": why}
 
     def _observe(self, method: str, response: aiohttp.ClientResponse, seconds: float) -> None:
         """Count the answer, time it, and keep what it says of health and rate limits."""
@@ -574,8 +579,9 @@ class UpstreamClient:
         if status in (400,) and code in PASSED_THROUGH:
             raise PASSED_THROUGH[code](message, detail=detail)
         raise UpstreamError(
-            f"upstream {self.name} answered {status}",
-            detail={"upstream": self.name, "status": status},
+            f"upstream {self.name} answered {status}"
+            + (f" ({code}: {message})" if code and message else ""),
+            detail={"upstream": self.name, "status": status, "code": code or ""},
         )
 
 
