@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import MirrorFactory, Seeded
+from tests.support.clients import skopeo_copy_to_dir
 from tests.support.pki import Pki, make_pki
 from tests.support.registry import Registry, free_port
 
@@ -74,6 +75,7 @@ async def test_a_registry_behind_a_private_ca(
     pki: Pki,
     seeded: Seeded,
     http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
     registry, _ = tls_upstreams
     untrusting = await make_mirror({"docker.io": registry.url})
@@ -81,6 +83,9 @@ async def test_a_registry_behind_a_private_ca(
     assert status == 502 and "TLS certificate is not trusted" in why
     trusting = await make_mirror({"docker.io": {"url": registry.url, "ca_file": str(pki.ca)}})
     assert await _pull(http, trusting.url, seeded) == (200, "")
+    # and a real client, pulling a whole image through the mirror
+    target = tmp_path / "pulled"
+    assert await skopeo_copy_to_dir(f"{trusting.host}/team/app:v1", target) == seeded.docker.digest
 
 
 async def test_a_registry_that_requires_a_client_certificate(
@@ -162,9 +167,12 @@ async def test_an_upstream_through_its_own_proxy(
     tinyproxy: Tinyproxy,
     seeded: Seeded,
     http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
     mirror = await make_mirror({"docker.io": {"url": upstream.url, "proxy": tinyproxy.url}})
     assert await _pull(http, mirror.url, seeded) == (200, "")
+    target = tmp_path / "pulled"
+    assert await skopeo_copy_to_dir(f"{mirror.host}/team/app:v1", target) == seeded.docker.digest
     seen = tinyproxy.requests()
     assert f"{upstream.url}/v2/library/alpine/manifests/3.20" in seen
     assert f"/v2/library/alpine/blobs/{seeded.oci.layers[0]}" in seen
