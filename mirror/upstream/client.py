@@ -436,11 +436,12 @@ class UpstreamClient:
         """Send the request, answering the registry's auth challenge once; the caller
         releases the answer. An upstream that failed a moment ago is not asked (UpstreamDown,
         at once) until its back-off is over; then one request probes it."""
-        self.breaker.admit()
+        probe = self.breaker.admit()
         try:
             return await self._request_once(method, repository, path, headers, params, total)
         finally:
-            self.breaker.release()  # the probe, if this was it, has its answer (or gave up)
+            if probe:
+                self.breaker.release()  # the probe has its answer (or gave up)
 
     async def _request_once(
         self,
