@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,7 @@ class UpstreamConfig:
     def names(self) -> tuple[str, ...]:
         """Every registry name clients may use for this upstream (ns=, path prefix)."""
         hub = DOCKER_HUB_ALIASES if self.docker_hub else ()
-        return (self.name, *self.aliases, *hub)
+        return (self.name.lower(), *self.aliases, *hub)  # registry names: any case
 
     def ttl_for(self, repository: str, tag: str) -> float:
         """Seconds a tag's digest is trusted: the first matching rule, else manifest_ttl."""
@@ -153,7 +154,8 @@ class Config:
         found = self.upstreams.get(name)
         if found is not None:
             return found
-        return next((u for u in self.upstreams.values() if name in u.names()), None)
+        wanted = name.lower()
+        return next((u for u in self.upstreams.values() if wanted in u.names()), None)
 
 
 def naming_warnings(config: Config) -> list[str]:
@@ -165,7 +167,7 @@ def naming_warnings(config: Config) -> list[str]:
         parts = urlsplit(upstream.url)
         host = (parts.hostname or "").lower()
         registry = f"{host}:{parts.port}" if parts.port else host
-        if upstream.docker_hub or registry in upstream.names() or host in upstream.names():
+        if upstream.docker_hub or registry in upstream.names():
             continue
         warnings.append(
             f"upstreams.{upstream.name}: containerd's hosts.toml asks with ns={registry}, "
@@ -319,9 +321,43 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 
 def _readable_file(section: Mapping[str, Any], key: str, where: str) -> str | None:
     path = _optional_text(section, key, where)
-    if path is not None and not os.access(path, os.R_OK):
-        raise ConfigError(f"{where}.{key}: cannot read {path}")
+    if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+        raise ConfigError(f"{where}.{key}: cannot read {path} (not a readable file)")
     return path
+
+
+def _check_tls_files(ca: str | None, cert: str | None, key: str | None, where: str) -> None:
+    """Load them once here, so a wrong file is a line naming its key, not a crash later."""
+    context = ssl.create_default_context()
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except (ssl.SSLError, OSError, ValueError):
+            raise ConfigError(f"{where}.ca_file: {ca} holds no PEM certificate") from None
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError, ValueError):
+            raise ConfigError(
+                f"{where}.cert_file, key_file: {cert} and {key} are not a PEM certificate "
+                "and its matching private key"
+            ) from None
+
+
+def proxy_url(value: str) -> str | None:
+    """A proxy URL as aiohttp takes it (`host:port` alone, as curl accepts, means http),
+    or None when it is not one."""
+    url = value if "://" in value else f"http://{value}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    if port is not None and port <= 0:
+        return None
+    return url
 
 
 def _optional_text(section: Mapping[str, Any], key: str, where: str) -> str | None:
@@ -395,13 +431,15 @@ def _parse_upstream(
     if ecr and acr:
         raise ConfigError(f"{where}: ecr and acr exclude each other")
     proxy = _optional_text(section, "proxy", where)
-    if proxy is not None and urlsplit(proxy).scheme not in ("http", "https"):
+    if proxy is not None and proxy_url(proxy) is None:
+        # never the value itself in the message: it may hold the proxy's password
         raise ConfigError(f"{where}.proxy: expected an http(s) URL like http://host:3128")
     files = {
         key: _readable_file(section, key, where) for key in ("ca_file", "cert_file", "key_file")
     }
     if (files["cert_file"] is None) != (files["key_file"] is None):
         raise ConfigError(f"{where}: cert_file and key_file go together; one of them is missing")
+    _check_tls_files(files["ca_file"], files["cert_file"], files["key_file"], where)
     max_transfers = section.get("max_transfers", defaults.max_transfers)
     if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
         raise ConfigError(f"{where}.max_transfers: expected a whole number >= 1")

@@ -181,3 +181,53 @@ def test_a_registry_name_means_one_upstream() -> None:
             env={},
         )
     assert "upstreams.mine: 'docker.io' already means upstream 'docker.io'" in str(caught.value)
+
+
+def test_registry_names_are_any_case_and_ports_count() -> None:
+    config = from_mapping(
+        {
+            "default_upstream": "registry.corp",
+            "upstreams": {
+                "registry.corp": {"url": "https://registry.corp:5000"},
+                "Corp.Example": {"url": "https://corp.example"},
+            },
+        },
+        env={},
+    )
+    assert config.upstream_named("CORP.EXAMPLE") is config.upstreams["Corp.Example"]
+    # containerd asks with ns=registry.corp:5000: the name without the port is not enough
+    assert [w.split(":")[0] for w in naming_warnings(config)] == ["upstreams.registry.corp"]
+    with pytest.raises(ConfigError) as caught:
+        from_mapping(
+            {
+                "upstreams": {
+                    "GHCR.io": {"url": "https://ghcr.io"},
+                    "docker.io": {"url": "https://registry-1.docker.io", "aliases": ["ghcr.io"]},
+                }
+            },
+            env={},
+        )
+    assert "'ghcr.io' already means upstream" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"proxy": "http://user:s3cret@127.0.0.1:notaport"}, "proxy: expected an http(s) URL"),
+        ({"proxy": "http://"}, "proxy: expected an http(s) URL"),
+        ({"ca_file": "NOT_PEM"}, "ca_file: "),
+        ({"ca_file": "DIRECTORY"}, "ca_file: "),
+        ({"cert_file": "NOT_PEM", "key_file": "NOT_PEM"}, "cert_file, key_file: "),
+    ],
+)
+def test_proxy_and_tls_mistakes_name_the_key_and_hide_secrets(
+    tmp_path: Path, settings: dict[str, str], message: str
+) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    files = {"NOT_PEM": str(not_pem), "DIRECTORY": str(tmp_path)}
+    upstream = {"url": "https://r.example", **{k: files.get(v, v) for k, v in settings.items()}}
+    with pytest.raises(ConfigError) as caught:
+        from_mapping({"upstreams": {"docker.io": upstream}}, env={})
+    assert f"upstreams.docker.io.{message}" in str(caught.value)
+    assert "s3cret" not in str(caught.value)

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from mirror.app import PROXY
+from mirror.upstream.breaker import Breaker, UpstreamDown
 from tests.conftest import MirrorFactory
 from tests.support import memory
 from tests.support.clock import ManualClock
@@ -581,3 +582,41 @@ async def test_a_hanging_upstream_costs_one_revalidation_budget_then_nothing(
     status, body, headers = await _get(http, url)
     assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "hit")  # revalidated
     assert fake.count("HEAD") == 3
+
+
+def test_failures_already_under_way_do_not_push_the_back_off() -> None:
+    """Eight requests that fail together trip the breaker once (1 s), not eight times."""
+    clock = ManualClock()
+    breaker = Breaker("up", clock)
+    for _ in range(8):
+        breaker.failed("no answer")
+    assert breaker.retry_in() == pytest.approx(1.0)
+    clock.advance(1.1)
+    assert breaker.admit() is True  # the one probe
+    with pytest.raises(UpstreamDown):
+        breaker.admit()  # the others meanwhile
+    breaker.failed("no answer")  # the probe failed: doubled
+    assert breaker.retry_in() == pytest.approx(2.0)
+    clock.advance(2.1)
+    assert breaker.admit() is True
+    breaker.succeeded()
+    assert breaker.admit() is False and not breaker.down
+
+
+async def test_a_transfer_under_way_resumes_while_its_upstream_is_down(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    data = os.urandom(400_000)
+    digest = sha256_digest(data)
+    cut = Body(data, "application/octet-stream", piece=16384, pause=0.03, cut_after=200_000)
+    fake.set("GET", f"/v2/a/b/blobs/{digest}", [cut, Body(data, "application/octet-stream")])
+    fake.set("GET", "/v2/other/broken/manifests/v1", Body(b"{}", "application/json", status=500))
+    mirror = await make_mirror({"docker.io": fake.url})
+    pull = asyncio.create_task(_get(http, f"{mirror.url}/v2/a/b/blobs/{digest}"))
+    while not fake.count("GET", "/blobs/"):
+        await asyncio.sleep(0.01)
+    status, _, _ = await _get(http, f"{mirror.url}/v2/other/broken/manifests/v1")
+    assert status == 502  # the upstream is down now, for a second
+    status, body, _ = await pull
+    assert (status, body) == (200, data)  # resumed all the same
+    assert fake.count("GET", "/blobs/") == 2

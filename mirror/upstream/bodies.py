@@ -73,4 +73,7 @@ def describe(exc: BaseException) -> str:
         return "the body was cut short"
     if isinstance(exc, aiohttp.ClientResponseError):
         return f"malformed answer ({exc.message})"
-    return str(exc) or "the connection failed"
+    if isinstance(exc, aiohttp.InvalidURL):
+        return "a URL it was given (or the proxy's) is not valid"
+    # Never the exception's text: it may hold a URL, and a URL may hold credentials.
+    return "the request could not be made"

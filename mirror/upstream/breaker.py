@@ -61,6 +61,10 @@ class Breaker:
         self.why = ""
 
     def failed(self, why: str) -> None:
+        """A failure: it trips the breaker, or (the probe's) doubles the back-off. Requests
+        that were already under way when it tripped do not push it further."""
+        if self.down and not self._probing:
+            return
         self._backoff = min(MAX_BACKOFF, self._backoff * 2 or FIRST_BACKOFF)
         self._retry_at = self._clock() + self._backoff
         self._probing = False

@@ -321,6 +321,7 @@ class UpstreamClient:
                     headers,
                     total=deadline - time.monotonic(),
                     body_errors=False,
+                    guarded=not resumes,  # a transfer under way keeps going
                 ) as response:
                     await self._raise_for_status(response, BlobUnknown)
                     skip = 0
@@ -384,6 +385,7 @@ class UpstreamClient:
         *,
         total: float | None = None,
         body_errors: bool = True,
+        guarded: bool = True,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """An answer to `method /v2/<repository>/<path>`, released when the block ends.
 
@@ -391,7 +393,7 @@ class UpstreamClient:
         request is sent, and (unless `body_errors` is off: the caller resumes) while its
         body is read within the block.
         """
-        response = await self._request(method, repository, path, headers, params, total)
+        response = await self._request(method, repository, path, headers, params, total, guarded)
         try:
             yield response
         except TimeoutError:
@@ -432,11 +434,12 @@ class UpstreamClient:
         headers: Mapping[str, str] | None,
         params: Mapping[str, str] | None,
         total: float | None,
+        guarded: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send the request, answering the registry's auth challenge once; the caller
         releases the answer. An upstream that failed a moment ago is not asked (UpstreamDown,
         at once) until its back-off is over; then one request probes it."""
-        probe = self.breaker.admit()
+        probe = self.breaker.admit() if guarded else False
         try:
             return await self._request_once(method, repository, path, headers, params, total)
         finally:

@@ -16,18 +16,19 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import UpstreamConfig
+from ..config import UpstreamConfig, proxy_url
 
 log = logging.getLogger("mirror.upstream")
 
 
 def _context(config: UpstreamConfig) -> ssl.SSLContext | bool:
     """What aiohttp's `ssl=` gets: True (the system's CAs), False, or a context."""
-    if not config.tls_verify:
-        return False
     if config.ca_file is None and config.cert_file is None:
-        return True
+        return config.tls_verify
     context = ssl.create_default_context()  # the system's CAs, and the upstream's own
+    if not config.tls_verify:  # any certificate, but still our own client certificate
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
     if config.ca_file is not None:
         context.load_verify_locations(cafile=config.ca_file)
     if config.cert_file is not None and config.key_file is not None:
@@ -63,7 +64,7 @@ class Network:
 
     def proxy_for(self, url: str) -> str | None:
         if self._proxy is not None:
-            return self._proxy
+            return proxy_url(self._proxy)
         parts = urlsplit(url)
         proxies = {
             scheme: self._environ.get(f"{scheme}_proxy")
@@ -75,7 +76,7 @@ class Network:
             return None
         if urllib.request.proxy_bypass_environment(parts.hostname or "", found):  # type: ignore[attr-defined]
             return None
-        return found[parts.scheme]
+        return proxy_url(found[parts.scheme])  # None (direct) for a value that is no URL
 
     def options(self, url: str) -> dict[str, Any]:
         """The proxy and TLS keyword arguments of an aiohttp request to `url`."""
