@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mirror.upstream.network import bypasses
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.pki import Pki, make_pki
@@ -97,8 +98,8 @@ async def test_a_registry_that_requires_a_client_certificate(
 ) -> None:
     _, registry = tls_upstreams
     without = await make_mirror({"docker.io": {"url": registry.url, "ca_file": str(pki.ca)}})
-    status, _ = await _pull(http, without.url, seeded)
-    assert status == 502
+    status, why = await _pull(http, without.url, seeded)
+    assert status == 502 and "client certificate" in why, why
     mutual = {
         "url": registry.url,
         "ca_file": str(pki.ca),
@@ -201,3 +202,28 @@ async def test_https_proxy_from_the_environment_and_no_proxy(
     bypassing = await make_mirror({"docker.io": upstream.url})
     assert await _pull(http, bypassing.url, seeded) == (200, "")
     assert tinyproxy.requests().count("/v2/") == before  # NO_PROXY: straight there
+
+
+@pytest.mark.parametrize(
+    ("no_proxy", "host", "port", "bypass"),
+    [
+        ("*", "ghcr.io", 443, True),
+        (".corp.example", "registry.corp.example", 443, True),
+        ("*.corp.example", "registry.corp.example", 443, True),
+        ("corp.example", "registry.corp.example", 443, True),
+        ("corp.example", "notcorp.example", 443, False),
+        ("registry.corp.", "REGISTRY.CORP", 5000, True),
+        ("registry.corp:5000", "registry.corp", 5000, True),
+        ("registry.corp:5000", "registry.corp", 443, False),
+        ("10.0.0.0/8, 127.0.0.0/8", "127.0.0.1", 5000, True),
+        ("10.0.0.0/8", "192.168.1.1", 5000, False),
+        ("127.0.0.1:51093", "127.0.0.1", 51093, True),
+        ("[::1]", "::1", 443, True),
+        ("fd00::/8", "fd12::1", 443, True),
+        ("", "ghcr.io", 443, False),
+    ],
+)
+def test_no_proxy_is_read_as_curl_reads_it(
+    no_proxy: str, host: str, port: int, bypass: bool
+) -> None:
+    assert bypasses(no_proxy, host, port) is bypass

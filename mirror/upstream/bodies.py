@@ -59,11 +59,18 @@ async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
 
 def describe(exc: BaseException) -> str:
     """A client failure in words an operator reads, not a class name."""
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return "the proxy is unreachable"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"the proxy refused the connection (status {exc.status})"
+    text = str(exc)
+    if isinstance(exc, OSError) and ("BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text):
+        return "it refused this mirror's client certificate (or wants one: cert_file, key_file)"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "its name does not resolve"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return "its TLS certificate is not trusted"
-    if isinstance(exc, aiohttp.ClientSSLError):
+    if isinstance(exc, aiohttp.ClientSSLError) or "[SSL" in text:
         return "the TLS handshake failed"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"connection refused or unreachable ({exc.os_error.strerror or exc.os_error})"

@@ -9,9 +9,9 @@ what TLS trusts and presents. No netrc is read: credentials come from the config
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
-import urllib.request
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +19,43 @@ from urllib.parse import urlsplit
 from ..config import UpstreamConfig, proxy_url
 
 log = logging.getLogger("mirror.upstream")
+
+
+def bypasses(no_proxy: str, host: str, port: int | None) -> bool:
+    """Whether NO_PROXY sends `host` straight there, as curl reads it: `*`, names (a
+    leading `.` or `*.` or none: the name and its subdomains), `host:port`, IP addresses
+    and CIDR networks, any case, a trailing dot ignored."""
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for raw in no_proxy.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        entry_port: int | None = None
+        if entry.startswith("["):  # [v6]:port
+            bracketed, _, rest = entry[1:].partition("]")
+            entry, entry_port = bracketed, int(rest[1:]) if rest[1:].isdigit() else None
+        elif entry.count(":") == 1:
+            name, _, text = entry.partition(":")
+            entry, entry_port = name, int(text) if text.isdigit() else None
+        if entry_port is not None and entry_port != port:
+            continue
+        entry = entry.rstrip(".").removeprefix("*.").lstrip(".")
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        if host == entry or host.endswith("." + entry):
+            return True
+    return False
 
 
 def _context(config: UpstreamConfig) -> ssl.SSLContext | bool:
@@ -74,7 +111,7 @@ class Network:
         found = {k: v for k, v in proxies.items() if v}
         if not found.get(parts.scheme):
             return None
-        if urllib.request.proxy_bypass_environment(parts.hostname or "", found):  # type: ignore[attr-defined]
+        if bypasses(found.get("no", ""), parts.hostname or "", parts.port):
             return None
         return proxy_url(found[parts.scheme])  # None (direct) for a value that is no URL
 
