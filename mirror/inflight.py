@@ -113,7 +113,6 @@ class Transfer:
         self._recent_bytes = 0
         self._spilled_from: int | None = None if back is not None else 0
         self._spilled: deque[tuple[int, bytes]] = deque()  # (offset, chunk), oldest first
-        self._spilled_bytes = 0
         self._positions: dict[int, int] = {}  # reader -> next offset it will read
         self._dropped: set[int] = set()  # readers that fell too far behind a spill
         self._next_reader = 0
@@ -146,7 +145,6 @@ class Transfer:
         """`data` was appended to the file (or, once spilled, only arrived)."""
         if self._spilled_from is not None:
             self._spilled.append((self.written, data))
-            self._spilled_bytes += len(data)
         else:
             self._recent.append((self.written, data))
             self._recent_bytes += len(data)
@@ -186,7 +184,7 @@ class Transfer:
         live = [o for r, o in self._positions.items() if r not in self._dropped]
         keep_from = min([*live, self.written - self.SPILL_WINDOW])
         while self._spilled and self._spilled[0][0] + len(self._spilled[0][1]) <= keep_from:
-            self._spilled_bytes -= len(self._spilled.popleft()[1])
+            self._spilled.popleft()
 
     def finish(self) -> None:
         self.complete = True

@@ -6,7 +6,6 @@ last confirmed upstream; it survives a restart so a restarted mirror knows its t
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 import diskcache
 
 from ..clock import Clock, system_clock
+from .base import WRITE_ERRORS
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,6 @@ class TagEntry:
         return now - self.confirmed_at
 
 
-WRITE_ERRORS = (OSError, sqlite3.Error)
 MISSING_SLACK = 60.0  # seconds a remembered 404 stays on disk past its end
 MEMORY_ENTRIES = 100_000  # tag answers also kept in memory, so a hit never reads the disk
 

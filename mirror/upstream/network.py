@@ -77,20 +77,14 @@ class Network:
     """The proxy and TLS settings of one upstream, for each URL it sends the mirror to."""
 
     def __init__(self, config: UpstreamConfig, environ: Mapping[str, str]) -> None:
-        self._proxy = config.proxy
-        # Lower-case forms win, as curl and Go do; NO_PROXY is read with them.
-        self._environ = {
-            key: environ[key]
-            for key in (
-                "http_proxy",
-                "https_proxy",
-                "no_proxy",
-                "HTTP_PROXY",
-                "HTTPS_PROXY",
-                "NO_PROXY",
-            )
-            if environ.get(key)
+        # Read once, not per request. Lower-case forms win, as curl and Go do.
+        self._proxy = proxy_url(config.proxy) if config.proxy is not None else None
+        self._proxies = {
+            scheme: proxy_url(value)  # None (direct) for a value that is no URL
+            for scheme in ("http", "https")
+            if (value := environ.get(f"{scheme}_proxy") or environ.get(f"{scheme.upper()}_PROXY"))
         }
+        self._no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY") or ""
         self.ssl = _context(config)
         if not config.tls_verify:
             log.warning(
@@ -101,19 +95,12 @@ class Network:
 
     def proxy_for(self, url: str) -> str | None:
         if self._proxy is not None:
-            return proxy_url(self._proxy)
+            return self._proxy
         parts = urlsplit(url)
-        proxies = {
-            scheme: self._environ.get(f"{scheme}_proxy")
-            or self._environ.get(f"{scheme.upper()}_PROXY")
-            for scheme in ("http", "https", "no")
-        }
-        found = {k: v for k, v in proxies.items() if v}
-        if not found.get(parts.scheme):
+        proxy = self._proxies.get(parts.scheme)
+        if proxy is None or bypasses(self._no_proxy, parts.hostname or "", parts.port):
             return None
-        if bypasses(found.get("no", ""), parts.hostname or "", parts.port):
-            return None
-        return proxy_url(found[parts.scheme])  # None (direct) for a value that is no URL
+        return proxy
 
     def options(self, url: str) -> dict[str, Any]:
         """The proxy and TLS keyword arguments of an aiohttp request to `url`."""
