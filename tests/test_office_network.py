@@ -4,7 +4,9 @@ certificate, a lab registry with verification off, and the only way out a forwar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import shutil
 import socket
 import ssl
@@ -135,16 +137,17 @@ class Tinyproxy:
         return self.log.read_text(errors="replace")
 
 
-@pytest.fixture
-def tinyproxy(tmp_path: Path) -> Iterator[Tinyproxy]:
+@contextlib.contextmanager
+def _tinyproxy(root: Path, settings: str = "") -> Iterator[Tinyproxy]:
+    """Debian's tinyproxy on an ephemeral port, with extra `settings` lines."""
     binary = shutil.which("tinyproxy")
     assert binary, "tinyproxy is installed by scripts/test"
     port = free_port()
-    log = tmp_path / "tinyproxy.log"
-    config = tmp_path / "tinyproxy.conf"
+    log = root / "tinyproxy.log"
+    config = root / "tinyproxy.conf"
     config.write_text(
         f'Port {port}\nListen 127.0.0.1\nAllow 127.0.0.1\nTimeout 60\nLogFile "{log}"\n'
-        "LogLevel Connect\nMaxClients 50\nDisableViaHeader Yes\n"
+        f"LogLevel Connect\nMaxClients 50\nDisableViaHeader Yes\n{settings}"
     )
     process = subprocess.Popen(
         [binary, "-d", "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -157,9 +160,17 @@ def tinyproxy(tmp_path: Path) -> Iterator[Tinyproxy]:
         except OSError:
             assert time.monotonic() < deadline, "tinyproxy did not start"
             time.sleep(0.05)
-    yield Tinyproxy(f"http://127.0.0.1:{port}", log, process)
-    process.kill()
-    process.wait()
+    try:
+        yield Tinyproxy(f"http://127.0.0.1:{port}", log, process)
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def tinyproxy(tmp_path: Path) -> Iterator[Tinyproxy]:
+    with _tinyproxy(tmp_path) as proxy:
+        yield proxy
 
 
 async def test_an_upstream_through_its_own_proxy(
@@ -227,3 +238,32 @@ def test_no_proxy_is_read_as_curl_reads_it(
     no_proxy: str, host: str, port: int, bypass: bool
 ) -> None:
     assert bypasses(no_proxy, host, port) is bypass
+
+
+async def test_a_proxy_that_wants_credentials_is_named_as_the_cause(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    tls_upstreams: tuple[Registry, Registry],
+    pki: Pki,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """tinyproxy with BasicAuth answers 407: the error says the proxy wants credentials
+    (plain HTTP and CONNECT alike), never that the registry refused; with them in the
+    proxy's URL the pull goes through."""
+    registry, _ = tls_upstreams
+    with _tinyproxy(tmp_path, "BasicAuth ci s3cret\n") as proxy:
+        for settings in (
+            {"url": upstream.url, "proxy": proxy.url},
+            {"url": registry.url, "ca_file": str(pki.ca), "proxy": proxy.url},
+        ):
+            mirror = await make_mirror({"docker.io": settings})
+            status, body = await _pull(http, mirror.url, seeded)
+            error = json.loads(body)["errors"][0]
+            assert status == 502, body
+            assert "the proxy wants credentials (status 407)" in error["message"], body
+            assert "s3cret" not in body
+        with_credentials = proxy.url.replace("http://", "http://ci:s3cret@")
+        mirror = await make_mirror({"docker.io": {"url": upstream.url, "proxy": with_credentials}})
+        assert await _pull(http, mirror.url, seeded) == (200, "")

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -610,7 +611,7 @@ async def test_a_transfer_under_way_resumes_while_its_upstream_is_down(
     digest = sha256_digest(data)
     cut = Body(data, "application/octet-stream", piece=16384, pause=0.03, cut_after=200_000)
     fake.set("GET", f"/v2/a/b/blobs/{digest}", [cut, Body(data, "application/octet-stream")])
-    fake.set("GET", "/v2/other/broken/manifests/v1", Body(b"{}", "application/json", status=500))
+    fake.set("GET", "/v2/other/broken/manifests/v1", Body(b"{}", "application/json", status=503))
     mirror = await make_mirror({"docker.io": fake.url})
     pull = asyncio.create_task(_get(http, f"{mirror.url}/v2/a/b/blobs/{digest}"))
     while not fake.count("GET", "/blobs/"):
@@ -620,3 +621,67 @@ async def test_a_transfer_under_way_resumes_while_its_upstream_is_down(
     status, body, _ = await pull
     assert (status, body) == (200, data)  # resumed all the same
     assert fake.count("GET", "/blobs/") == 2
+
+
+async def test_one_broken_repository_does_not_cut_the_others_off(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """A 500 is that request's failure; 502, 503 and 504 say the registry itself is down."""
+    data, media_type = manifest_of_size(10_000)
+    fake.set("GET", "/v2/a/b/manifests/v1", Body(data, media_type))
+    broken = "/v2/other/broken/manifests/v1"
+    fake.set("GET", broken, Body(b"{}", "application/json", status=500))
+    mirror = await make_mirror({"docker.io": fake.url})
+    assert (await _get(http, f"{mirror.url}{broken}"))[0] == 502
+    assert (await _get(http, f"{mirror.url}/v2/a/b/manifests/v1"))[:2] == (200, data)
+    fake.set("GET", broken, Body(b"{}", "application/json", status=503))
+    assert (await _get(http, f"{mirror.url}{broken}"))[0] == 502
+    status, body, headers = await _get(http, f"{mirror.url}/v2/a/b/manifests/v2")
+    assert status == 502 and "Retry-After" in headers, body
+    assert "answered 503" in _error(body)["message"]
+    assert fake.count("GET", "/v2/a/b/manifests/v2") == 0  # not asked: down
+
+
+def _challenge(fake: FakeUpstream, realm: str) -> Body:
+    header = f'Bearer realm="{realm}",service="fake"'
+    return Body(b"{}", "application/json", status=401, headers={"WWW-Authenticate": header})
+
+
+async def test_a_hanging_token_server_is_the_upstream_down(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    """The token server is part of the upstream: when it hangs, the first request waits
+    its timeout and says which host did not answer; the next ones fail at once."""
+    fake.set("GET", "/v2/a/b/manifests/v1", _challenge(fake, f"{fake.url}/token"))
+    fake.set("GET", "/token", Body(hang_before_headers=True))
+    mirror = await make_mirror({"docker.io": fake.url}, timeouts={"connect": 1, "read": 0.5})
+    status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/manifests/v1")
+    error = _error(body)
+    assert status == 504, body
+    host = fake.url.removeprefix("http://")
+    assert error["detail"]["host"] == host
+    assert error["detail"]["cause"] == f"the token server {host} gave no answer within the timeouts"
+    started = time.monotonic()
+    status, body, headers = await _get(http, f"{mirror.url}/v2/a/b/manifests/v1")
+    assert time.monotonic() - started < 0.4
+    assert status == 502 and "Retry-After" in headers
+    assert "token server" in _error(body)["message"]
+    assert fake.count("GET", "/token") == 1
+
+
+async def test_an_unreachable_token_server_says_so(
+    make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    realm = f"http://127.0.0.1:{port}/token"
+    fake.set("GET", "/v2/a/b/manifests/v1", _challenge(fake, realm))
+    mirror = await make_mirror({"docker.io": {"url": fake.url, "auth_hosts": ["127.0.0.1"]}})
+    status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/manifests/v1")
+    error = _error(body)
+    assert status == 502, body
+    assert error["detail"]["host"] == f"127.0.0.1:{port}"
+    assert error["detail"]["cause"].startswith(
+        f"the token server 127.0.0.1:{port}: connection refused or unreachable"
+    ), error

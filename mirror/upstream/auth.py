@@ -12,7 +12,9 @@ import ipaddress
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -23,7 +25,7 @@ from ..errors import UpstreamError, UpstreamTimeout
 from ..inflight import SingleFlight
 from ..metrics import Metrics
 from .addresses import AddressPolicy
-from .bodies import TOKEN_LIMIT, describe, read_body
+from .bodies import TOKEN_LIMIT, describe, proxy_refusal, read_body, unavailable
 from .credentials import Credentials
 from .network import Network
 
@@ -98,8 +100,10 @@ class TokenCache:
         timeout: aiohttp.ClientTimeout,
         clock: Clock = system_clock,
         network: Network | None = None,
+        down: Callable[[str], None] = lambda why: None,
     ) -> None:
         self._clock = clock
+        self._down = down  # the token server is part of the upstream: it failing is it down
         self._network = network or Network(upstream, {})
         self._upstream = upstream
         self._addresses = addresses
@@ -167,6 +171,8 @@ class TokenCache:
                     "with credentials (add it to auth_hosts)"
                 )
             headers["Authorization"] = basic_header(*pair)
+        host = urlsplit(realm).netloc
+        options = self._network.options(realm)
         try:
             async with self._session.get(
                 realm,
@@ -174,19 +180,23 @@ class TokenCache:
                 headers=headers,
                 allow_redirects=False,
                 timeout=self._timeout,
-                **self._network.options(realm),
+                **options,
             ) as response:
+                refusal = proxy_refusal(response, options["proxy"])
+                if refusal is not None or unavailable(response.status):
+                    self._failed(host, refusal or f"the token server answered {response.status}")
                 if response.status != 200:
                     raise UpstreamError(
                         f"upstream {name}: token request for {scope} refused "
                         f"(status {response.status})",
-                        detail={"upstream": name, "scope": scope},
+                        detail={"upstream": name, "host": host, "scope": scope},
                     )
                 body = json.loads(await read_body(response, TOKEN_LIMIT, f"{name}: token"))
         except TimeoutError:
-            raise UpstreamTimeout(f"upstream {name}: token server timed out") from None
+            why = f"the token server {host} gave no answer within the timeouts"
+            self._failed(host, why, UpstreamTimeout)
         except aiohttp.ClientError as exc:
-            raise UpstreamError(f"upstream {name}: token request failed: {describe(exc)}") from None
+            self._failed(host, f"the token server {host}: {describe(exc)}")
         except ValueError:
             raise UpstreamError(f"upstream {name}: token server answered no JSON") from None
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
@@ -202,3 +212,12 @@ class TokenCache:
         # Kept before the shared fetch completes, so no late caller starts another one.
         self._tokens[self._key(challenge, scope)] = token
         return token
+
+    def _failed(self, host: str, why: str, error: type[UpstreamError] = UpstreamError) -> NoReturn:
+        """The token server could not be asked: the upstream is down until it can."""
+        self._down(why)
+        name = self._upstream.name
+        raise error(
+            f"upstream {name}: token request failed: {why}",
+            detail={"upstream": name, "host": host, "cause": why},
+        )

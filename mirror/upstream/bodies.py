@@ -57,11 +57,36 @@ async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
         return b""
 
 
+def unavailable(status: int) -> bool:
+    """Whether an answer says the service itself is down (a gateway with nothing behind it,
+    or overloaded), not that one request failed: only these mark an upstream down, so one
+    broken repository answering 500 does not cut the others off."""
+    return status in (502, 503, 504)
+
+
+def proxy_refusal(response: aiohttp.ClientResponse, proxy: str | None) -> str | None:
+    """Why the outbound proxy, not the registry, refused a plain-HTTP request; None when it
+    did not. A proxy wanting credentials answers 407, or (tinyproxy) 401 with only a
+    `Proxy-Authenticate` challenge."""
+    if proxy is None:
+        return None
+    headers = response.headers
+    if response.status == 407 or (
+        response.status == 401
+        and "Proxy-Authenticate" in headers
+        and "WWW-Authenticate" not in headers
+    ):
+        return f"the proxy wants credentials (status {response.status}): set them in its URL"
+    return None
+
+
 def describe(exc: BaseException) -> str:
     """A client failure in words an operator reads, not a class name."""
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
         return "the proxy is unreachable"
     if isinstance(exc, aiohttp.ClientHttpProxyError):
+        if exc.status == 407:
+            return "the proxy wants credentials (status 407): set them in its URL"
         return f"the proxy refused the connection (status {exc.status})"
     text = str(exc)
     if isinstance(exc, OSError) and ("BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text):

@@ -37,7 +37,15 @@ from ..metrics import Metrics
 from ..reference import Digest, digest_of, is_manifest_type, manifest_matches, parse_digest
 from .addresses import AddressPolicy
 from .auth import Challenge, TokenCache, basic_header, parse_challenge
-from .bodies import MANIFEST_LIMIT, PAGE_LIMIT, describe, read_body, read_error_body
+from .bodies import (
+    MANIFEST_LIMIT,
+    PAGE_LIMIT,
+    describe,
+    proxy_refusal,
+    read_body,
+    read_error_body,
+    unavailable,
+)
 from .breaker import Breaker
 from .credentials import credentials_for
 from .network import Network
@@ -201,9 +209,11 @@ class UpstreamClient:
             self.answer_timeout(),
             clock,
             self._network,
+            down=self._down,
         )
         self._challenge: Challenge | None = None  # learned from the last 401
         self.breaker = Breaker(config.name, clock)  # remembers that it is down
+        self.health.retry_in = self.breaker.retry_in
         # Bounds the blob transfers running at once from this upstream.
         self.transfer_slots = asyncio.Semaphore(config.max_transfers)
 
@@ -497,6 +507,7 @@ class UpstreamClient:
         try:
             for _ in range(MAX_REDIRECTS + 1):
                 started = time.monotonic()
+                options = self._network.options(url)  # redirects to a CDN: the same way out
                 response = await self._session.request(
                     method,
                     url,
@@ -504,8 +515,15 @@ class UpstreamClient:
                     params=params,
                     allow_redirects=False,
                     timeout=self.answer_timeout(total),
-                    **self._network.options(url),  # redirects to a CDN: the same way out
+                    **options,
                 )
+                if (refusal := proxy_refusal(response, options["proxy"])) is not None:
+                    response.release()
+                    self._failed(method, refusal)
+                    raise UpstreamError(
+                        f"upstream {self.name} unreachable: {refusal}",
+                        detail=self._cause(url, refusal),
+                    )
                 self._observe(method, response, time.monotonic() - started)
                 location = response.headers.get("Location")
                 if response.status not in REDIRECTS or location is None:
@@ -540,14 +558,13 @@ class UpstreamClient:
         """Count the answer, time it, and keep what it says of health and rate limits."""
         self._metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
         self._metrics.upstream_latency.labels(self.name).observe(seconds)
-        health = self.health
-        health.reachable = response.status < 500
-        health.last_error = "" if health.reachable else f"answered {response.status}"
-        if health.reachable:
-            self.breaker.succeeded()
+        if unavailable(response.status):
+            self._down(f"answered {response.status}")
         else:
-            self.breaker.failed(health.last_error)
-        health.retry_in = self.breaker.retry_in
+            self.health.reachable = True
+            self.health.last_error = ""
+            self.breaker.succeeded()
+        health = self.health
         for header, attribute in RATELIMIT_HEADERS.items():
             value = response.headers.get(header)
             if value is not None:
@@ -556,10 +573,14 @@ class UpstreamClient:
 
     def _failed(self, method: str, why: str) -> None:
         self._metrics.upstream_requests.labels(self.name, method, "error").inc()
+        self._down(why)
+
+    def _down(self, why: str) -> None:
+        """The upstream (or its token server, or the proxy to it) failed: not asked again
+        until its back-off is over."""
         self.health.reachable = False
         self.health.last_error = why
         self.breaker.failed(why)
-        self.health.retry_in = self.breaker.retry_in
 
     async def _raise_for_status(
         self, response: aiohttp.ClientResponse, not_found: type[RegistryError]
