@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from .access.gate import Gate
+from .access.tokens import TokenSigner, signing_key
 from .clock import Clock, system_clock
 from .config import Config
-from .errors import error_middleware
+from .errors import Handler, error_middleware
 from .http.handlers import RegistryHandlers
 from .http.observe import observe_middleware
 from .http.status import status_handler
@@ -29,6 +31,7 @@ PROXY = web.AppKey("proxy", Proxy)
 STORE = web.AppKey("store", DiskStore)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 TAGS = web.AppKey("tags", TagIndex)
+GATE = web.AppKey("gate", Gate)
 
 USE_FLUSH_SECONDS = 1.0  # how often the housekeeping task looks whether uses are due
 
@@ -66,9 +69,42 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
+def _operations(gate: Gate, handler: Handler) -> Handler:
+    """`handler` for whom access.operations allows (everyone, with no access configured)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        await gate.operations(request)
+        return await handler(request)
+
+    return guarded
+
+
+def _ops_app(app: web.Application, gate: Gate) -> web.Application:
+    """The plain-HTTP operations port (ops_listen): health, readiness, metrics and the
+    status page, so probes and Prometheus work whatever the main port serves."""
+    config, metrics, store = app[CONFIG], app[METRICS], app[STORE]
+    ops = web.Application(middlewares=[error_middleware])
+    ops[CONFIG], ops[METRICS], ops[STORE] = config, metrics, store
+    ops.router.add_get("/healthz", health)
+    ops.router.add_get("/readyz", ready)
+    ops.router.add_get("/metrics", _operations(gate, metrics_page))
+    ops.router.add_get("/", _operations(gate, status_handler(config, metrics, store)))
+    ops.on_response_prepare.append(inert_content)
+    return ops
+
+
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     housekeeping = asyncio.create_task(_note_uses(app[STORE]))
+    ops_runner = None
+    config = app[CONFIG]
+    if config.ops_listen is not None:
+        ops_runner = web.AppRunner(_ops_app(app, app[GATE]), access_log=None)
+        await ops_runner.setup()
+        host, port = config.ops_listen
+        await web.TCPSite(ops_runner, host, port, reuse_port=config.workers > 1).start()
     yield
+    if ops_runner is not None:
+        await ops_runner.cleanup()
     housekeeping.cancel()
     await asyncio.gather(housekeeping, return_exceptions=True)
     await app[PROXY].close()
@@ -113,10 +149,14 @@ async def create_app(
     app[TAGS] = tags
     app[UPSTREAMS] = upstreams
     app[PROXY] = proxy
+    signer = None
+    if config.access is not None:
+        signer = TokenSigner(signing_key(config.storage.path / "access"), clock)
+    gate = app[GATE] = Gate(config, metrics, clock, signer)
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(inert_content)
 
-    handlers = RegistryHandlers(config, proxy)
+    handlers = RegistryHandlers(config, proxy, gate)
     router = app.router
     router.add_get("/v2/", handlers.base, name="base")
     router.add_get("/v2/{name:.+}/manifests/{reference}", handlers.manifest, name="manifest")
@@ -124,8 +164,9 @@ async def create_app(
     router.add_get("/v2/{name:.+}/tags/list", handlers.tags, name="tags")
     router.add_get("/v2/{name:.+}/referrers/{digest}", handlers.referrers, name="referrers")
     router.add_route("*", "/v2/{tail:.*}", handlers.other, name="other")
-    router.add_get("/", status_handler(config, metrics, store), name="status")
+    router.add_get("/token", gate.token, name="token")
+    router.add_get("/", _operations(gate, status_handler(config, metrics, store)), name="status")
     router.add_get("/healthz", health, name="healthz")
     router.add_get("/readyz", ready, name="readyz")
-    router.add_get("/metrics", metrics_page, name="metrics")
+    router.add_get("/metrics", _operations(gate, metrics_page), name="metrics")
     return app

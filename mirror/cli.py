@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import logs, maintenance
 from .app import create_app
-from .config import Config, ConfigError, load, naming_warnings, parse_size
+from .config import Config, ConfigError, exposure_warnings, load, naming_warnings, parse_size
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
 
@@ -69,7 +69,7 @@ def serve(config: Config) -> None:
         config.storage.path,
         ", ".join(sorted(config.upstreams)),
     )
-    for warning in naming_warnings(config):
+    for warning in [*naming_warnings(config), *exposure_warnings(config)]:
         logging.getLogger("mirror").warning("%s", warning)
     if config.workers == 1:
         _run(config, worker=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import ipaddress
 import math
 import os
 import re
@@ -128,6 +129,63 @@ class TimeoutConfig:
     revalidate: float = 5.0  # seconds a tag's revalidation may take before it is served stale
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+ACTIONS = ("pull", "push")
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may do what to the repositories it names. A rule applies to a request when a
+    pattern matches `<upstream>/<repository>` and the client's address is in `networks`;
+    the first that applies decides, granting `actions` to the clients it names."""
+
+    repositories: tuple[str, ...] = ("*",)  # shell patterns over <upstream>/<repository>
+    users: tuple[str, ...] = ()  # users of users_file granted
+    groups: tuple[str, ...] = ()  # groups of access.groups granted
+    anonymous: bool = False  # true: every client, with or without credentials
+    networks: tuple[Network, ...] = ()  # client addresses it applies to; empty: all
+    actions: tuple[str, ...] = ("pull",)
+
+    def applies(self, path: str, address: str | None) -> bool:
+        if not any(fnmatch.fnmatchcase(path, pattern) for pattern in self.repositories):
+            return False
+        return not self.networks or in_networks(address, self.networks)
+
+    def grants(self, user: str | None, groups: Mapping[str, tuple[str, ...]]) -> bool:
+        if self.anonymous:
+            return True
+        if user is None:
+            return False
+        return user in self.users or any(user in groups.get(g, ()) for g in self.groups)
+
+
+def in_networks(address: str | None, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address((address or "").split("%")[0])
+    except ValueError:
+        return False  # a unix socket, or nothing: no network holds it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Who may pull what (None on Config: everyone may pull everything)."""
+
+    users_file: Path | None = None  # htpasswd file of bcrypt entries (htpasswd -B)
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group: users
+    rules: tuple[AccessRule, ...] = ()  # first that applies decides; none: refused
+    # Who may read /metrics and the status page; default: this machine only.
+    operations: AccessRule = AccessRule(anonymous=True, networks=LOOPBACK)
+    token_ttl: float = 300.0  # seconds a token the mirror issues is valid
+    login_attempts: int = 10  # failed logins per client address per minute before 429
+
+
 @dataclass(frozen=True)
 class Config:
     listen_host: str = "0.0.0.0"  # from `listen: host:port`, default 0.0.0.0:5000
@@ -147,6 +205,9 @@ class Config:
     log_format: str = "text"  # text, or json: one object per line
     tls: TlsConfig | None = None  # None: plain HTTP
     workers: int = 1  # processes serving one port (SO_REUSEPORT) over one store
+    access: AccessConfig | None = None  # None: no client authentication, every pull allowed
+    # Plain-HTTP address for /healthz, /readyz, /metrics and the status page; None: none.
+    ops_listen: tuple[str, int] | None = None
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         """The upstream a registry name refers to: its name or one of its aliases (Docker
@@ -174,6 +235,25 @@ def naming_warnings(config: Config) -> list[str]:
             f"which names no upstream: add aliases: [{registry}] (or name it {registry})"
         )
     return warnings
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """A mirror without access rules hands whatever its credentials reach to anyone who
+    reaches its port: say so when that is more than this machine."""
+    if config.access is not None:
+        return []
+    try:
+        loopback = ipaddress.ip_address(config.listen_host).is_loopback
+    except ValueError:
+        loopback = config.listen_host == "localhost"
+    holding = sorted(u.name for u in config.upstreams.values() if u.username or u.ecr or u.acr)
+    if loopback or not holding:
+        return []
+    return [
+        f"listening on {config.listen_host}:{config.listen_port} with no access rules: anyone "
+        f"who reaches this port pulls with the credentials of {', '.join(holding)} "
+        "(set access: in the config, see README 'Access control')"
+    ]
 
 
 def parse_size(value: object, key: str) -> int:
@@ -252,11 +332,11 @@ def _credential(value: Any, key: str) -> str | None:
     return value
 
 
-def _parse_listen(value: Any) -> tuple[str, int]:
+def _parse_listen(value: Any, key: str = "listen") -> tuple[str, int]:
     text = str(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"listen: expected host:port like 0.0.0.0:5000, got {value!r}")
+        raise ConfigError(f"{key}: expected host:port like 0.0.0.0:5000, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -309,6 +389,100 @@ UPSTREAM_KEYS = {
     "aliases",
     "docker_hub",
 }
+
+
+def _strings(value: Any, key: str, what: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of {what}")
+    return tuple(value)
+
+
+def _networks(value: Any, key: str) -> tuple[Network, ...]:
+    networks = []
+    for text in _strings(value, key, "networks like 10.0.0.0/8"):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}: {text!r} is not a network like 10.0.0.0/8") from None
+    return tuple(networks)
+
+
+def _access_rule(value: Any, where: str, *, repositories: bool = True) -> AccessRule:
+    entry = _mapping(value, where)
+    allowed = {"users", "groups", "anonymous", "networks"}
+    _check_keys(entry, allowed | ({"repositories", "actions"} if repositories else set()), where)
+    patterns: tuple[str, ...] = ("*",)
+    actions: tuple[str, ...] = ("pull",)
+    if repositories:
+        patterns = _strings(entry.get("repositories"), f"{where}.repositories", "patterns")
+        if not patterns:
+            raise ConfigError(
+                f"{where}.repositories: required, patterns like 'docker.io/*' or 'ghcr.io/acme/*'"
+            )
+        actions = _strings(entry.get("actions", ["pull"]), f"{where}.actions", "pull, push")
+        for action in actions:
+            if action not in ACTIONS:
+                raise ConfigError(f"{where}.actions: {action!r} is not pull or push")
+    return AccessRule(
+        repositories=patterns,
+        users=_strings(entry.get("users"), f"{where}.users", "user names"),
+        groups=_strings(entry.get("groups"), f"{where}.groups", "group names"),
+        anonymous=_parse_bool(entry.get("anonymous", False), f"{where}.anonymous"),
+        networks=_networks(entry.get("networks"), f"{where}.networks"),
+        actions=actions,
+    )
+
+
+def _parse_access(value: Any) -> AccessConfig:
+    section = _mapping(value, "access")
+    _check_keys(
+        section,
+        {"users_file", "groups", "rules", "operations", "token_ttl", "login_attempts"},
+        "access",
+    )
+    defaults = AccessConfig()
+    users_file = _readable_file(section, "users_file", "access")
+    groups_raw = _mapping(section.get("groups"), "access.groups")
+    groups = {
+        str(name): _strings(members, f"access.groups.{name}", "user names")
+        for name, members in groups_raw.items()
+    }
+    rules_raw = section.get("rules")
+    if not isinstance(rules_raw, list) or not rules_raw:
+        raise ConfigError(
+            "access.rules: required, a list of {repositories, users, groups, anonymous, "
+            "networks, actions}"
+        )
+    rules = tuple(_access_rule(item, f"access.rules[{i}]") for i, item in enumerate(rules_raw))
+    operations = (
+        _access_rule(section["operations"], "access.operations", repositories=False)
+        if section.get("operations") is not None
+        else defaults.operations
+    )
+    for index, rule in enumerate((*rules, operations)):
+        where = f"access.rules[{index}]" if index < len(rules) else "access.operations"
+        if (rule.users or rule.groups) and users_file is None:
+            raise ConfigError(f"{where}: names users, but access.users_file is not set")
+        for group in rule.groups:
+            if group not in groups:
+                raise ConfigError(f"{where}.groups: {group!r} is not in access.groups")
+    attempts = _number(
+        section.get("login_attempts", defaults.login_attempts), "access.login_attempts", minimum=1
+    )
+    return AccessConfig(
+        users_file=Path(users_file) if users_file is not None else None,
+        groups=groups,
+        rules=rules,
+        operations=operations,
+        token_ttl=_number(
+            section.get("token_ttl", defaults.token_ttl), "access.token_ttl", minimum=10
+        ),
+        login_attempts=int(attempts),
+    )
 
 
 def _names(value: Any, key: str) -> tuple[str, ...]:
@@ -489,6 +663,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
         "MIRROR_LOG_LEVEL": ("log_level",),
         "MIRROR_LOG_FORMAT": ("log_format",),
         "MIRROR_WORKERS": ("workers",),
+        "MIRROR_OPS_LISTEN": ("ops_listen",),
     }
     for var, path in simple.items():
         if var in env:
@@ -527,6 +702,8 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "log_format",
         "tls",
         "workers",
+        "access",
+        "ops_listen",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -635,6 +812,10 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         log_format=log_format,
         tls=tls,
         workers=workers,
+        access=_parse_access(data["access"]) if data.get("access") is not None else None,
+        ops_listen=_parse_listen(data["ops_listen"], "ops_listen")
+        if data.get("ops_listen") is not None
+        else None,
     )
 
 

@@ -92,6 +92,14 @@ class Unsupported(RegistryError):
     code, status, default_message = "UNSUPPORTED", 405, "this mirror is read-only"
 
 
+class Unauthorized(RegistryError):
+    """No identity, or one that did not check out: the client should authenticate (the
+    challenge is in the headers). Never says which part of a login was wrong."""
+
+    code, status, default_message = "UNAUTHORIZED", 401, "authentication required"
+    result = "denied"
+
+
 class Denied(RegistryError):
     code, status, default_message = "DENIED", 403, "requested access to the resource is denied"
 

@@ -24,6 +24,8 @@ ACCESS_FIELDS = (
     "duration",
     "result",
     "upstream",
+    "user",  # with access rules: the client's user name, or "-"
+    "access",  # with access rules: allowed, token, or refused:<reason>
 )
 
 

@@ -154,6 +154,20 @@ class Metrics:
             ["upstream", "outcome"],
             registry=registry,
         )
+        self.access_refused = Counter(
+            "mirror_access_refused",
+            "Client requests refused by the access rules, by reason: credentials (wrong "
+            "or missing where needed), denied (an identity without the grant), rate_limited "
+            "(too many failed logins).",
+            ["reason"],
+            registry=registry,
+        )
+        self.logins = Counter(
+            "mirror_logins",
+            "Logins checked against access.users_file (Basic, or at /token), by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         registry.register(StateCollector(self))
 
     def upstream(self, name: str) -> UpstreamHealth:
@@ -170,6 +184,20 @@ class Metrics:
             return self.registry
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        self.access_refused = Counter(
+            "mirror_access_refused",
+            "Client requests refused by the access rules, by reason: credentials (wrong "
+            "or missing where needed), denied (an identity without the grant), rate_limited "
+            "(too many failed logins).",
+            ["reason"],
+            registry=registry,
+        )
+        self.logins = Counter(
+            "mirror_logins",
+            "Logins checked against access.users_file (Basic, or at /token), by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
         registry.register(StateCollector(self))
         return registry
 

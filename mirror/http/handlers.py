@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
+from ..access.gate import Gate
 from ..config import Config
 from ..errors import (
     RESULT,
@@ -79,23 +80,28 @@ def _etag_matches(request: web.Request, digest: str) -> bool:
 class RegistryHandlers:
     """The OCI pull API over one Proxy."""
 
-    def __init__(self, config: Config, proxy: Proxy) -> None:
+    def __init__(self, config: Config, proxy: Proxy, gate: Gate) -> None:
         self._config = config
         self._proxy = proxy
+        self._gate = gate
 
-    def _route(self, request: web.Request) -> Route:
+    async def _route(self, request: web.Request) -> Route:
+        """Where the request goes, once the access rules let it (before anything is read
+        from the cache or asked of an upstream)."""
         route = resolve(self._config, request.match_info["name"], request.query.get("ns"))
         request[ROUTE] = route
+        await self._gate.pull(request, route)
         return route
 
     async def base(self, request: web.Request) -> web.StreamResponse:
         """GET|HEAD /v2/: the API version check every client starts with."""
+        await self._gate.base(request)
         request[RESULT] = HIT
         return web.json_response({}, headers=API_HEADERS)
 
     async def manifest(self, request: web.Request) -> web.StreamResponse:
         """GET|HEAD /v2/<name>/manifests/<tag|digest>."""
-        route = self._route(request)
+        route = await self._route(request)
         reference = request.match_info["reference"]
         if looks_like_digest(reference):
             _digest(reference)
@@ -122,7 +128,7 @@ class RegistryHandlers:
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """GET|HEAD /v2/<name>/blobs/<digest>: a hit by sendfile, a miss as it arrives."""
-        route = self._route(request)
+        route = await self._route(request)
         digest = _digest(request.match_info["digest"])
         headers = {
             **API_HEADERS,
@@ -221,7 +227,7 @@ class RegistryHandlers:
 
     async def tags(self, request: web.Request) -> web.StreamResponse:
         """GET /v2/<name>/tags/list, with `n`, `last` and the upstream's `Link` kept."""
-        route = self._route(request)
+        route = await self._route(request)
         params = {k: request.query[k] for k in ("n", "last") if k in request.query}
         page = await self._proxy.page(route, "tags/list", params, NameUnknown)
         request[RESULT] = MISS
@@ -229,7 +235,7 @@ class RegistryHandlers:
 
     async def referrers(self, request: web.Request) -> web.StreamResponse:
         """GET /v2/<name>/referrers/<digest>, passed through."""
-        route = self._route(request)
+        route = await self._route(request)
         digest = _digest(request.match_info["digest"])
         params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
         page = await self._proxy.page(route, f"referrers/{digest}", params, ManifestUnknown)

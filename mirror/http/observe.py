@@ -9,6 +9,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..access.gate import DECISION, IDENTITY
 from ..errors import RESULT, Handler
 from ..logs import printable
 from ..metrics import Metrics
@@ -45,8 +46,11 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             metrics.count_repository(upstream, route.repository)
         if route_name not in ("metrics", "healthz", "readyz"):
             duration = time.monotonic() - started
+            # With access rules: who the client was, and what the rules made of it.
+            identity = request.get(IDENTITY)
+            audit = "" if identity is None else f" user={identity} access={request[DECISION]}"
             log.info(
-                '%s "%s %s" %d %d %.3fs %s %s%s',
+                '%s "%s %s" %d %d %.3fs %s %s%s%s',
                 request.remote,
                 request.method,
                 printable(request.path),
@@ -56,6 +60,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
                 result,
                 upstream or "-",
                 "" if complete else " incomplete",
+                audit,
                 extra={
                     "remote": request.remote,
                     "method": request.method,
@@ -66,6 +71,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
                     "duration": round(duration, 6),
                     "result": result,
                     "upstream": upstream,
+                    **({} if identity is None else {"user": identity, "access": request[DECISION]}),
                 },
             )
         return response

@@ -25,6 +25,10 @@ class MirrorProcess:
         self.config = workdir / f"mirror-{self.port}.yaml"
         self.config.write_text(yaml.safe_dump({"listen": self.host, **settings}))
         self.log = workdir / f"mirror-{self.port}.log"
+        # Up when /healthz answers: on the operations port when there is one (the main
+        # port may serve TLS).
+        ops = settings.get("ops_listen")
+        self._probe = f"http://{ops}/healthz" if ops else f"{self.url}/healthz"
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> MirrorProcess:
@@ -43,7 +47,7 @@ class MirrorProcess:
                 if self._process.returncode is not None:
                     raise RuntimeError(f"mirror exited: {self.log.read_text()[-2000:]}")
                 try:
-                    async with session.get(f"{self.url}/v2/") as response:
+                    async with session.get(self._probe) as response:
                         if response.status == 200:
                             return self
                 except aiohttp.ClientConnectionError:

@@ -1,0 +1,269 @@
+"""Who may pull what: every request under /v2/ passes here after routing and before the
+cache or an upstream is touched, so a refused client learns nothing and the upstream sees
+nothing.
+
+A client is anonymous, or proves a name with HTTP Basic (checked against the users file)
+or with a token this mirror issued at `/token` (the Docker token flow: `docker login`,
+podman, skopeo, containerd, kubelet). The first rule that applies to the repository and
+the client's address decides. No identity where one is needed is 401 with the challenge;
+an identity without the grant is 403 DENIED; a wrong login is 401 and never says which
+part was wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..clock import Clock
+from ..config import AccessConfig, AccessRule, Config
+from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
+from ..metrics import Metrics
+from ..routing import Route, resolve
+from .limits import FailedLogins
+from .tokens import TokenSigner
+from .users import UsersFile
+
+ANONYMOUS = "-"
+# Who made a request (a user's name, or "-") and what access made of it, for the access log.
+IDENTITY = web.RequestKey("identity", str)
+DECISION = web.RequestKey("decision", str)
+
+
+class AccessDenied(Denied):
+    result = "denied"
+
+
+class LoginsLimited(TooManyRequests):
+    result = "denied"
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str | None  # None: anonymous
+    presented: bool  # the client sent credentials (that checked out)
+
+
+class Gate:
+    """The access decisions of one app; with no `access` configured, everyone may pull."""
+
+    def __init__(
+        self,
+        config: Config,
+        metrics: Metrics,
+        clock: Clock,
+        signer: TokenSigner | None,
+    ) -> None:
+        self._config = config
+        self._access: AccessConfig | None = config.access
+        self._metrics = metrics
+        self._clock = clock
+        self._signer = signer
+        self._users = (
+            UsersFile(config.access.users_file)
+            if config.access is not None and config.access.users_file is not None
+            else None
+        )
+        limit = config.access.login_attempts if config.access is not None else 1
+        self._failures = FailedLogins(limit, clock)
+
+    @property
+    def open(self) -> bool:
+        return self._access is None
+
+    # the checks
+
+    async def base(self, request: web.Request) -> None:
+        """GET /v2/: the check every client starts with. With access on, a client without
+        credentials is challenged, so it logs in (or fetches an anonymous token)."""
+        if self._access is None:
+            return
+        identity = await self._identity(request, challenge=self._challenge(request))
+        if identity is None:
+            self._refuse(request, None, "credentials")
+            raise Unauthorized(headers=self._challenge(request))
+        self._allow(request, identity)
+
+    async def pull(self, request: web.Request, route: Route) -> None:
+        await self._check(request, route, "pull")
+
+    async def _check(self, request: web.Request, route: Route, action: str) -> None:
+        access = self._access
+        if access is None:
+            return
+        name = request.match_info.get("name", "")
+        challenge = self._challenge(request, f"repository:{name}:{action}")
+        identity = await self._identity(request, challenge=challenge)
+        user = identity.user if identity is not None else None
+        path = f"{route.upstream.name}/{route.repository}"
+        if self._allows(access.rules, user, request.remote, path, action):
+            self._allow(request, identity)
+            return
+        if user is None:
+            self._refuse(request, identity, "credentials")
+            raise Unauthorized(f"authentication required to {action} {name}", headers=challenge)
+        self._refuse(request, identity, "denied")
+        raise AccessDenied(f"{user} may not {action} {name}", detail={"name": name})
+
+    async def operations(self, request: web.Request) -> None:
+        """/metrics and the status page: whom access.operations allows."""
+        access = self._access
+        if access is None:
+            return
+        challenge = {"WWW-Authenticate": 'Basic realm="mirror operations"'}
+        identity = await self._identity(request, challenge=challenge)
+        user = identity.user if identity is not None else None
+        if self._allows((access.operations,), user, request.remote, "*", "pull"):
+            self._allow(request, identity)
+            return
+        if user is None:
+            self._refuse(request, identity, "credentials")
+            raise Unauthorized(headers=challenge)
+        self._refuse(request, identity, "denied")
+        raise AccessDenied(f"{user} may not read the operations pages")
+
+    def _allows(
+        self,
+        rules: tuple[AccessRule, ...],
+        user: str | None,
+        address: str | None,
+        path: str,
+        action: str,
+    ) -> bool:
+        """The first rule that applies decides; none applying is a refusal."""
+        assert self._access is not None
+        for rule in rules:
+            if rule.applies(path, address):
+                return action in rule.actions and rule.grants(user, self._access.groups)
+        return False
+
+    # identities
+
+    async def _identity(
+        self, request: web.Request, *, challenge: dict[str, str]
+    ) -> Identity | None:
+        """Who the request's credentials name; None for none. Credentials that do not
+        check out are 401 (with `challenge`), whatever an anonymous client may do."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        scheme, _, value = header.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "bearer" and self._signer is not None:
+            token = self._signer.read(value.strip())
+            if token is not None and (token.user is None or await self._known(token.user)):
+                return Identity(token.user, presented=token.user is not None)
+            self._refuse(request, None, "credentials")
+            raise Unauthorized("the token is not valid (expired?): log in again", headers=challenge)
+        if scheme == "basic":
+            user = await self._login(request, value, challenge)
+            return Identity(user, presented=True)
+        self._refuse(request, None, "credentials")
+        raise Unauthorized(f"unsupported authorization scheme {scheme!r}", headers=challenge)
+
+    async def _known(self, user: str) -> bool:
+        return self._users is not None and await self._users.known(user)
+
+    async def _login(self, request: web.Request, value: str, challenge: dict[str, str]) -> str:
+        """The user a Basic credential proves, or 401 (429 after too many failures)."""
+        address = request.remote or ""
+        wait = self._failures.wait(address)
+        if wait:
+            self._refuse(request, None, "rate_limited")
+            raise LoginsLimited(
+                "too many failed logins from this address; try again later",
+                headers={"Retry-After": str(round(wait))},
+            )
+        try:
+            user, sep, password = (
+                base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError):
+            user, sep, password = "", "", ""
+        if sep and self._users is not None and await self._users.check(user, password):
+            self._metrics.logins.labels("accepted").inc()
+            return user
+        self._metrics.logins.labels("refused").inc()
+        self._failures.failed(address)
+        self._refuse(request, None, "credentials")
+        raise Unauthorized("wrong user name or password", headers=challenge)
+
+    # the token endpoint
+
+    async def token(self, request: web.Request) -> web.Response:
+        """GET /token?service=&scope=...: a short-lived token for whoever the Basic
+        credentials name (or an anonymous one), listing the scopes the rules allow."""
+        access = self._access
+        if access is None or self._signer is None:
+            raise RegistryError("this mirror does not authenticate clients")
+        challenge = {"WWW-Authenticate": 'Basic realm="mirror"'}
+        header = request.headers.get("Authorization", "")
+        user = None
+        if header:
+            if not header.lower().startswith("basic "):
+                raise Unauthorized("log in with a user name and password", headers=challenge)
+            user = await self._login(request, header[6:], challenge)
+        granted = self._granted(request, user)
+        request[IDENTITY] = user or ANONYMOUS
+        request[DECISION] = "token"
+        lifetime = access.token_ttl
+        token = self._signer.issue(user, lifetime, granted)
+        issued = datetime.datetime.fromtimestamp(int(self._clock()), datetime.UTC)
+        return web.json_response(
+            {
+                "token": token,
+                "access_token": token,
+                "expires_in": int(lifetime),
+                "issued_at": issued.isoformat().replace("+00:00", "Z"),
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _granted(self, request: web.Request, user: str | None) -> list[dict[str, object]]:
+        """The asked scopes the rules allow `user` from this address, as the token lists
+        them (informative: each request is decided again by the rules)."""
+        assert self._access is not None
+        granted: list[dict[str, object]] = []
+        for scope in " ".join(request.query.getall("scope", [])).split():
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind != "repository" or not name:
+                continue
+            try:
+                route = resolve(self._config, name, None)
+            except RegistryError:
+                continue
+            path = f"{route.upstream.name}/{route.repository}"
+            allowed = [
+                action
+                for action in actions.split(",")
+                if self._allows(self._access.rules, user, request.remote, path, action)
+            ]
+            if allowed:
+                granted.append({"type": "repository", "name": name, "actions": allowed})
+        return granted
+
+    # what the access log and the metrics say
+
+    def _allow(self, request: web.Request, identity: Identity | None) -> None:
+        request[IDENTITY] = (identity.user if identity else None) or ANONYMOUS
+        request[DECISION] = "allowed"
+
+    def _refuse(self, request: web.Request, identity: Identity | None, reason: str) -> None:
+        request[IDENTITY] = (identity.user if identity else None) or ANONYMOUS
+        request[DECISION] = f"refused:{reason}"
+        self._metrics.access_refused.labels(reason).inc()
+
+    def _challenge(self, request: web.Request, scope: str | None = None) -> dict[str, str]:
+        """The Bearer challenge naming this mirror's token endpoint, as the client reached
+        it (a TLS-terminating proxy in front says how with X-Forwarded-Proto/-Host)."""
+        scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
+        host = request.headers.get("X-Forwarded-Host", request.host).split(",")[0].strip()
+        value = f'Bearer realm="{scheme}://{host}/token",service="{host}"'
+        if scope is not None:
+            value += f',scope="{scope}"'
+        return {"WWW-Authenticate": value}

@@ -1,0 +1,111 @@
+"""The users a mirror knows: an htpasswd file of bcrypt entries (`htpasswd -B`).
+
+The file is read again when it changes on disk (a stat per login, no restart). bcrypt is
+slow on purpose, so it runs in a thread, and a password that checked out is remembered
+(as a keyed hash, never in clear) until the file changes: a client sending Basic on every
+request costs one bcrypt, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import bcrypt
+
+log = logging.getLogger("mirror.users")
+
+BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+MAX_REMEMBERED = 4096  # checked passwords kept; all forgotten past it
+
+
+def parse_htpasswd(text: str, source: str) -> dict[str, bytes]:
+    """user -> bcrypt hash; entries of other kinds are left out, with a warning naming the
+    user (MD5, SHA1 and crypt hashes are too weak to accept)."""
+    users: dict[str, bytes] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user:
+            log.warning("%s line %d: not user:hash, left out", source, number)
+        elif not hashed.startswith(BCRYPT_PREFIXES):
+            log.warning(
+                "%s: user %r is not a bcrypt entry (make it with htpasswd -B), left out",
+                source,
+                user,
+            )
+        else:
+            users[user] = hashed.encode()
+    return users
+
+
+class UsersFile:
+    """The htpasswd file, as it is on disk now."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._version: tuple[int, int, int] | None = None
+        self._users: dict[str, bytes] = {}
+        self._key = secrets.token_bytes(32)  # for the remembered passwords' hashes
+        self._checked: set[bytes] = set()
+        self._lock = asyncio.Lock()
+        # A hash nobody's password matches, checked for unknown users so they cost what
+        # others do (cost 5: what htpasswd -B makes).
+        self._decoy = bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(5))
+
+    async def _current(self) -> dict[str, bytes]:
+        """The users, read again when the file's inode, size or mtime changed. A file that
+        is gone or unreadable means no users (closed, not the last ones known)."""
+        try:
+            stat = os.stat(self._path)  # a stat: cheap enough for the loop
+        except OSError as exc:
+            if self._users or self._version is not None:
+                log.error("access.users_file %s: %s: nobody can log in", self._path, exc.strerror)
+            self._users, self._version = {}, None
+            self._checked.clear()
+            return self._users
+        version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if version == self._version:
+            return self._users
+        async with self._lock:
+            if version != self._version:
+                try:
+                    text = await asyncio.to_thread(self._path.read_text, errors="replace")
+                except OSError as exc:
+                    log.error(
+                        "access.users_file %s: %s: nobody can log in", self._path, exc.strerror
+                    )
+                    self._users, self._version = {}, None
+                    self._checked.clear()
+                    return self._users
+                self._users = parse_htpasswd(text, str(self._path))
+                self._checked.clear()
+                self._version = version
+                log.info("access.users_file %s: %d users", self._path, len(self._users))
+        return self._users
+
+    async def known(self, user: str) -> bool:
+        return user in await self._current()
+
+    async def check(self, user: str, password: str) -> bool:
+        """Whether `password` is `user`'s. Takes as long for an unknown user as for a
+        wrong password, so the time says nothing of which users exist."""
+        users = await self._current()
+        proof = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        if proof in self._checked and user in users:
+            return True
+        hashed = users.get(user, self._decoy)
+        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        if ok and user in users:
+            if len(self._checked) >= MAX_REMEMBERED:
+                self._checked.clear()
+            self._checked.add(proof)
+            return True
+        return False

@@ -1,0 +1,340 @@
+"""Who may pull what: users from an htpasswd file (made by Debian's `htpasswd -B`), the
+Docker token flow, rules by repository, user, group and network, and the upstream never
+asked for a refused request."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import MirrorFactory, Seeded
+from tests.support.clients import CommandFailed, skopeo, skopeo_copy_to_dir
+from tests.support.clock import ManualClock
+from tests.support.registry import Registry
+
+ACCEPT = {
+    "Accept": "application/vnd.oci.image.manifest.v1+json, "
+    "application/vnd.docker.distribution.manifest.v2+json"
+}
+PASSWORDS = {"ci": "ci-secret", "alice": "alice-secret", "bob": "bob-secret", "carol": "c4rol"}
+TEAM_APP = "/v2/private.example/team/app/manifests/v1"
+
+
+def htpasswd(path: Path, user: str, password: str) -> None:
+    """Add or change `user` with Debian's htpasswd, bcrypt (-B), as an operator would."""
+    binary = shutil.which("htpasswd")
+    assert binary, "htpasswd is installed by scripts/test (apache2-utils)"
+    create = [] if path.exists() else ["-c"]
+    subprocess.run(
+        [binary, "-B", "-b", *create, str(path), user, password], check=True, capture_output=True
+    )
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "htpasswd"
+    for user, password in PASSWORDS.items():
+        htpasswd(path, user, password)
+    return path
+
+
+def rules(users_file: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "users_file": str(users_file),
+        "groups": {"admins": ["carol"]},
+        "rules": [
+            {"repositories": ["docker.io/*"], "anonymous": True, "networks": ["127.0.0.0/8"]},
+            {"repositories": ["private.example/team/*"], "users": ["ci"], "groups": ["admins"]},
+            {"repositories": ["private.example/*"], "users": ["alice"]},
+        ],
+        **extra,
+    }
+
+
+def basic(user: str, password: str | None = None) -> dict[str, str]:
+    secret = PASSWORDS[user] if password is None else password
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()}
+
+
+async def _get(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    async with http.get(url, headers={**ACCEPT, **(headers or {})}) as response:
+        return response.status, await response.read(), dict(response.headers)
+
+
+def _error(body: bytes) -> dict[str, Any]:
+    errors: list[dict[str, Any]] = json.loads(body)["errors"]
+    return errors[0]
+
+
+async def _guarded(
+    make_mirror: MirrorFactory, upstream: Registry, users_file: Path, **settings: Any
+) -> Any:
+    return await make_mirror(
+        {"docker.io": upstream.url, "private.example": upstream.url},
+        access=rules(users_file),
+        **settings,
+    )
+
+
+async def test_each_client_is_admitted_or_refused_as_its_rule_says(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    team = f"{mirror.url}{TEAM_APP}"
+    mark = upstream.mark()
+    refused = [
+        (team, {}, 401, "UNAUTHORIZED"),  # no identity, the rule wants one
+        (team, basic("alice"), 403, "DENIED"),  # the first rule that applies names not her
+        (team, basic("bob"), 403, "DENIED"),  # in no rule
+        (team, basic("ci", "wrong"), 401, "UNAUTHORIZED"),
+        (team, basic("ci", ""), 401, "UNAUTHORIZED"),
+        (team, {"Authorization": "Basic !!!"}, 401, "UNAUTHORIZED"),
+        (team, {"Authorization": "Bearer forged"}, 401, "UNAUTHORIZED"),
+        (team, {"Authorization": "Negotiate abc"}, 401, "UNAUTHORIZED"),
+        (
+            f"{mirror.url}/v2/private.example/library/alpine/manifests/3.20",
+            basic("ci"),
+            403,
+            "DENIED",
+        ),
+        # a right password for a user whose rule does not apply is still refused
+        (f"{mirror.url}/v2/private.example/library/alpine/manifests/3.20", {}, 401, "UNAUTHORIZED"),
+    ]
+    for url, headers, status, code in refused:
+        got, body, answer_headers = await _get(http, url, headers)
+        assert (got, _error(body)["code"]) == (status, code), (url, headers, body)
+        if status == 401:
+            challenge = answer_headers["WWW-Authenticate"]
+            assert challenge.startswith(f'Bearer realm="{mirror.url}/token"'), challenge
+    wrong_password = (await _get(http, team, basic("ci", "wrong")))[1]
+    unknown_user = (await _get(http, team, basic("nobody", "wrong")))[1]
+    assert wrong_password == unknown_user  # never a hint which part was wrong
+    assert upstream.hits(mark) == []  # the upstream saw none of them
+
+    admitted = [
+        (team, basic("ci"), seeded.docker.manifest),
+        (team, basic("carol"), seeded.docker.manifest),  # by her group
+        (
+            f"{mirror.url}/v2/private.example/library/alpine/manifests/3.20",
+            basic("alice"),
+            seeded.oci.manifest,
+        ),
+        (f"{mirror.url}/v2/library/alpine/manifests/3.20", {}, seeded.oci.manifest),  # network
+        (f"{mirror.url}/v2/library/alpine/manifests/3.20", basic("bob"), seeded.oci.manifest),
+    ]
+    for url, headers, manifest in admitted:
+        got, body, _ = await _get(http, url, headers)
+        assert (got, body) == (200, manifest), (url, headers, body[:200])
+
+
+async def _token(
+    http: aiohttp.ClientSession, mirror_url: str, scope: str, headers: dict[str, str]
+) -> tuple[int, dict[str, Any]]:
+    params = {"service": "mirror", "scope": scope}
+    async with http.get(f"{mirror_url}/token", params=params, headers=headers) as response:
+        return response.status, await response.json(content_type=None)
+
+
+async def test_the_token_flow_for_users_and_anonymous_clients(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """What docker login, podman, containerd and kubelet do: /v2/ challenges, the token
+    endpoint issues for whoever the Basic credentials name, the token opens what the rules
+    grant that identity."""
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    status, _, headers = await _get(http, f"{mirror.url}/v2/")
+    assert status == 401 and headers["WWW-Authenticate"].startswith(
+        f'Bearer realm="{mirror.url}/token",service="{mirror.host}"'
+    )
+    status, answer = await _token(
+        http, mirror.url, "repository:private.example/team/app:pull", basic("ci")
+    )
+    assert status == 200 and answer["expires_in"] == 300
+    claims = json.loads(base64.urlsafe_b64decode(answer["token"].split(".")[1] + "=="))
+    assert claims["sub"] == "ci"
+    assert claims["access"] == [
+        {"type": "repository", "name": "private.example/team/app", "actions": ["pull"]}
+    ]
+    bearer = {"Authorization": f"Bearer {answer['token']}"}
+    assert (await _get(http, f"{mirror.url}/v2/", bearer))[0] == 200
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", bearer))[:2] == (
+        200,
+        seeded.docker.manifest,
+    )
+    status, answer = await _token(http, mirror.url, "repository:team/app:pull", {})
+    assert status == 200  # anonymous: a token all the same, listing what anonymous may do
+    anonymous = {"Authorization": f"Bearer {answer['token']}"}
+    assert (await _get(http, f"{mirror.url}/v2/team/app/manifests/v1", anonymous))[0] == 200
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", anonymous))[0] == 401
+    status, answer = await _token(http, mirror.url, "repository:x:pull", basic("ci", "wrong"))
+    assert status == 401 and "token" not in answer
+    _, issued = await _token(http, mirror.url, "repository:x:pull", basic("bob"))
+    payload = issued["token"].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    claims["sub"] = "ci"  # bob's token, made to say ci
+    forged = issued["token"].replace(
+        payload, base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+    )
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", {"Authorization": f"Bearer {forged}"}))[
+        0
+    ] == 401
+
+
+@pytest.mark.in_process  # moves the mirror's clock
+async def test_tokens_expire_and_failed_logins_are_rate_limited(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file, clock=clock)
+    _, answer = await _token(http, mirror.url, "repository:x:pull", basic("ci"))
+    bearer = {"Authorization": f"Bearer {answer['token']}"}
+    assert (await _get(http, f"{mirror.url}/v2/", bearer))[0] == 200
+    clock.advance(301)
+    status, body, _ = await _get(http, f"{mirror.url}/v2/", bearer)
+    assert status == 401 and "log in again" in _error(body)["message"]
+    for _ in range(10):
+        assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci", "guess")))[0] == 401
+    status, body, headers = await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci"))
+    assert (status, _error(body)["code"]) == (429, "TOOMANYREQUESTS")  # even the right one
+    assert int(headers["Retry-After"]) > 0
+    assert (await _token(http, mirror.url, "repository:x:pull", basic("ci")))[0] == 429
+    clock.advance(61)
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci")))[0] == 200
+
+
+async def test_the_users_file_is_read_again_when_it_changes(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci")))[0] == 200
+    _, answer = await _token(http, mirror.url, "repository:x:pull", basic("ci"))
+    bearer = {"Authorization": f"Bearer {answer['token']}"}
+    htpasswd(users_file, "ci", "rotated")  # no restart
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci")))[0] == 401
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci", "rotated")))[0] == 200
+    lines = [line for line in users_file.read_text().splitlines() if not line.startswith("ci:")]
+    users_file.write_text("\n".join(lines) + "\n")  # ci removed
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci", "rotated")))[0] == 401
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", bearer))[0] == 401  # its token too
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("carol")))[0] == 200
+
+
+async def test_a_private_blob_is_not_served_by_digest_without_the_grant(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    layer = seeded.docker.layers[0]
+    blob = f"{mirror.url}/v2/private.example/team/app/blobs/{layer}"
+    status, _, headers = await _get(http, blob, basic("ci"))
+    assert status == 200 and headers["X-Mirror-Cache"] == "miss"  # now cached
+    for headers in ({}, basic("bob")):
+        status, body, _ = await _get(http, blob, headers)
+        assert status in (401, 403) and b"payload" not in body
+        async with http.head(blob, headers=headers) as response:
+            assert response.status in (401, 403)
+
+
+async def test_skopeo_with_wrong_credentials_and_without_the_grant(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    users_file: Path,
+    tmp_path: Path,
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    source = f"docker://{mirror.host}/private.example/team/app:v1"
+    mark = upstream.mark()
+    with pytest.raises(CommandFailed) as wrong:
+        await skopeo("inspect", "--tls-verify=false", "--creds", "ci:wrong", source)
+    assert "401" in str(wrong.value) or "unauthorized" in str(wrong.value).lower()
+    with pytest.raises(CommandFailed) as denied:
+        await skopeo("inspect", "--tls-verify=false", "--creds", "bob:bob-secret", source)
+    assert "denied" in str(denied.value).lower(), denied.value
+    with pytest.raises(CommandFailed):
+        await skopeo("inspect", "--tls-verify=false", "--no-creds", source)
+    assert upstream.hits(mark) == []  # none of the three reached the upstream
+    digest = await skopeo_copy_to_dir(
+        f"{mirror.host}/private.example/team/app:v1", tmp_path / "ci", "--src-creds", "ci:ci-secret"
+    )
+    assert digest == seeded.docker.digest
+    anonymous = await skopeo_copy_to_dir(f"{mirror.host}/team/app:v1", tmp_path / "anonymous")
+    assert anonymous == seeded.docker.digest  # docker.io/*: anonymous from 127.0.0.0/8
+
+
+async def test_operations_pages_answer_whom_the_rule_allows(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    default = await _guarded(make_mirror, upstream, users_file)
+    for path in ("/metrics", "/", "/healthz", "/readyz"):
+        assert (await _get(http, f"{default.url}{path}"))[0] == 200, path  # from loopback
+    mirror = await make_mirror(
+        {"docker.io": upstream.url, "private.example": upstream.url},
+        access=rules(users_file, operations={"users": ["alice"]}),
+    )
+    for path in ("/metrics", "/"):
+        status, _, headers = await _get(http, f"{mirror.url}{path}")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic"), path
+        assert (await _get(http, f"{mirror.url}{path}", basic("bob")))[0] == 403
+        assert (await _get(http, f"{mirror.url}{path}", basic("alice")))[0] == 200
+    for path in ("/healthz", "/readyz"):
+        assert (await _get(http, f"{mirror.url}{path}"))[0] == 200, path  # never guarded
+    async with http.get(f"{mirror.url}/metrics", headers=basic("alice")) as response:
+        text = await response.text()
+    assert 'mirror_access_refused_total{reason="credentials"}' in text
+    assert 'mirror_access_refused_total{reason="denied"}' in text
+
+
+async def test_the_access_log_says_who_and_what_was_decided(
+    tmp_path: Path, upstream: Registry, users_file: Path
+) -> None:
+    from tests.support.process import MirrorProcess
+
+    settings = {
+        "storage": {"path": str(tmp_path / "cache")},
+        "upstreams": {"docker.io": {"url": upstream.url}, "private.example": {"url": upstream.url}},
+        "access": rules(users_file),
+    }
+    mirror = await MirrorProcess(tmp_path, settings).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await _get(http, f"{mirror.url}{TEAM_APP}", basic("bob"))
+            await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci"))
+            await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci", "wrong"))
+    finally:
+        await mirror.stop()
+    lines = [line for line in mirror.log.read_text().splitlines() if TEAM_APP in line]
+    assert len(lines) == 3, lines
+    assert lines[0].endswith("user=bob access=refused:denied") and '" 403 ' in lines[0]
+    assert lines[1].endswith("user=ci access=allowed") and '" 200 ' in lines[1]
+    assert lines[2].endswith("user=- access=refused:credentials") and '" 401 ' in lines[2]
+    assert "ci-secret" not in mirror.log.read_text() and "wrong" not in mirror.log.read_text()
