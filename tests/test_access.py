@@ -259,6 +259,21 @@ async def test_a_private_blob_is_not_served_by_digest_without_the_grant(
         assert status in (401, 403) and b"payload" not in body
         async with http.head(blob, headers=headers) as response:
             assert response.status in (401, 403)
+    # Asked by digest under a repository the client may pull (docker.io/*, anonymous here),
+    # which does not hold it: the cached copy is not handed out.
+    manifest = f"{mirror.url}/v2/private.example/team/app/manifests/{seeded.docker.digest}"
+    assert (await _get(http, manifest, basic("ci")))[0] == 200
+    for kind, digest in (("blobs", layer), ("manifests", seeded.docker.digest)):
+        elsewhere = f"{mirror.url}/v2/library/alpine/{kind}/{digest}"
+        status, body, _ = await _get(http, elsewhere)
+        assert status == 404, (kind, body)
+        async with http.head(elsewhere) as response:
+            assert response.status == 404
+    # where the upstream confirms it is (team/app on docker.io holds it too): the hit
+    mark = upstream.mark()
+    status, _, headers = await _get(http, f"{mirror.url}/v2/team/app/blobs/{layer}")
+    assert (status, headers["X-Mirror-Cache"]) == (200, "hit")
+    assert [hit.method for hit in upstream.hits(mark)] == ["HEAD"]
 
 
 async def test_skopeo_with_wrong_credentials_and_without_the_grant(

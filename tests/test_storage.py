@@ -13,7 +13,7 @@ import pytest
 
 from mirror.inflight import TransferFailed
 from mirror.reference import Digest, digest_of
-from mirror.store.base import BlobStore, DigestMismatch
+from mirror.store.base import BlobStore, DigestMismatch, blob_key, manifest_key
 from mirror.store.disk import DiskStore
 from mirror.store.memory import MemoryStore
 
@@ -192,6 +192,12 @@ def test_usage_by_repository_and_oldest(make_store: StoreFactory, clock: Clock) 
     store.evict(oldest[0])
     assert store.usage() == (300, 2) and store.evictions() == (1, 300)
     assert store.has_blob(newest) and store.state() == "ok"
+    # whom each entry was fetched for (what access rules check a hit against)
+    assert store.owner(blob_key(newest)) == ("ghcr.io", "org/app")
+    data = b'{"schemaVersion": 2}'
+    store.put_manifest(digest_of(data), data, "application/json", "quay.io", "org/tool")
+    assert store.owner(manifest_key(digest_of(data))) == ("quay.io", "org/tool")
+    assert store.owner(blob_key(digest_of(b"never kept"))) is None
 
 
 def test_restart_removes_dead_writers_temporaries(tmp_path: Path) -> None:

@@ -12,10 +12,11 @@ from ..errors import UpstreamTimeout
 from ..inflight import BlobStream, NotKept, TransferFailed
 from ..reference import Digest
 from ..routing import Route
-from ..store.base import BlobStore, StoredBlob
+from ..store.base import BlobStore, StoredBlob, blob_key
 from ..upstream.client import Upstream
 from .answers import COALESCED, HIT, MISS
 from .fills import Fills
+from .membership import Membership
 
 FOREIGN_FILL_POLL = 0.05  # seconds between looks at a fill another process runs
 
@@ -29,23 +30,35 @@ class Blobs:
         store: BlobStore,
         fills: Fills,
         upstream_of: Callable[[Route], Upstream],
+        membership: Membership,
     ) -> None:
         self._config = config
         self._store = store
         self._fills = fills
         self._upstream_of = upstream_of
+        self._membership = membership
+
+    async def _check(self, route: Route, digest: Digest) -> None:
+        """Served from what another request fetched: only where the blob is known to be."""
+        upstream = self._upstream_of(route)
+        await self._membership.check(
+            route, blob_key(digest), lambda: upstream.head_blob(route.repository, digest)
+        )
 
     async def size(self, route: Route, digest: Digest) -> tuple[int, str]:
         """Length of a blob, for HEAD: from the store, a running transfer, or an upstream
         HEAD; with where the answer came from."""
         size = self._store.blob_size(digest)
         if size is not None:
+            await self._check(route, digest)
             return size, HIT
         transfer = self._fills.running(digest)
         if transfer is not None and transfer.size is not None:
+            await self._check(route, digest)
             return transfer.size, COALESCED
         followed = self._store.follow(digest)  # another worker may be fetching it
         if followed is not None and followed.size_if_known() is not None:
+            await self._check(route, digest)
             return followed.size_if_known() or 0, COALESCED
         return await self._upstream_of(route).head_blob(route.repository, digest), MISS
 
@@ -57,6 +70,11 @@ class Blobs:
         while True:
             stored = self._store.open_blob(digest)
             if stored is not None:
+                try:
+                    await self._check(route, digest)
+                except BaseException:
+                    stored.close()
+                    raise
                 return stored, HIT
             result = COALESCED
             transfer = self._fills.running(digest)
@@ -68,12 +86,15 @@ class Blobs:
                 result = MISS
                 transfer = self._fills.start(route, digest)
             if transfer is not None:
+                if result == COALESCED:
+                    await self._check(route, digest)
                 await transfer.wait_started()
                 return transfer, result
             # Another process is filling this digest: follow its file as it grows.
             followed = self._store.follow(digest)
             if followed is not None:
                 try:
+                    await self._check(route, digest)
                     await followed.wait_started(
                         self._config.timeouts.connect + self._config.timeouts.read
                     )

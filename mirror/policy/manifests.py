@@ -22,10 +22,11 @@ from ..errors import (
 from ..inflight import SingleFlight
 from ..reference import MANIFEST_TYPES, Digest, parse_digest
 from ..routing import Route
-from ..store.base import BlobStore, DigestMismatch
+from ..store.base import BlobStore, DigestMismatch, manifest_key
 from ..store.tags import TagEntry, TagIndex
 from ..upstream.client import Upstream
 from .answers import HIT, MISS, STALE, Manifest
+from .membership import Membership
 
 log = logging.getLogger("mirror.proxy")
 
@@ -64,7 +65,9 @@ class Manifests:
         tags: TagIndex,
         upstream_of: Callable[[Route], Upstream],
         clock: Clock,
+        membership: Membership,
     ) -> None:
+        self._membership = membership
         self._config = config
         self._store = store
         self._tags = tags
@@ -102,6 +105,12 @@ class Manifests:
     async def _by_digest(self, route: Route, digest: Digest, *, head: bool) -> Manifest:
         cached = self._cached(str(digest), head=head, source=HIT)
         if cached is not None:
+            upstream = self._upstream_of(route)
+            await self._membership.check(
+                route,
+                manifest_key(digest),
+                lambda: upstream.head_manifest(route.repository, str(digest), ALL_MANIFEST_TYPES),
+            )
             return cached
         self._refuse_known_missing(route, str(digest))
         key = (route.upstream.name, route.repository, str(digest))

@@ -17,6 +17,7 @@ from .answers import Manifest
 from .blobs import Blobs
 from .fills import Fills
 from .manifests import Manifests
+from .membership import Membership
 
 
 class Proxy:
@@ -32,9 +33,10 @@ class Proxy:
         clock: Clock = system_clock,
     ) -> None:
         self._upstreams = upstreams
-        self._manifests = Manifests(config, store, tags, self._upstream_of, clock)
+        membership = Membership(store, enabled=config.access is not None)
+        self._manifests = Manifests(config, store, tags, self._upstream_of, clock, membership)
         self._fills = Fills(config, store, metrics, self._upstream_of)
-        self._blobs = Blobs(config, store, self._fills, self._upstream_of)
+        self._blobs = Blobs(config, store, self._fills, self._upstream_of, membership)
 
     def _upstream_of(self, route: Route) -> Upstream:
         return self._upstreams[route.upstream.name]

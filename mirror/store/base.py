@@ -185,6 +185,10 @@ class BlobStore(Protocol):
     def usage_by(self) -> list[tuple[str, str, int, int]]:
         """(upstream, repository, bytes, entries) kept, largest first."""
 
+    def owner(self, key: str) -> tuple[str, str] | None:
+        """The (upstream, repository) an entry was fetched for (blocking on a disk store:
+        run it in a thread); None when it is not kept."""
+
     def evictions(self) -> tuple[int, int]:
         """(entries, bytes) evicted to keep the bound, by every process on the store."""
 

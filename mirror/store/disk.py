@@ -281,6 +281,10 @@ class DiskStore:
     def usage_by(self) -> list[tuple[str, str, int, int]]:
         return self.index.usage_by()
 
+    def owner(self, key: str) -> tuple[str, str] | None:
+        entry = self.index.get(key)
+        return (entry.upstream, entry.repository) if entry is not None else None
+
     def evictions(self) -> tuple[int, int]:
         return self.index.evictions()
 

@@ -207,6 +207,10 @@ class MemoryStore:
         rows = [(u, r, size, count) for (u, r), (size, count) in totals.items()]
         return sorted(rows, key=lambda row: -row[2])
 
+    def owner(self, key: str) -> tuple[str, str] | None:
+        kept = self._kept.get(key)
+        return (kept.upstream, kept.repository) if kept is not None else None
+
     def evictions(self) -> tuple[int, int]:
         return self._evicted
 
