@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import ssl
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,43 @@ async def test_the_access_log_says_who_and_what_was_decided(
     assert lines[1].endswith("user=ci access=allowed") and '" 200 ' in lines[1]
     assert lines[2].endswith("user=- access=refused:credentials") and '" 401 ' in lines[2]
     assert "ci-secret" not in mirror.log.read_text() and "wrong" not in mirror.log.read_text()
+
+
+async def test_the_ops_port_answers_plain_http_while_the_main_port_serves_tls(
+    tmp_path: Path, upstream: Registry, users_file: Path
+) -> None:
+    """Probes and Prometheus on ops_listen (plain HTTP) beside a TLS main port, with two
+    workers sharing both ports."""
+    from tests.support.pki import make_pki
+    from tests.support.process import MirrorProcess
+    from tests.support.registry import free_port
+
+    pki = make_pki(tmp_path / "pki")
+    ops = f"127.0.0.1:{free_port()}"
+    settings = {
+        "workers": 2,
+        "ops_listen": ops,
+        "tls": {"cert": str(pki.server_cert), "key": str(pki.server_key)},
+        "storage": {"path": str(tmp_path / "cache")},
+        "upstreams": {"docker.io": {"url": upstream.url}, "private.example": {"url": upstream.url}},
+        "access": rules(users_file),
+    }
+    mirror = await MirrorProcess(tmp_path, settings).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/healthz", "/readyz", "/metrics", "/"):
+                async with http.get(f"http://{ops}{path}") as response:
+                    assert response.status == 200, path
+            async with http.get(f"http://{ops}/metrics") as response:
+                assert "# TYPE mirror_upstream_up gauge" in await response.text()
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            async with http.get(f"https://{mirror.host}/v2/", ssl=context) as response:
+                assert response.status == 401
+                challenge = response.headers["WWW-Authenticate"]
+                assert challenge.startswith(f'Bearer realm="https://{mirror.host}/token"')
+            async with http.get(
+                f"https://{mirror.host}{TEAM_APP}", ssl=context, headers={**ACCEPT, **basic("ci")}
+            ) as response:
+                assert response.status == 200
+    finally:
+        await mirror.stop()

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from mirror.config import ConfigError, from_mapping, load, naming_warnings, parse_size
+from mirror.config import (
+    ConfigError,
+    exposure_warnings,
+    from_mapping,
+    load,
+    naming_warnings,
+    parse_size,
+)
 from mirror.routing import resolve
 
 
@@ -119,6 +126,31 @@ default_upstream: gcr.io
             "upstreams: {docker.io: {url: https://r, username: 12345, password: p}}\n",
             "upstreams.docker.io.username: YAML read this as",
         ),
+        ("access: {rules: []}\n", "access.rules: required"),
+        ("access: {rules: [{anonymous: true}]}\n", "access.rules[0].repositories: required"),
+        (
+            "access: {rules: [{repositories: ['*'], users: [ci]}]}\n",
+            "access.rules[0]: names users, but access.users_file is not set",
+        ),
+        (
+            "access: {rules: [{repositories: ['*'], networks: [10.0.0.0/33]}]}\n",
+            "access.rules[0].networks: '10.0.0.0/33' is not a network",
+        ),
+        (
+            "access: {rules: [{repositories: ['*'], actions: [delete]}]}\n",
+            "access.rules[0].actions: 'delete' is not pull or push",
+        ),
+        ("access: {rules: [{repositories: ['*'], anonymous: yes please}]}\n", "anonymous:"),
+        ("access: {users_file: /nonexistent, rules: []}\n", "access.users_file: cannot read"),
+        (
+            "access: {rules: [{repositories: ['*'], user: [ci]}]}\n",
+            "access.rules[0].user: unknown key",
+        ),
+        (
+            "access: {rules: [{repositories: ['*']}], operations: {networks: x}}\n",
+            "access.operations.networks",
+        ),
+        ("ops_listen: 9000\n", "ops_listen: expected host:port"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -231,3 +263,60 @@ def test_proxy_and_tls_mistakes_name_the_key_and_hide_secrets(
         from_mapping({"upstreams": {"docker.io": upstream}}, env={})
     assert f"upstreams.docker.io.{message}" in str(caught.value)
     assert "s3cret" not in str(caught.value)
+
+
+def test_groups_must_exist_and_rules_read_as_written(tmp_path: Path) -> None:
+    users = tmp_path / "htpasswd"
+    users.write_text("")
+    with pytest.raises(
+        ConfigError, match=r"access.rules\[0\].groups: 'ops' is not in access.groups"
+    ):
+        from_mapping(
+            {
+                "access": {
+                    "users_file": str(users),
+                    "rules": [{"repositories": ["*"], "groups": ["ops"]}],
+                }
+            },
+            env={},
+        )
+    config = from_mapping(
+        {
+            "ops_listen": "127.0.0.1:9090",
+            "access": {
+                "users_file": str(users),
+                "groups": {"ops": ["alice"]},
+                "rules": [{"repositories": "ghcr.io/acme/*", "groups": ["ops"]}],
+                "operations": {"networks": ["10.0.0.0/8"]},
+            },
+        },
+        env={},
+    )
+    assert config.ops_listen == ("127.0.0.1", 9090)
+    assert config.access is not None
+    rule = config.access.rules[0]
+    assert rule.applies("ghcr.io/acme/deep/tool", "10.1.2.3") and not rule.applies(
+        "ghcr.io/x", None
+    )
+    assert rule.grants("alice", config.access.groups) and not rule.grants(
+        None, config.access.groups
+    )
+    assert config.access.operations.applies("*", "::ffff:10.0.0.1")  # v4-mapped: still 10/8
+    assert not config.access.operations.applies("*", "192.168.0.1")
+
+
+def test_an_open_mirror_holding_credentials_is_warned_about() -> None:
+    def warnings(listen: str, **access: object) -> list[str]:
+        upstreams = {"docker.io": {"url": "https://r", "username": "u", "password": "s3cr3t"}}
+        raw: dict[str, object] = {"listen": listen, "upstreams": upstreams}
+        if access:
+            raw["access"] = access
+        return exposure_warnings(from_mapping(raw, env={}))
+
+    (warning,) = warnings("0.0.0.0:5000")
+    assert "anyone who reaches this port pulls with the credentials of docker.io" in warning
+    assert (
+        "p" not in warning.split("credentials of")[1].replace("port", "").replace("(set", "")[:12]
+    )
+    assert warnings("127.0.0.1:5000") == []
+    assert warnings("0.0.0.0:5000", rules=[{"repositories": ["*"], "anonymous": True}]) == []
