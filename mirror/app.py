@@ -69,11 +69,11 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
-def _operations(gate: Gate, handler: Handler) -> Handler:
+def _operations(gate: Gate, handler: Handler, *, ops_port: bool = False) -> Handler:
     """`handler` for whom access.operations allows (everyone, with no access configured)."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        await gate.operations(request)
+        await gate.operations(request, ops_port=ops_port)
         return await handler(request)
 
     return guarded
@@ -87,8 +87,9 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
     ops[CONFIG], ops[METRICS], ops[STORE] = config, metrics, store
     ops.router.add_get("/healthz", health)
     ops.router.add_get("/readyz", ready)
-    ops.router.add_get("/metrics", _operations(gate, metrics_page))
-    ops.router.add_get("/", _operations(gate, status_handler(config, metrics, store)))
+    ops.router.add_get("/metrics", _operations(gate, metrics_page, ops_port=True))
+    status = status_handler(config, metrics, store)
+    ops.router.add_get("/", _operations(gate, status, ops_port=True))
     ops.on_response_prepare.append(inert_content)
     return ops
 

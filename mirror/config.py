@@ -180,8 +180,9 @@ class AccessConfig:
     users_file: Path | None = None  # htpasswd file of bcrypt entries (htpasswd -B)
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # group: users
     rules: tuple[AccessRule, ...] = ()  # first that applies decides; none: refused
-    # Who may read /metrics and the status page; default: this machine only.
-    operations: AccessRule = AccessRule(anonymous=True, networks=LOOPBACK)
+    # Who may read /metrics and the status page; None: this machine only on the main
+    # port, everyone on ops_listen (an address only monitoring reaches).
+    operations: AccessRule | None = None
     token_ttl: float = 300.0  # seconds a token the mirror issues is valid
     login_attempts: int = 10  # failed logins per client address per minute before 429
 
@@ -461,9 +462,9 @@ def _parse_access(value: Any) -> AccessConfig:
     operations = (
         _access_rule(section["operations"], "access.operations", repositories=False)
         if section.get("operations") is not None
-        else defaults.operations
+        else None
     )
-    for index, rule in enumerate((*rules, operations)):
+    for index, rule in enumerate((*rules, *([operations] if operations else []))):
         where = f"access.rules[{index}]" if index < len(rules) else "access.operations"
         if (rule.users or rule.groups) and users_file is None:
             raise ConfigError(f"{where}: names users, but access.users_file is not set")

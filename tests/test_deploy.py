@@ -20,20 +20,34 @@ DEPLOY = Path(__file__).parent.parent / "deploy"
 
 def _kube() -> dict[str, dict[str, Any]]:
     documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "mirror.yaml").read_text()))
-    return {doc["kind"]: doc for doc in documents}
+    return {f"{doc['kind']}/{doc['metadata']['name']}": doc for doc in documents}
 
 
 def test_kubernetes_manifests() -> None:
-    kinds = _kube()
-    assert set(kinds) == {"ConfigMap", "StatefulSet", "Service", "ServiceMonitor"}
+    found = _kube()
+    assert set(found) == {
+        "ConfigMap/mirror-config",
+        "StatefulSet/mirror",
+        "Service/mirror",
+        "Service/mirror-ops",
+        "ServiceMonitor/mirror",
+    }
+    kinds = {name.split("/")[0]: doc for name, doc in found.items() if name != "Service/mirror-ops"}
     config = yaml.safe_load(kinds["ConfigMap"]["data"]["mirror.yaml"])
     parsed = from_mapping(config, env={})
     assert parsed.listen_port == 5000 and str(parsed.storage.path) == "/var/lib/mirror"
+    assert parsed.ops_listen == ("0.0.0.0", 9000)
     spec = kinds["StatefulSet"]["spec"]
     (container,) = spec["template"]["spec"]["containers"]
-    assert container["ports"][0]["containerPort"] == 5000
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": 5000, "ops": 9000}
+    # probes on the plain-HTTP operations port: they work when the main port serves TLS
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    ops_service = found["Service/mirror-ops"]
+    monitor = kinds["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"] == ops_service["metadata"]["labels"]
+    assert monitor["endpoints"][0]["port"] == ops_service["spec"]["ports"][0]["name"] == "ops"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["cache"] == "/var/lib/mirror"
     assert spec["volumeClaimTemplates"][0]["metadata"]["name"] == "cache"
@@ -55,7 +69,7 @@ def test_compose_file() -> None:
         source = mount.split(":")[0]
         assert (DEPLOY / source).exists(), source
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
-    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["mirror:5000"]
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["mirror:9000"]
 
 
 def test_dockerfile() -> None:
@@ -67,9 +81,10 @@ def test_dockerfile() -> None:
     instructions = [line.split()[0] for line in lines if line.split()[0].isupper()]
     assert instructions[0] == "FROM"
     assert "USER mirror" in lines and "VOLUME /var/lib/mirror" in lines
-    assert "EXPOSE 5000" in lines
+    assert "EXPOSE 5000 9000" in lines
     assert any(line.startswith("HEALTHCHECK") for line in lines)
-    assert any("/healthz" in line for line in lines)
+    assert any("http://127.0.0.1:9000/healthz" in line for line in lines)
+    assert any("MIRROR_OPS_LISTEN=0.0.0.0:9000" in line for line in lines)
     copied = [line.split()[1] for line in lines if line.startswith("COPY")]
     root = DEPLOY.parent
     for source in copied:

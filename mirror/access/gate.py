@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..clock import Clock
-from ..config import AccessConfig, AccessRule, Config
+from ..config import LOOPBACK, AccessConfig, AccessRule, Config
 from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from ..metrics import Metrics
 from ..routing import Route, resolve
@@ -109,15 +109,21 @@ class Gate:
         self._refuse(request, identity, "denied")
         raise AccessDenied(f"{user} may not {action} {name}", detail={"name": name})
 
-    async def operations(self, request: web.Request) -> None:
-        """/metrics and the status page: whom access.operations allows."""
+    async def operations(self, request: web.Request, *, ops_port: bool = False) -> None:
+        """/metrics and the status page: whom access.operations allows; without it, this
+        machine on the main port and everyone on the operations port."""
         access = self._access
         if access is None:
             return
+        rule = access.operations
+        if rule is None:
+            if ops_port:
+                return
+            rule = AccessRule(anonymous=True, networks=LOOPBACK)
         challenge = {"WWW-Authenticate": 'Basic realm="mirror operations"'}
         identity = await self._identity(request, challenge=challenge)
         user = identity.user if identity is not None else None
-        if self._allows((access.operations,), user, request.remote, "*", "pull"):
+        if self._allows((rule,), user, request.remote, "*", "pull"):
             self._allow(request, identity)
             return
         if user is None:
