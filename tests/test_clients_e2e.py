@@ -11,6 +11,7 @@ reaching out.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
@@ -44,6 +45,7 @@ ROOT = Path(__file__).parent.parent
 CLIENTS = ROOT / "deploy" / "clients"
 PLACEHOLDER = "mirror.example.internal:5000"
 CLOSED = free_port()  # nothing listens here
+CI = ("ci", "ci-pull-secret")  # the mirror's user for the private registry
 NO_EGRESS = {
     "HTTP_PROXY": f"http://127.0.0.1:{CLOSED}",
     "HTTPS_PROXY": f"http://127.0.0.1:{CLOSED}",
@@ -117,7 +119,7 @@ def start_mirror(
         import ssl
 
         context = ssl._create_unverified_context()
-        with urllib.request.urlopen(f"{scheme}://{host}/v2/", timeout=1, context=context) as r:
+        with urllib.request.urlopen(f"{scheme}://{host}/healthz", timeout=1, context=context) as r:
             return bool(r.status == 200)
 
     wait_for(up, "mirror")
@@ -134,11 +136,26 @@ def served(
 ) -> Iterator[Served]:
     workdir = tmp_path_factory.mktemp("e2e-mirror")
     private = auth_pusher.index("private/tool", "1")
+    users = workdir / "htpasswd"
+    subprocess.run(["htpasswd", "-B", "-b", "-c", str(users), *CI], check=True, capture_output=True)
     host, process, log = start_mirror(
         workdir,
         {
             "workers": 2,  # real clients through two worker processes over one store
             "storage": {"path": str(workdir / "cache")},
+            # As README's access example: public registries anonymous from this network,
+            # the private one (the mirror holds its credentials) for named users.
+            "access": {
+                "users_file": str(users),
+                "rules": [
+                    {
+                        "repositories": ["docker.io/*", "quay.io/*", "registry.k8s.io/*"],
+                        "anonymous": True,
+                        "networks": ["127.0.0.0/8"],
+                    },
+                    {"repositories": ["ghcr.io/*"], "users": [CI[0]]},
+                ],
+            },
             "upstreams": {
                 "docker.io": {"url": upstream.url},
                 "ghcr.io": {
@@ -220,7 +237,12 @@ def dockerd(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     [("alpine:3.20", "oci"), ("team/app:v1", "docker"), ("multi/arch:latest", "index")],
 )
 def test_docker_pull_through_registry_mirrors(
-    dockerd: dict[str, str], seeded: Seeded, upstream: Registry, reference: str, image: str
+    dockerd: dict[str, str],
+    served: Served,
+    seeded: Seeded,
+    upstream: Registry,
+    reference: str,
+    image: str,
 ) -> None:
     expected: Image = getattr(seeded, image)
     run("docker", "pull", reference, env=dockerd)
@@ -237,6 +259,10 @@ def test_docker_pull_through_registry_mirrors(
     )
     name = reference.split(":")[0]
     assert f"{name}@{expected.digest}" in digests
+    # admitted by the network rule, anonymously: dockerd sends a mirror no credentials
+    repository = name if "/" in name else f"library/{name}"
+    lines = [line for line in served.log.read_text().splitlines() if f"/v2/{repository}/" in line]
+    assert lines and all(line.endswith("user=- access=allowed") for line in lines), lines
 
 
 # containerd
@@ -297,9 +323,11 @@ def _hosts_dir(root: Path, mirror_host: str) -> Path:
     hosts = root / "certs.d"
     for registry in ("docker.io", "ghcr.io"):
         (hosts / registry).mkdir(parents=True, exist_ok=True)
-        (hosts / registry / "hosts.toml").write_text(
-            client_file(f"containerd/{registry}/hosts.toml", mirror_host)
-        )
+        text = client_file(f"containerd/{registry}/hosts.toml", mirror_host)
+        if registry == "ghcr.io":  # the mirror's user, as README's access section shows
+            login = base64.b64encode(":".join(CI).encode()).decode()
+            text += f'  [host."http://{mirror_host}".header]\n    Authorization = "Basic {login}"\n'
+        (hosts / registry / "hosts.toml").write_text(text)
     return hosts
 
 
@@ -347,6 +375,15 @@ def test_podman_pulls_through_root_and_path_prefix_mirrors(
         "--events-backend",
         "file",
     ]
+    auth = tmp_path / "auth.json"
+    env["REGISTRY_AUTH_FILE"] = str(auth)
+    with pytest.raises(AssertionError):  # ghcr.io/* is for named users: not before login
+        run(*podman, "pull", "ghcr.io/private/tool:1", env=env)
+    with pytest.raises(AssertionError):
+        run(
+            *podman, "login", "--tls-verify=false", "-u", CI[0], "-p", "wrong", served.host, env=env
+        )
+    run(*podman, "login", "--tls-verify=false", "-u", CI[0], "-p", CI[1], served.host, env=env)
     for reference, expected in (
         ("docker.io/team/app:v1", seeded.docker.digest),  # the mirror at the root
         ("ghcr.io/private/tool:1", served.private.digest),  # under /ghcr.io
