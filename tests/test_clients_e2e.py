@@ -303,7 +303,7 @@ def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process.wait(30)
 
 
-def ctr_pull(socket: str, hosts_dir: str, reference: str) -> None:
+def ctr_pull(socket: str, hosts_dir: str, reference: str, *extra: str) -> None:
     """`ctr image pull` through the mirrors that `hosts_dir` names (native snapshotter)."""
     run(
         "ctr",
@@ -315,6 +315,7 @@ def ctr_pull(socket: str, hosts_dir: str, reference: str) -> None:
         "native",
         "--hosts-dir",
         hosts_dir,
+        *extra,
         reference,
     )
 
@@ -348,6 +349,19 @@ def test_containerd_pulls_two_registries_routed_by_ns(
     # ghcr.io (named only by containerd's ?ns=) went to the token-auth upstream with the
     # mirror's credentials; without ns routing it would have gone to docker.io and failed
     assert any("/v2/private/tool/manifests/" in h.path for h in auth_upstream.hits(mark))
+    # As kubelet hands containerd an image pull secret: credentials, no header; containerd
+    # logs in with them at the mirror's /token.
+    run("ctr", "--address", containerd, "image", "rm", "ghcr.io/private/tool:1")
+    bare = tmp_path / "bare"
+    (bare / "ghcr.io").mkdir(parents=True)
+    (bare / "ghcr.io" / "hosts.toml").write_text(
+        client_file("containerd/ghcr.io/hosts.toml", served.host)
+    )
+    with pytest.raises(AssertionError, match=r"401|nauthorized"):
+        ctr_pull(containerd, str(bare), "ghcr.io/private/tool:1")
+    tokens = served.log.read_text().count("user=ci access=token")
+    ctr_pull(containerd, str(bare), "ghcr.io/private/tool:1", "--user", ":".join(CI))
+    assert served.log.read_text().count("user=ci access=token") > tokens
 
 
 # podman
