@@ -22,6 +22,7 @@ from .app import create_app
 from .config import Config, ConfigError, exposure_warnings, load, naming_warnings, parse_size
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
+from .upstream.network import environment_warnings
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
@@ -69,7 +70,12 @@ def serve(config: Config) -> None:
         config.storage.path,
         ", ".join(sorted(config.upstreams)),
     )
-    for warning in [*naming_warnings(config), *exposure_warnings(config)]:
+    warnings = [
+        *naming_warnings(config),
+        *exposure_warnings(config),
+        *environment_warnings(os.environ),
+    ]
+    for warning in warnings:
         logging.getLogger("mirror").warning("%s", warning)
     if config.workers == 1:
         _run(config, worker=False)

@@ -300,16 +300,29 @@ def _mapping(value: Any, key: str) -> Mapping[str, Any]:
     return value
 
 
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
 def _number(value: Any, key: str, *, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}") from None
+    """Seconds, from a number or a duration with its unit: `30s`, `5m`, `1h`, `7d`."""
+    match = _DURATION_RE.fullmatch(value) if isinstance(value, str) else None
+    if isinstance(value, bool) or not (isinstance(value, int | float) or match):
+        raise ConfigError(
+            f"{key}: expected seconds or a duration like 30s, 5m, 1h or 7d, got {value!r}"
+        )
+    number = float(value) if match is None else float(match[1]) * _DURATION_UNITS[match[2] or "s"]
     if number < minimum:
-        raise ConfigError(f"{key}: must be at least {minimum:g}, got {value!r}")
+        raise ConfigError(f"{key}: must be at least {minimum:g} seconds, got {value!r}")
     return number
+
+
+def _count(value: Any, key: str, *, minimum: int = 1) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: expected a whole number of at least {minimum}, got {value!r}")
+    return value
 
 
 def _optional_str(value: Any, key: str) -> str | None:
@@ -471,8 +484,8 @@ def _parse_access(value: Any) -> AccessConfig:
         for group in rule.groups:
             if group not in groups:
                 raise ConfigError(f"{where}.groups: {group!r} is not in access.groups")
-    attempts = _number(
-        section.get("login_attempts", defaults.login_attempts), "access.login_attempts", minimum=1
+    attempts = _count(
+        section.get("login_attempts", defaults.login_attempts), "access.login_attempts"
     )
     return AccessConfig(
         users_file=Path(users_file) if users_file is not None else None,
@@ -482,7 +495,7 @@ def _parse_access(value: Any) -> AccessConfig:
         token_ttl=_number(
             section.get("token_ttl", defaults.token_ttl), "access.token_ttl", minimum=10
         ),
-        login_attempts=int(attempts),
+        login_attempts=attempts,
     )
 
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from .logs import printable
+
 log = logging.getLogger("mirror.errors")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -112,6 +114,7 @@ class UpstreamError(RegistryError):
     """The upstream failed to answer usefully (unreachable, 5xx, refused auth)."""
 
     code, status, default_message = "UNAVAILABLE", 502, "upstream unavailable"
+    logged = True  # a warning line with its cause (not for each refusal while it is down)
 
 
 class UpstreamTimeout(UpstreamError):
@@ -146,6 +149,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except RegistryError as error:
         request[RESULT] = error.result
+        if isinstance(error, UpstreamError) and error.logged:
+            cause = error.detail.get("cause") if isinstance(error.detail, dict) else None
+            log.warning(
+                "%s %s: %s%s",
+                request.method,
+                printable(request.path),
+                error.message,
+                f" ({cause})" if cause and cause not in error.message else "",
+            )
         return render(error)
     except web.HTTPMethodNotAllowed:
         if request.path.startswith("/v2/"):

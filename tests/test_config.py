@@ -320,3 +320,27 @@ def test_an_open_mirror_holding_credentials_is_warned_about() -> None:
     )
     assert warnings("127.0.0.1:5000") == []
     assert warnings("0.0.0.0:5000", rules=[{"repositories": ["*"], "anonymous": True}]) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (30, 30.0),
+        ("30", 30.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("7d", 604800.0),
+        ("1.5h", 5400.0),
+        ("500ms", 0.5),
+    ],
+)
+def test_durations_with_units(value: object, seconds: float) -> None:
+    config = from_mapping({"manifest_ttl": value, "timeouts": {"revalidate": value}}, env={})
+    assert config.manifest_ttl == seconds and config.timeouts.revalidate == seconds
+
+
+@pytest.mark.parametrize("value", ["5 minutes", "m", "-1s", "1w", True])
+def test_durations_that_are_not(value: object) -> None:
+    with pytest.raises(ConfigError, match="manifest_ttl: expected seconds or a duration like 30s"):
+        from_mapping({"manifest_ttl": value}, env={})

@@ -20,7 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.upstream.network import bypasses
+from mirror.config import UpstreamConfig
+from mirror.upstream.network import Network, bypasses, environment_warnings
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.pki import Pki, make_pki
@@ -264,6 +265,27 @@ async def test_a_proxy_that_wants_credentials_is_named_as_the_cause(
             assert status == 502, body
             assert "the proxy wants credentials (status 407)" in error["message"], body
             assert "s3cret" not in body
+        wrong = proxy.url.replace("http://", "http://ci:guess@")
+        mirror = await make_mirror({"docker.io": {"url": upstream.url, "proxy": wrong}})
+        status, body = await _pull(http, mirror.url, seeded)
+        error = json.loads(body)["errors"][0]
+        assert status == 502 and "the proxy refused its credentials" in error["message"], body
+        assert "guess" not in body
+        async with http.get(f"{mirror.url}/readyz") as response:
+            state = (await response.json())["upstreams"]["docker.io"]
+        assert state["reachable"] is False and "proxy refused" in state["last_error"]
         with_credentials = proxy.url.replace("http://", "http://ci:s3cret@")
         mirror = await make_mirror({"docker.io": {"url": upstream.url, "proxy": with_credentials}})
         assert await _pull(http, mirror.url, seeded) == (200, "")
+
+
+def test_no_proxy_host_port_matches_a_url_without_its_port_and_bad_proxies_are_named() -> None:
+    upstream = UpstreamConfig(name="corp", url="https://registry.corp")
+    environ = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "registry.corp:443"}
+    network = Network(upstream, environ)
+    assert network.proxy_for("https://registry.corp/v2/") is None  # 443: the default port
+    assert network.proxy_for("https://registry.corp:5000/v2/") == "http://proxy:3128"
+    warnings = environment_warnings({"HTTP_PROXY": "socks5://carol:pw1@proxy:1080"})
+    assert len(warnings) == 1 and warnings[0].startswith("HTTP_PROXY is set but is not")
+    assert "pw1" not in warnings[0] and "socks5" not in warnings[0]
+    assert environment_warnings({"HTTPS_PROXY": "proxy:3128"}) == []

@@ -578,8 +578,15 @@ async def test_a_hanging_upstream_costs_one_revalidation_budget_then_nothing(
     clock.advance(1.5)  # the back-off is over: one probe, which hangs too
     assert (await _get(http, url))[2]["X-Mirror-Cache"] == "stale"
     assert fake.count("HEAD") == 2
+    async with http.get(f"{mirror.url}/readyz") as response:
+        state = (await response.json())["upstreams"]["docker.io"]
+    assert state["reachable"] is False and state["retry_in"] == pytest.approx(2.0, abs=0.1)
+    clock.advance(1.0)  # within the doubled back-off (2 s): answered at once, not asked
+    started = time.monotonic()
+    assert (await _get(http, url))[2]["X-Mirror-Cache"] == "stale"
+    assert time.monotonic() - started < 0.3 and fake.count("HEAD") == 2
     fake.set("HEAD", path, Body(data, media_type))  # the upstream is back
-    clock.advance(2.5)
+    clock.advance(1.5)
     status, body, headers = await _get(http, url)
     assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "hit")  # revalidated
     assert fake.count("HEAD") == 3
@@ -685,3 +692,47 @@ async def test_an_unreachable_token_server_says_so(
     assert error["detail"]["cause"].startswith(
         f"the token server 127.0.0.1:{port}: connection refused or unreachable"
     ), error
+
+
+@pytest.mark.in_process  # moves the mirror's clock
+async def test_a_probe_of_a_hanging_upstream_is_bounded_by_the_revalidation_budget(
+    make_mirror: MirrorFactory,
+    fake: FakeUpstream,
+    http: aiohttp.ClientSession,
+    clock: ManualClock,
+) -> None:
+    """An uncached request that probes a down upstream waits timeouts.revalidate, not the
+    transport's timeouts: a hanging probe must not hide for long that it is back."""
+    fake.set("GET", "/v2/a/b/manifests/v1", Body(hang_before_headers=True))
+    mirror = await make_mirror(
+        {"docker.io": fake.url},
+        timeouts={"connect": 1, "read": 1.5, "revalidate": 0.3},
+        clock=clock,
+    )
+    url = f"{mirror.url}/v2/a/b/manifests/v1"
+    assert (await _get(http, url))[0] == 504  # up until now: the transport's timeouts
+    status, _, headers = await _get(http, url)
+    assert status == 502 and headers["Retry-After"] == "1"  # down: at once
+    clock.advance(1.1)
+    started = time.monotonic()
+    status, body, _ = await _get(http, url)
+    assert status == 504 and "(a probe)" in _error(body)["message"]
+    assert time.monotonic() - started < 1.0
+    assert fake.count("GET", "/manifests/") == 2
+
+
+@pytest.mark.in_process  # reads this process's log records
+async def test_an_upstream_failure_is_logged_with_its_cause_once(
+    make_mirror: MirrorFactory, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    mirror = await make_mirror({"docker.io": f"http://127.0.0.1:{port}"})
+    for _ in range(5):
+        assert (await _get(http, f"{mirror.url}/v2/a/b/manifests/v1"))[0] == 502
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    failed = [line for line in lines if "/v2/a/b/manifests/v1" in line]
+    assert len(failed) == 1, lines  # the four refused while down are not logged again
+    assert "connection refused or unreachable" in failed[0]
+    assert any(line.startswith("upstream docker.io is down (") for line in lines), lines

@@ -66,18 +66,23 @@ def unavailable(status: int) -> bool:
 
 def proxy_refusal(response: aiohttp.ClientResponse, proxy: str | None) -> str | None:
     """Why the outbound proxy, not the registry, refused a plain-HTTP request; None when it
-    did not. A proxy wanting credentials answers 407, or (tinyproxy) 401 with only a
-    `Proxy-Authenticate` challenge."""
-    if proxy is None:
+    did not. A proxy wanting credentials answers 407; tinyproxy answers 401 with only a
+    `Proxy-Authenticate` challenge, or (wrong credentials) a Basic challenge in its own
+    name, and never the registry's API header."""
+    if proxy is None or response.status not in (401, 407):
         return None
     headers = response.headers
-    if response.status == 407 or (
-        response.status == 401
-        and "Proxy-Authenticate" in headers
-        and "WWW-Authenticate" not in headers
-    ):
-        return f"the proxy wants credentials (status {response.status}): set them in its URL"
-    return None
+    if response.status == 401:
+        speaker = (headers.get("Server", "") + headers.get("WWW-Authenticate", "")).lower()
+        from_registry = "Docker-Distribution-Api-Version" in headers
+        if from_registry or not ("Proxy-Authenticate" in headers or "proxy" in speaker):
+            return None
+    if "@" in proxy.partition("://")[2].partition("/")[0]:
+        return (
+            f"the proxy refused its credentials (status {response.status}): check the user "
+            "and password in its URL"
+        )
+    return f"the proxy wants credentials (status {response.status}): set them in its URL"
 
 
 def describe(exc: BaseException) -> str:

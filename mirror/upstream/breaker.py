@@ -6,8 +6,12 @@ timeout, not every client one each, and the mirror finds it again by itself.
 
 from __future__ import annotations
 
+import logging
+
 from ..clock import Clock
 from ..errors import UpstreamError
+
+log = logging.getLogger("mirror.upstream")
 
 FIRST_BACKOFF = 1.0  # seconds
 MAX_BACKOFF = 60.0
@@ -15,6 +19,8 @@ MAX_BACKOFF = 60.0
 
 class UpstreamDown(UpstreamError):
     """Refused without asking (502, with Retry-After): the upstream failed a moment ago."""
+
+    logged = False  # the breaker said so once, when it tripped
 
 
 class Breaker:
@@ -56,6 +62,8 @@ class Breaker:
         self._probing = False
 
     def succeeded(self) -> None:
+        if self.down:
+            log.warning("upstream %s answers again", self._name)
         self._backoff = 0.0
         self._probing = False
         self.why = ""
@@ -67,5 +75,12 @@ class Breaker:
             return
         self._backoff = min(MAX_BACKOFF, self._backoff * 2 or FIRST_BACKOFF)
         self._retry_at = self._clock() + self._backoff
+        log.warning(
+            "upstream %s is %s (%s): asked again in %gs",
+            self._name,
+            "still down" if self._probing else "down",
+            why,
+            self._backoff,
+        )
         self._probing = False
         self.why = why

@@ -233,17 +233,8 @@ class UpstreamClient:
     ) -> ManifestHead:
         """HEAD a manifest (free under Docker Hub's pull limit), within `budget` seconds:
         past it the upstream counts as down, and the caller serves what it has."""
-        try:
-            async with asyncio.timeout(budget):
-                return await self._head_manifest(repository, reference, accept)
-        except TimeoutError:
-            why = f"no answer within timeouts.revalidate ({budget:g}s)"
-            self._failed("HEAD", why)
-            raise UpstreamTimeout(f"upstream {self.name}: {why}") from None
-
-    async def _head_manifest(self, repository: str, reference: str, accept: str) -> ManifestHead:
         async with self._answer(
-            "HEAD", repository, f"manifests/{reference}", {"Accept": accept}
+            "HEAD", repository, f"manifests/{reference}", {"Accept": accept}, budget=budget
         ) as response:
             await self._raise_for_status(response, PASSED_THROUGH["MANIFEST_UNKNOWN"])
             digest = parse_digest(response.headers.get("Docker-Content-Digest", ""))
@@ -396,6 +387,7 @@ class UpstreamClient:
         total: float | None = None,
         body_errors: bool = True,
         guarded: bool = True,
+        budget: float | None = None,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """An answer to `method /v2/<repository>/<path>`, released when the block ends.
 
@@ -403,7 +395,9 @@ class UpstreamClient:
         request is sent, and (unless `body_errors` is off: the caller resumes) while its
         body is read within the block.
         """
-        response = await self._request(method, repository, path, headers, params, total, guarded)
+        response = await self._request(
+            method, repository, path, headers, params, total, guarded, budget
+        )
         try:
             yield response
         except TimeoutError:
@@ -445,13 +439,28 @@ class UpstreamClient:
         params: Mapping[str, str] | None,
         total: float | None,
         guarded: bool = True,
+        budget: float | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send the request, answering the registry's auth challenge once; the caller
+        """Send the request, answering the registry's auth challenge once, and have its
+        answer's headers within `budget` seconds (a token request included); the caller
         releases the answer. An upstream that failed a moment ago is not asked (UpstreamDown,
-        at once) until its back-off is over; then one request probes it."""
+        at once) until its back-off is over; then one request probes it, within
+        `timeouts.revalidate` at most, so a probe that hangs does not hide for long that
+        the upstream is back."""
         probe = self.breaker.admit() if guarded else False
+        if probe:
+            limit = self._timeouts.revalidate
+            budget = limit if budget is None else min(budget, limit)
         try:
-            return await self._request_once(method, repository, path, headers, params, total)
+            async with asyncio.timeout(budget):
+                return await self._request_once(method, repository, path, headers, params, total)
+        except TimeoutError:  # the budget's: the transport's own timeouts are mapped below
+            assert budget is not None
+            why = f"no answer within {budget:g}s" + (" (a probe)" if probe else "")
+            self._failed(method, why)  # while still the probe: its failure grows the back-off
+            raise UpstreamTimeout(
+                f"upstream {self.name}: {why}", detail={"upstream": self.name, "cause": why}
+            ) from None
         finally:
             if probe:
                 self.breaker.release()  # the probe has its answer (or gave up)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from ..config import UpstreamConfig, proxy_url
 
 log = logging.getLogger("mirror.upstream")
+DEFAULT_PORTS = {"http": 80, "https": 443}  # what NO_PROXY's host:port compares with
 
 
 def bypasses(no_proxy: str, host: str, port: int | None) -> bool:
@@ -56,6 +57,18 @@ def bypasses(no_proxy: str, host: str, port: int | None) -> bool:
         if host == entry or host.endswith("." + entry):
             return True
     return False
+
+
+def environment_warnings(environ: Mapping[str, str]) -> list[str]:
+    """Proxy variables that are set but are no http(s) proxy URL (socks, a typo): the
+    mirror goes direct for them, which in an office means nowhere; say so at start-up,
+    naming the variable, never its value (it may hold a password)."""
+    return [
+        f"{name} is set but is not an http:// or https:// proxy URL: ignored, upstreams "
+        "are reached without it"
+        for name in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")
+        if environ.get(name) and proxy_url(environ[name]) is None
+    ]
 
 
 def _context(config: UpstreamConfig) -> ssl.SSLContext | bool:
@@ -98,7 +111,8 @@ class Network:
             return self._proxy
         parts = urlsplit(url)
         proxy = self._proxies.get(parts.scheme)
-        if proxy is None or bypasses(self._no_proxy, parts.hostname or "", parts.port):
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+        if proxy is None or bypasses(self._no_proxy, parts.hostname or "", port):
             return None
         return proxy
 
