@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.app import PROXY
+from mirror.app import PROXY, UPSTREAMS
 from mirror.upstream.breaker import Breaker, UpstreamDown
 from tests.conftest import MirrorFactory
 from tests.support import memory
@@ -575,21 +575,34 @@ async def test_a_hanging_upstream_costs_one_revalidation_budget_then_nothing(
         assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "stale")
     assert slowest < 1.0  # the first: the budget (0.5 s); the rest: at once
     assert fake.count("HEAD") == 1
-    clock.advance(1.5)  # the back-off is over: one probe, which hangs too
+    clock.advance(1.5)  # the back-off is over: one probe, which hangs too, without a client
+    started = time.monotonic()
     assert (await _get(http, url))[2]["X-Mirror-Cache"] == "stale"
-    assert fake.count("HEAD") == 2
-    async with http.get(f"{mirror.url}/readyz") as response:
-        state = (await response.json())["upstreams"]["docker.io"]
-    assert state["reachable"] is False and state["retry_in"] == pytest.approx(2.0, abs=0.1)
-    clock.advance(1.0)  # within the doubled back-off (2 s): answered at once, not asked
+    assert time.monotonic() - started < 0.3
+    await until(lambda: fake.count("HEAD") == 2, "the probe went out")
+
+    async def backoff() -> float:
+        async with http.get(f"{mirror.url}/readyz") as response:
+            state = (await response.json())["upstreams"]["docker.io"]
+        assert state["reachable"] is False
+        return float(state["retry_in"])
+
+    deadline = time.monotonic() + 5
+    while await backoff() < 1.5:  # the probe gives up after its budget: doubled, 2 s
+        assert time.monotonic() < deadline, "the probe's failure did not double the back-off"
+        await asyncio.sleep(0.05)
+    clock.advance(1.0)  # within the doubled back-off: answered at once, not asked
     started = time.monotonic()
     assert (await _get(http, url))[2]["X-Mirror-Cache"] == "stale"
     assert time.monotonic() - started < 0.3 and fake.count("HEAD") == 2
     fake.set("HEAD", path, Body(data, media_type))  # the upstream is back
     clock.advance(1.5)
+    assert (await _get(http, url))[2]["X-Mirror-Cache"] == "stale"  # its probe, meanwhile
+    await until(lambda: fake.count("HEAD") == 3, "the probe went out")
+    await until(lambda: not mirror.app[UPSTREAMS].by_name["docker.io"].down(), "it is up again")
     status, body, headers = await _get(http, url)
     assert (status, body, headers["X-Mirror-Cache"]) == (200, data, "hit")  # revalidated
-    assert fake.count("HEAD") == 3
+    assert fake.count("HEAD") == 4
 
 
 def test_failures_already_under_way_do_not_push_the_back_off() -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..clock import Clock
 from ..config import Config
@@ -33,9 +34,11 @@ log = logging.getLogger("mirror.proxy")
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
 
 
-def _quietly(done: asyncio.Future[int]) -> None:
+def _quietly(done: asyncio.Future[Any]) -> None:
+    """Consume the outcome of work no client waits for: an eviction that failed was counted
+    and logged by the store, a background revalidation's failure by the breaker."""
     if not done.cancelled():
-        done.exception()  # an eviction that failed was counted and logged by the store
+        done.exception()
 
 
 def _kinds(accept: str) -> set[str]:
@@ -140,10 +143,19 @@ class Manifests:
         # A tag seen before is revalidated with a HEAD (free under Docker Hub's limit); an
         # unknown one asked with GET is fetched at once, saving the HEAD's round trip.
         revalidate = head or entry is not None
+
+        def refresh() -> Awaitable[Manifest]:
+            return self._refresh(route, tag, accept, head=head, revalidate=revalidate)
+
+        if entry is not None and self._upstream_of(route).down():
+            # Down a moment ago: the last known answer now, and the revalidation (the probe,
+            # once the back-off is over) goes on without this client.
+            stale = self._stale(route, tag, entry, head, "the upstream is down")
+            if stale is not None:
+                asyncio.ensure_future(self._fetches.run(key, refresh)).add_done_callback(_quietly)
+                return stale
         try:
-            return await self._fetches.run(
-                key, lambda: self._refresh(route, tag, accept, head=head, revalidate=revalidate)
-            )
+            return await self._fetches.run(key, refresh)
         except NotCached:
             raise
         except (ManifestUnknown, NameUnknown):

@@ -102,6 +102,9 @@ class Upstream(Protocol):
     name: str
     transfer_slots: asyncio.Semaphore  # bounds the blob transfers running at once
 
+    def down(self) -> bool:
+        """Whether it failed a moment ago (its answers would come late, or not at all)."""
+
     async def head_manifest(
         self, repository: str, reference: str, accept: str, budget: float | None = None
     ) -> ManifestHead:
@@ -216,6 +219,9 @@ class UpstreamClient:
         self.health.retry_in = self.breaker.retry_in
         # Bounds the blob transfers running at once from this upstream.
         self.transfer_slots = asyncio.Semaphore(config.max_transfers)
+
+    def down(self) -> bool:
+        return self.breaker.down
 
     def answer_timeout(self, total: float | None = None) -> aiohttp.ClientTimeout:
         """Connect and silence limits; `total` bounds the whole exchange (default: both)."""

@@ -21,6 +21,9 @@ class OfflineClient:
         self.name = name
         self.transfer_slots = asyncio.Semaphore(max_transfers)
 
+    def down(self) -> bool:
+        return False  # never asked, so never late
+
     def _not_cached(self, what: str) -> str:
         return f"{what} is not cached and the mirror is offline for {self.name}"
 
