@@ -83,13 +83,13 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
     """The plain-HTTP operations port (ops_listen): health, readiness, metrics and the
     status page, so probes and Prometheus work whatever the main port serves."""
     config, metrics, store = app[CONFIG], app[METRICS], app[STORE]
-    ops = web.Application(middlewares=[error_middleware])
+    ops = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
     ops[CONFIG], ops[METRICS], ops[STORE] = config, metrics, store
-    ops.router.add_get("/healthz", health)
-    ops.router.add_get("/readyz", ready)
-    ops.router.add_get("/metrics", _operations(gate, metrics_page, ops_port=True))
+    ops.router.add_get("/healthz", health, name="healthz")
+    ops.router.add_get("/readyz", ready, name="readyz")
+    ops.router.add_get("/metrics", _operations(gate, metrics_page, ops_port=True), name="metrics")
     status = status_handler(config, metrics, store)
-    ops.router.add_get("/", _operations(gate, status, ops_port=True))
+    ops.router.add_get("/", _operations(gate, status, ops_port=True), name="status")
     ops.on_response_prepare.append(inert_content)
     return ops
 
@@ -165,7 +165,8 @@ async def create_app(
     router.add_get("/v2/{name:.+}/tags/list", handlers.tags, name="tags")
     router.add_get("/v2/{name:.+}/referrers/{digest}", handlers.referrers, name="referrers")
     router.add_route("*", "/v2/{tail:.*}", handlers.other, name="other")
-    router.add_get("/token", gate.token, name="token")
+    if config.access is not None:  # the token endpoint of the mirror's own clients
+        router.add_get("/token", gate.token, name="token")
     router.add_get("/", _operations(gate, status_handler(config, metrics, store)), name="status")
     router.add_get("/healthz", health, name="healthz")
     router.add_get("/readyz", ready, name="readyz")

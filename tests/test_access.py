@@ -4,6 +4,7 @@ asked for a refused request."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
@@ -326,6 +327,7 @@ async def test_operations_pages_answer_whom_the_rule_allows(
         assert (await _get(http, f"{mirror.url}{path}"))[0] == 200, path  # never guarded
     async with http.get(f"{mirror.url}/metrics", headers=basic("alice")) as response:
         text = await response.text()
+    assert (await _get(http, f"{mirror.url}/metrics", basic("alice", "wrong")))[0] == 401
     assert 'mirror_access_refused_total{reason="credentials"}' in text
     assert 'mirror_access_refused_total{reason="denied"}' in text
 
@@ -340,14 +342,19 @@ async def test_the_access_log_says_who_and_what_was_decided(
         "upstreams": {"docker.io": {"url": upstream.url}, "private.example": {"url": upstream.url}},
         "access": rules(users_file),
     }
+    settings["access"]["operations"] = {"users": ["alice"]}
     mirror = await MirrorProcess(tmp_path, settings).start()
     try:
         async with aiohttp.ClientSession() as http:
             await _get(http, f"{mirror.url}{TEAM_APP}", basic("bob"))
             await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci"))
             await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci", "wrong"))
+            await _get(http, f"{mirror.url}/metrics", basic("alice", "wrong"))
+            await _get(http, f"{mirror.url}/metrics", basic("alice"))
     finally:
         await mirror.stop()
+    metrics = [line for line in mirror.log.read_text().splitlines() if "/metrics" in line]
+    assert len(metrics) == 1 and metrics[0].endswith("user=- access=refused:credentials")
     lines = [line for line in mirror.log.read_text().splitlines() if TEAM_APP in line]
     assert len(lines) == 3, lines
     assert lines[0].endswith("user=bob access=refused:denied") and '" 403 ' in lines[0]
@@ -394,3 +401,81 @@ async def test_the_ops_port_answers_plain_http_while_the_main_port_serves_tls(
                 assert response.status == 200
     finally:
         await mirror.stop()
+
+
+async def test_guesses_sent_at_once_are_held_to_the_limit(
+    make_mirror: MirrorFactory, upstream: Registry, users_file: Path
+) -> None:
+    """Checks under way count: 60 wrong passwords sent together from one address get at
+    most `login_attempts` checked (401), the rest 429, and a second address the same."""
+    mirror = await make_mirror(
+        {"docker.io": upstream.url, "private.example": upstream.url},
+        access=rules(users_file, login_attempts=5),
+    )
+    for address in ("127.0.0.2", "127.0.0.3"):
+        connector = aiohttp.TCPConnector(local_addr=(address, 0), limit=0)
+        async with aiohttp.ClientSession(connector=connector) as client:
+            answers = await asyncio.gather(
+                *(_get(client, f"{mirror.url}/v2/", basic("ci", f"guess{n}")) for n in range(60))
+            )
+        statuses = [status for status, _, _ in answers]
+        assert statuses.count(401) <= 5 and statuses.count(429) >= 55, (address, statuses)
+
+
+async def test_awkward_credentials_are_refused_not_crashed_on(
+    make_mirror: MirrorFactory, upstream: Registry, users_file: Path, http: aiohttp.ClientSession
+) -> None:
+    long_password = "r" * 80  # htpasswd -B reads 72 bytes of it, so must the mirror
+    htpasswd(users_file, "robot", long_password)
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    robot = {
+        "Authorization": "Basic " + base64.b64encode(f"robot:{long_password}".encode()).decode()
+    }
+    assert (await _get(http, f"{mirror.url}/v2/", robot))[0] == 200
+    host, port = mirror.host.split(":")
+    for header in (
+        b"Bearer mirror1.abc.\xc3\xa9",
+        b"Basic \xc3\xa9\xc3\xa9",
+        b"Basic " + b"A" * 6000,
+    ):
+        request = b"GET /v2/ HTTP/1.1\r\nHost: x\r\nAuthorization: " + header + b"\r\n\r\n"
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        status_line = await reader.readline()
+        writer.close()
+        assert status_line.startswith(b"HTTP/1.1 401"), (header[:30], status_line)
+
+
+async def test_a_changed_password_ends_the_tokens_issued_before(
+    make_mirror: MirrorFactory, upstream: Registry, users_file: Path, http: aiohttp.ClientSession
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    _, answer = await _token(http, mirror.url, "repository:x:pull", basic("carol"))
+    bearer = {"Authorization": f"Bearer {answer['token']}"}
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", bearer))[0] == 200
+    htpasswd(users_file, "carol", "leaked-so-changed")
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", bearer))[0] == 401
+    htpasswd(users_file, "carol", PASSWORDS["carol"])  # the same password again: new salt
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", bearer))[0] == 401
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("carol")))[0] == 200
+
+
+async def test_without_access_there_is_no_token_endpoint(
+    make_mirror: MirrorFactory, upstream: Registry, http: aiohttp.ClientSession
+) -> None:
+    mirror = await make_mirror({"docker.io": upstream.url})
+    async with http.get(f"{mirror.url}/token") as response:
+        assert response.status == 404
+
+
+async def test_the_decoy_costs_what_the_dearest_user_does(tmp_path: Path) -> None:
+    """An unknown user is checked against a hash as dear as the dearest known one, so the
+    time of a refusal does not tell which users exist."""
+    from mirror.access.users import UsersFile, _cost
+
+    path = tmp_path / "htpasswd"
+    subprocess.run(["htpasswd", "-B", "-C", "9", "-b", "-c", str(path), "heavy", "pw"], check=True)
+    users = UsersFile(path)
+    assert not await users.check("nobody", "pw")
+    assert _cost(users._decoy) == 9
+    assert await users.check("heavy", "pw") and not await users.check("heavy", "px")

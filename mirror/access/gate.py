@@ -13,7 +13,6 @@ part was wrong.
 from __future__ import annotations
 
 import base64
-import binascii
 import datetime
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from ..metrics import Metrics
 from ..routing import Route, resolve
 from .limits import FailedLogins
-from .tokens import TokenSigner
+from .tokens import Token, TokenSigner
 from .users import UsersFile
 
 ANONYMOUS = "-"
@@ -161,7 +160,7 @@ class Gate:
         scheme = scheme.lower()
         if scheme == "bearer" and self._signer is not None:
             token = self._signer.read(value.strip())
-            if token is not None and (token.user is None or await self._known(token.user)):
+            if token is not None and (token.user is None or await self._current(token)):
                 return Identity(token.user, presented=token.user is not None)
             self._refuse(request, None, "credentials")
             raise Unauthorized("the token is not valid (expired?): log in again", headers=challenge)
@@ -171,8 +170,13 @@ class Gate:
         self._refuse(request, None, "credentials")
         raise Unauthorized(f"unsupported authorization scheme {scheme!r}", headers=challenge)
 
-    async def _known(self, user: str) -> bool:
-        return self._users is not None and await self._users.known(user)
+    async def _current(self, token: Token) -> bool:
+        """Whether the token's user still has the password it logged in with: a removed
+        user, or a changed password, ends the tokens issued before."""
+        assert token.user is not None
+        if self._users is None:
+            return False
+        return await self._users.fingerprint(token.user) == token.fingerprint
 
     async def _login(self, request: web.Request, value: str, challenge: dict[str, str]) -> str:
         """The user a Basic credential proves, or 401 (429 after too many failures)."""
@@ -185,12 +189,18 @@ class Gate:
                 headers={"Retry-After": str(round(wait))},
             )
         try:
-            user, sep, password = (
-                base64.b64decode(value.strip(), validate=True).decode().partition(":")
-            )
-        except (binascii.Error, UnicodeDecodeError):
-            user, sep, password = "", "", ""
-        if sep and self._users is not None and await self._users.check(user, password):
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except ValueError:  # not base64 (binascii.Error), not ASCII, not UTF-8
+            decoded = ""
+        user, sep, password = decoded.partition(":")
+        accepted = False
+        if sep and self._users is not None:
+            self._failures.checking(address)
+            try:
+                accepted = await self._users.check(user, password)
+            finally:
+                self._failures.checked(address)
+        if accepted:
             self._metrics.logins.labels("accepted").inc()
             return user
         self._metrics.logins.labels("refused").inc()
@@ -204,8 +214,7 @@ class Gate:
         """GET /token?service=&scope=...: a short-lived token for whoever the Basic
         credentials name (or an anonymous one), listing the scopes the rules allow."""
         access = self._access
-        if access is None or self._signer is None:
-            raise RegistryError("this mirror does not authenticate clients")
+        assert access is not None and self._signer is not None  # routed only then
         challenge = {"WWW-Authenticate": 'Basic realm="mirror"'}
         header = request.headers.get("Authorization", "")
         user = None
@@ -217,7 +226,10 @@ class Gate:
         request[IDENTITY] = user or ANONYMOUS
         request[DECISION] = "token"
         lifetime = access.token_ttl
-        token = self._signer.issue(user, lifetime, granted)
+        fingerprint = None
+        if user is not None and self._users is not None:
+            fingerprint = await self._users.fingerprint(user)
+        token = self._signer.issue(user, fingerprint, lifetime, granted)
         issued = datetime.datetime.fromtimestamp(int(self._clock()), datetime.UTC)
         return web.json_response(
             {

@@ -25,6 +25,7 @@ PREFIX = "mirror1"
 @dataclass(frozen=True)
 class Token:
     user: str | None  # None: issued to an anonymous client
+    fingerprint: str | None  # of the user's password entry when it was issued
     expires_at: float
 
 
@@ -65,9 +66,21 @@ class TokenSigner:
     def _sign(self, payload: str) -> str:
         return _b64(hmac.new(self._key, payload.encode(), hashlib.sha256).digest())
 
-    def issue(self, user: str | None, lifetime: float, access: list[dict[str, object]]) -> str:
+    def issue(
+        self,
+        user: str | None,
+        fingerprint: str | None,
+        lifetime: float,
+        access: list[dict[str, object]],
+    ) -> str:
         now = self._clock()
-        claims = {"sub": user, "iat": int(now), "exp": now + lifetime, "access": access}
+        claims = {
+            "sub": user,
+            "pwd": fingerprint,
+            "iat": int(now),
+            "exp": now + lifetime,
+            "access": access,
+        }
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         return f"{PREFIX}.{payload}.{self._sign(payload)}"
 
@@ -75,13 +88,16 @@ class TokenSigner:
         """The token's holder, or None for a token that is not ours, altered or expired."""
         prefix, _, rest = token.partition(".")
         payload, _, signature = rest.partition(".")
-        if prefix != PREFIX or not hmac.compare_digest(signature, self._sign(payload)):
-            return None
+        expected = self._sign(payload).encode()
+        if prefix != PREFIX or not hmac.compare_digest(signature.encode(), expected):
+            return None  # (as bytes: a str that is not ASCII cannot be compared in time)
         try:
             claims = json.loads(_unb64(payload))
-            user, expires_at = claims["sub"], float(claims["exp"])
+            user, fingerprint, expires_at = claims["sub"], claims["pwd"], float(claims["exp"])
         except (ValueError, KeyError, TypeError):
             return None
         if expires_at <= self._clock() or not (user is None or isinstance(user, str)):
             return None
-        return Token(user=user, expires_at=expires_at)
+        if not (fingerprint is None or isinstance(fingerprint, str)):
+            return None
+        return Token(user=user, fingerprint=fingerprint, expires_at=expires_at)

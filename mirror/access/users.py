@@ -9,6 +9,7 @@ request costs one bcrypt, not one per request.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import logging
@@ -21,7 +22,17 @@ import bcrypt
 log = logging.getLogger("mirror.users")
 
 BCRYPT_PREFIXES = ("$2y$", "$2b$", "$2a$")
+BCRYPT_LENGTH = 72  # bytes of a password bcrypt reads (htpasswd -B ignores the rest too)
 MAX_REMEMBERED = 4096  # checked passwords kept; all forgotten past it
+CHECKERS = 2  # threads for bcrypt, apart from the default pool the store's work uses
+
+
+def _cost(hashed: bytes) -> int:
+    """The work factor of a bcrypt hash ($2y$05$...)."""
+    try:
+        return int(hashed[4:6])
+    except ValueError:
+        return 5
 
 
 def parse_htpasswd(text: str, source: str) -> dict[str, bytes]:
@@ -57,8 +68,22 @@ class UsersFile:
         self._checked: set[bytes] = set()
         self._lock = asyncio.Lock()
         # A hash nobody's password matches, checked for unknown users so they cost what
-        # others do (cost 5: what htpasswd -B makes).
-        self._decoy = bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(5))
+        # the dearest known one does (made again when the file changes).
+        self._decoy = self._make_decoy(5)
+        self._checkers = concurrent.futures.ThreadPoolExecutor(
+            CHECKERS, thread_name_prefix="bcrypt"
+        )
+
+    @staticmethod
+    def _make_decoy(cost: int) -> bytes:
+        return bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(cost))
+
+    def _read(self) -> tuple[dict[str, bytes], bytes]:
+        """The users in the file, and a decoy as dear as the dearest of them (a thread)."""
+        users = parse_htpasswd(self._path.read_text(errors="replace"), str(self._path))
+        cost = max((_cost(hashed) for hashed in users.values()), default=5)
+        decoy = self._decoy if _cost(self._decoy) == cost else self._make_decoy(cost)
+        return users, decoy
 
     async def _current(self) -> dict[str, bytes]:
         """The users, read again when the file's inode, size or mtime changed. A file that
@@ -77,7 +102,7 @@ class UsersFile:
         async with self._lock:
             if version != self._version:
                 try:
-                    text = await asyncio.to_thread(self._path.read_text, errors="replace")
+                    users, self._decoy = await asyncio.to_thread(self._read)
                 except OSError as exc:
                     log.error(
                         "access.users_file %s: %s: nobody can log in", self._path, exc.strerror
@@ -85,14 +110,17 @@ class UsersFile:
                     self._users, self._version = {}, None
                     self._checked.clear()
                     return self._users
-                self._users = parse_htpasswd(text, str(self._path))
+                self._users = users
                 self._checked.clear()
                 self._version = version
                 log.info("access.users_file %s: %d users", self._path, len(self._users))
         return self._users
 
-    async def known(self, user: str) -> bool:
-        return user in await self._current()
+    async def fingerprint(self, user: str) -> str | None:
+        """A short digest of `user`'s entry as it is now (None: no such user): a token
+        carries it, so a changed password or a removed user ends the tokens before."""
+        hashed = (await self._current()).get(user)
+        return hashlib.sha256(hashed).hexdigest()[:16] if hashed is not None else None
 
     async def check(self, user: str, password: str) -> bool:
         """Whether `password` is `user`'s. Takes as long for an unknown user as for a
@@ -102,7 +130,9 @@ class UsersFile:
         if proof in self._checked and user in users:
             return True
         hashed = users.get(user, self._decoy)
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        secret = password.encode()[:BCRYPT_LENGTH]
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._checkers, bcrypt.checkpw, secret, hashed)
         if ok and user in users:
             if len(self._checked) >= MAX_REMEMBERED:
                 self._checked.clear()

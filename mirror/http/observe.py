@@ -44,7 +44,8 @@ def observe_middleware(metrics: Metrics) -> Middleware:
             metrics.served_bytes.labels("cache" if result in FROM_CACHE else "upstream").inc(sent)
         if route is not None and kind in ("manifest", "blob") and response.status < 400:
             metrics.count_repository(upstream, route.repository)
-        if route_name not in ("metrics", "healthz", "readyz"):
+        refused = request.get(DECISION, "").startswith("refused")
+        if route_name not in ("metrics", "healthz", "readyz") or refused:
             duration = time.monotonic() - started
             # With access rules: who the client was, and what the rules made of it.
             identity = request.get(IDENTITY)
