@@ -14,6 +14,7 @@ from .access.gate import Gate
 from .access.tokens import TokenSigner, signing_key
 from .clock import Clock, system_clock
 from .config import Config
+from .core import Core
 from .errors import Handler, error_middleware
 from .http.handlers import RegistryHandlers
 from .http.observe import observe_middleware
@@ -32,6 +33,7 @@ STORE = web.AppKey("store", DiskStore)
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 TAGS = web.AppKey("tags", TagIndex)
 GATE = web.AppKey("gate", Gate)
+CORE = web.AppKey("core", Core)
 
 USE_FLUSH_SECONDS = 1.0  # how often the housekeeping task looks whether uses are due
 
@@ -108,10 +110,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         await ops_runner.cleanup()
     housekeeping.cancel()
     await asyncio.gather(housekeeping, return_exceptions=True)
-    await app[PROXY].close()
-    await app[UPSTREAMS].close()
-    app[TAGS].close()
-    app[STORE].close()
+    await app[CORE].close()
 
 
 async def _note_uses(store: BlobStore) -> None:
@@ -128,14 +127,15 @@ async def create_app(
     """Build the app for `config`; must run inside the event loop that will serve it.
     Worker processes pass repair_store=False: their parent repaired the store once. Tests
     pass a `clock` they move by hand (what has expired is decided by it)."""
-    metrics = Metrics()
-    app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
-    store = DiskStore(
-        config.storage.path, config.storage.max_size, repair=repair_store, clock=clock
+    core = Core.open(config, repair_store=repair_store, clock=clock)
+    metrics, store, tags, upstreams, proxy = (
+        core.metrics,
+        core.store,
+        core.tags,
+        core.upstreams,
+        core.proxy,
     )
-    tags = TagIndex(config.storage.path / "index", store.counters.write_failed, clock)
-    upstreams = Upstreams(config, metrics, clock)
-    proxy = Proxy(config, store, tags, upstreams.by_name, metrics, clock)
+    app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
     metrics.live = LiveState(
         cache_bytes=store.usage,
         cache_bound=store.max_size,
@@ -144,6 +144,7 @@ async def create_app(
         transfers_in_flight=proxy.transfers_in_flight,
         waiting_clients=proxy.waiting_clients,
     )
+    app[CORE] = core
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STORE] = store

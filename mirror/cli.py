@@ -20,6 +20,7 @@ from aiohttp import web
 from . import logs, maintenance
 from .app import create_app
 from .config import Config, ConfigError, exposure_warnings, load, naming_warnings, parse_size
+from .images import commands
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
 from .upstream.network import environment_warnings
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         "verify": "re-hash every stored blob and manifest; remove corrupt ones (exit 1 if any)",
         "gc": "evict cached content down to a size or by age",
         "du": "show cache usage by upstream and repository",
+        "warm": "fill the cache with whole images, as pulls would",
+        "export": "write images to an OCI image layout archive (tar)",
+        "import": "keep the images of OCI layout archives or directories, verified, pinned",
+        "ls": "list the cached images",
+        "rm": "forget an image and drop what no other cached image uses",
+        "unpin": "let eviction remove an imported image again",
     }
     for name, help_text in subcommands.items():
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -44,6 +51,32 @@ def _parser() -> argparse.ArgumentParser:
             default=Path(os.environ.get("MIRROR_CONFIG", "mirror.yaml")),
             help="configuration file (default: $MIRROR_CONFIG or ./mirror.yaml)",
         )
+        if name in ("warm", "export"):
+            command.add_argument("images", nargs="*", metavar="IMAGE")
+            command.add_argument("--from-file", type=Path, help="more images, one per line")
+            command.add_argument(
+                "--platform",
+                action="append",
+                help="os/arch[/variant], repeatable (default: this machine's)",
+            )
+            command.add_argument("--all-platforms", action="store_true")
+            command.add_argument("--jobs", type=int, default=4, help="transfers at once")
+        if name == "export":
+            command.add_argument("--output", "-o", type=Path, required=True)
+            command.add_argument(
+                "--offline", action="store_true", help="from the cache only, never an upstream"
+            )
+            command.add_argument(
+                "--since",
+                type=Path,
+                help="an earlier archive (or a file of digests) whose blobs to leave out",
+            )
+        if name == "import":
+            command.add_argument("files", nargs="+", type=Path, metavar="FILE")
+        if name == "ls":
+            command.add_argument("--json", action="store_true")
+        if name in ("rm", "unpin"):
+            command.add_argument("images", nargs="+", metavar="IMAGE")
         if name == "gc":
             command.add_argument(
                 "--max-size", help="evict down to this size (default: storage.max_size)"
@@ -197,6 +230,30 @@ def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
         store.close()
 
 
+def images(command: str, config: Config, args: argparse.Namespace) -> int:
+    """warm, export, import, ls, rm, unpin."""
+    logs.configure("warning")
+    out = sys.stdout
+    if command in ("warm", "export"):
+        refs = commands.references(args.images, args.from_file)
+        try:
+            wanted = commands.platforms(args.platform, args.all_platforms)
+        except ValueError as exc:
+            print(f"mirror {command}: --platform: {exc}", file=sys.stderr)
+            return 2
+        jobs = max(1, args.jobs)
+        if command == "warm":
+            return asyncio.run(commands.warm(config, refs, wanted, jobs, out))
+        return asyncio.run(
+            commands.export(config, refs, args.output, wanted, args.offline, args.since, jobs, out)
+        )
+    if command == "import":
+        return commands.import_archives(config, args.files, out)
+    if command == "ls":
+        return commands.list_images(config, args.json, out)
+    return commands.remove_images(config, args.images, command == "unpin", out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -204,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             serve(config)
             return 0
+        if args.command in ("warm", "export", "import", "ls", "rm", "unpin"):
+            return images(args.command, config, args)
         return maintain(args.command, config, args)
     except ConfigError as error:
         print(f"mirror: config error: {error}", file=sys.stderr)

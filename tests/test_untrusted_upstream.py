@@ -350,6 +350,9 @@ async def test_clients_queued_behind_max_transfers_are_bounded(
     first = asyncio.create_task(_get(http, f"{mirror.url}/v2/a/b/blobs/{sha256_digest(hanging)}"))
     while fake.count("GET", sha256_digest(hanging)) == 0:
         await asyncio.sleep(0.01)
+    # Asked half a second later: its own bound (slot wait included) ends after the
+    # hanging one's, with time to spare for its transfer once the slot is free.
+    await asyncio.sleep(0.5)
     status, body, _ = await _get(http, f"{mirror.url}/v2/a/b/blobs/{sha256_digest(queued)}")
     assert (status, body) == (200, queued)
     assert 1.4 < time.monotonic() - started < 4  # after the hanging one's bound, not never

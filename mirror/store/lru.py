@@ -60,6 +60,15 @@ CREATE TABLE IF NOT EXISTS evictions (
     bytes INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO evictions (id, entries, bytes) VALUES (0, 0, 0);
+
+-- Content an image holds on to (imported for a site with no upstream): never evicted
+-- while any image pins it. `ref` is the image's full reference.
+CREATE TABLE IF NOT EXISTS pins (
+    ref TEXT NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (ref, key)
+);
+CREATE INDEX IF NOT EXISTS pins_by_key ON pins (key);
 """
 
 
@@ -166,6 +175,28 @@ class UsageIndex:
         self.begin(key, size, upstream, repository)
         self.confirm(key)
 
+    # pins
+
+    def pin(self, ref: str, keys: Sequence[str]) -> None:
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO pins (ref, key) VALUES (?, ?)", [(ref, k) for k in keys]
+            )
+
+    def unpin(self, ref: str) -> int:
+        """Release what `ref` pinned; the number of entries it held."""
+        with self._transaction():
+            count = self._db.execute("SELECT COUNT(*) FROM pins WHERE ref = ?", (ref,)).fetchone()
+            self._db.execute("DELETE FROM pins WHERE ref = ?", (ref,))
+        return int(count[0])
+
+    def pinned(self) -> dict[str, set[str]]:
+        """ref -> the keys it pins."""
+        found: dict[str, set[str]] = {}
+        for ref, key in self._rows("SELECT ref, key FROM pins"):
+            found.setdefault(str(ref), set()).add(str(key))
+        return found
+
     # use
 
     def touch(self, key: str) -> None:
@@ -217,7 +248,8 @@ class UsageIndex:
         self.flush()
         rows = self._rows(
             "SELECT key, size, atime, upstream, repository FROM entries"
-            " WHERE pending = 0 AND atime < ? ORDER BY atime LIMIT ?",
+            " WHERE pending = 0 AND atime < ? AND key NOT IN (SELECT key FROM pins)"
+            " ORDER BY atime LIMIT ?",
             (used_before, limit),
         )
         return [Entry(*row) for row in rows]

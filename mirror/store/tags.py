@@ -81,6 +81,25 @@ class TagIndex:
         except WRITE_ERRORS as exc:
             self._write_failed(f"recording tag {key}", exc)
 
+    def entries(self) -> list[tuple[str, str, str, TagEntry]]:
+        """(upstream, repository, tag, entry) of every tag known (a scan: not on the loop)."""
+        found = []
+        for key in self._cache.iterkeys():
+            if not isinstance(key, str):
+                continue  # a remembered 404
+            upstream, _, rest = key.partition("/")
+            repository, _, tag = rest.rpartition(":")
+            entry = self.get(upstream, repository, tag)
+            if entry is not None:
+                found.append((upstream, repository, tag, entry))
+        return found
+
+    def forget(self, upstream: str, repository: str, tag: str) -> None:
+        key = self._key(upstream, repository, tag)
+        with self._lock:
+            self._memory.pop(key, None)
+        self._cache.delete(key)
+
     # Upstream 404s for manifests, remembered for a short while in the same database, so
     # every worker process sees them and a retry loop does not hammer the upstream.
 

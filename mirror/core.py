@@ -1,0 +1,47 @@
+"""The mirror without its HTTP server: the store, the tag index, the upstreams and the
+pull-through policy over them. The server holds one; so do the commands that fill or read
+the cache (`mirror warm`, `export`), which then share the server's store beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .clock import Clock, system_clock
+from .config import Config
+from .metrics import Metrics
+from .policy.proxy import Proxy
+from .store.disk import DiskStore
+from .store.tags import TagIndex
+from .upstream.pool import Upstreams
+
+
+@dataclass
+class Core:
+    config: Config
+    metrics: Metrics
+    store: DiskStore
+    tags: TagIndex
+    upstreams: Upstreams
+    proxy: Proxy
+
+    @classmethod
+    def open(
+        cls, config: Config, *, repair_store: bool = True, clock: Clock = system_clock
+    ) -> Core:
+        """Open the store and the upstreams' connections; inside the event loop that will
+        use them. `repair_store` only where no other process may be using the store."""
+        metrics = Metrics()
+        store = DiskStore(
+            config.storage.path, config.storage.max_size, repair=repair_store, clock=clock
+        )
+        tags = TagIndex(config.storage.path / "index", store.counters.write_failed, clock)
+        upstreams = Upstreams(config, metrics, clock)
+        proxy = Proxy(config, store, tags, upstreams.by_name, metrics, clock)
+        return cls(config, metrics, store, tags, upstreams, proxy)
+
+    async def close(self) -> None:
+        await self.proxy.close()
+        await self.upstreams.close()
+        self.tags.close()
+        self.store.close()

@@ -1,0 +1,126 @@
+"""What the cache holds, by image: `mirror ls`, `mirror rm`, `mirror unpin` and the
+repositories of `GET /v2/_catalog`. Reads the tag index and the store (blocking: the
+server calls it in a thread).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from ..reference import Digest, parse_digest
+from ..store.base import blob_key, manifest_key
+from ..store.disk import DiskStore
+from ..store.tags import TagIndex
+from .contents import BadManifest, blobs, children, is_index
+
+
+@dataclass
+class CachedImage:
+    reference: str  # docker.io/library/alpine:3.20
+    digest: str
+    media_type: str
+    platforms: list[str] = field(default_factory=list)
+    size: int = 0  # bytes of its manifests and blobs in the store
+    complete: bool = True  # every blob of its cached manifests is in the store
+    last_used: float = 0.0
+    pinned: bool = False
+
+
+def image_keys(store: DiskStore, digest: Digest) -> tuple[set[str], list[str], bool]:
+    """The store keys an image's cached manifests and blobs take, its cached platforms,
+    and whether every blob they name is there."""
+    keys: set[str] = set()
+    platforms: list[str] = []
+    complete = True
+
+    def walk(digest: Digest) -> None:
+        nonlocal complete
+        found = store.get_manifest(digest)
+        if found is None:
+            return
+        keys.add(manifest_key(digest))
+        data, media_type = found
+        try:
+            if is_index(media_type, data):
+                for child in children(data):
+                    if store.get_manifest(child.digest) is not None:
+                        p = child.platform
+                        platforms.append(
+                            "/".join(
+                                str(p.get(k)) for k in ("os", "architecture", "variant") if p.get(k)
+                            )
+                        )
+                        walk(child.digest)
+                return
+            for blob in blobs(data):
+                if store.has_blob(blob.digest):
+                    keys.add(blob_key(blob.digest))
+                else:
+                    complete = False
+        except BadManifest:
+            complete = False
+
+    walk(digest)
+    return keys, platforms, complete
+
+
+def cached_images(store: DiskStore, tags: TagIndex) -> list[CachedImage]:
+    pinned = store.index.pinned()
+    images = []
+    for upstream, repository, tag, entry in sorted(tags.entries(), key=lambda e: e[:3]):
+        digest = parse_digest(entry.digest)
+        if digest is None or store.get_manifest(digest) is None:
+            continue  # its manifest was evicted: nothing of it to list
+        keys, platforms, complete = image_keys(store, digest)
+        reference = f"{upstream}/{repository}:{tag}"
+        used = [e.atime for key in keys if (e := store.index.get(key)) is not None]
+        images.append(
+            CachedImage(
+                reference,
+                entry.digest,
+                entry.media_type,
+                [p for p in platforms if p],
+                sum(e.size for key in keys if (e := store.index.get(key)) is not None),
+                complete,
+                max(used, default=0.0),
+                reference in pinned,
+            )
+        )
+    return images
+
+
+def to_json(images: list[CachedImage]) -> str:
+    return json.dumps([asdict(image) for image in images], indent=2)
+
+
+def repositories(tags: TagIndex) -> list[tuple[str, str]]:
+    """(upstream, repository) of every cached tag, sorted."""
+    return sorted({(upstream, repository) for upstream, repository, _, _ in tags.entries()})
+
+
+def remove_image(store: DiskStore, tags: TagIndex, upstream: str, repository: str, tag: str) -> int:
+    """Forget a tag, and drop what only its image used (what another cached tag or a pin
+    holds stays); the bytes freed."""
+    entry = tags.get(upstream, repository, tag)
+    if entry is None:
+        return 0
+    digest = parse_digest(entry.digest)
+    tags.forget(upstream, repository, tag)
+    store.index.unpin(f"{upstream}/{repository}:{tag}")
+    if digest is None:
+        return 0
+    mine, _, _ = image_keys(store, digest)
+    others: set[str] = set()
+    for _, _, _, other in tags.entries():
+        other_digest = parse_digest(other.digest)
+        if other_digest is not None:
+            others |= image_keys(store, other_digest)[0]
+    for held in store.index.pinned().values():
+        others |= held
+    freed = 0
+    for key in sorted(mine - others):
+        found = store.index.get(key)
+        store.remove(key)
+        freed += found.size if found is not None else 0
+    return freed

@@ -1,0 +1,352 @@
+"""OCI image layout archives: what `mirror export` writes and `mirror import` reads.
+
+An archive is a tar of `oci-layout`, `index.json` and `blobs/sha256/<hex>`, every image in
+`index.json` named by `org.opencontainers.image.ref.name` and `io.containerd.image.name`
+(the full reference), so skopeo (`oci-archive:FILE:NAME`), `ctr image import` and oras
+read it. Import reads those and the layouts skopeo, Hauler and `docker save` (Docker 25+)
+write, as tar or directory; every byte is checked against its digest before it is kept,
+and tags are recorded only once everything an image needs is in the store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import Config
+from ..errors import RegistryError
+from ..reference import Digest, is_manifest_type, manifest_matches, parse_digest
+from ..routing import Route, image_name, route_image
+from ..store.base import DigestMismatch, blob_key, manifest_key
+from ..store.disk import DiskStore
+from ..store.tags import TagEntry, TagIndex
+from .contents import BadManifest, blobs, children, is_index
+from .warm import Image
+
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+MANIFEST_LIMIT = 4 * 1024 * 1024
+CHUNK = 1024 * 1024
+
+
+class ArchiveError(Exception):
+    """An archive that cannot be imported, in words (the digest that failed, the name
+    that is missing)."""
+
+
+@dataclass
+class Written:
+    blobs: int = 0
+    manifests: int = 0
+    skipped: int = 0  # blobs the other side has (--since)
+    bytes: int = 0
+
+
+def _blob_name(digest: Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_archive(images: list[Image], store: DiskStore, output: Path, skip: set[str]) -> Written:
+    """The archive of `images`, from the store, leaving out the blobs in `skip` (the other
+    side has them); written beside `output` and renamed, so no half archive is left."""
+    written = Written()
+    index: list[dict[str, Any]] = []
+    added: set[str] = set()
+    partial = output.with_name(f".{output.name}.{os.getpid()}.part")
+    try:
+        with tarfile.open(partial, "w", format=tarfile.PAX_FORMAT) as tar:
+            _add_bytes(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+            for image in images:
+                for manifest in image.manifests:
+                    assert manifest.data is not None
+                    if manifest.digest not in added:
+                        added.add(manifest.digest)
+                        digest = parse_digest(manifest.digest)
+                        assert digest is not None
+                        _add_bytes(tar, _blob_name(digest), manifest.data)
+                        written.manifests += 1
+                for blob in image.blobs:
+                    key = str(blob.digest)
+                    if key in added:
+                        continue
+                    added.add(key)
+                    if key in skip:
+                        written.skipped += 1
+                        continue
+                    path = store.final_path(blob.digest)
+                    info = tar.gettarinfo(str(path), _blob_name(blob.digest))
+                    info.mode, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, "", ""
+                    with path.open("rb") as file:
+                        tar.addfile(info, file)
+                    written.blobs += 1
+                    written.bytes += info.size
+                top = image.manifests[0]
+                annotations = {CONTAINERD_NAME: image.name}
+                if "@" not in image.name:
+                    annotations[REF_NAME] = image.name
+                index.append(
+                    {
+                        "mediaType": top.media_type,
+                        "digest": top.digest,
+                        "size": top.size,
+                        "annotations": annotations,
+                    }
+                )
+            document = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": index}
+            _add_bytes(tar, "index.json", json.dumps(document, indent=2).encode())
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    return written
+
+
+def archive_digests(path: Path) -> set[str]:
+    """The digests an earlier archive carries (for `--since`), or, for a text file, the
+    digests it lists one per line."""
+    if tarfile.is_tarfile(path):
+        with tarfile.open(path, "r:*") as tar:
+            names = tar.getnames()
+        found = {
+            f"{parts[-2]}:{parts[-1]}"
+            for name in names
+            if len(parts := name.removeprefix("./").split("/")) == 3 and parts[0] == "blobs"
+        }
+        return found
+    lines = path.read_text().split()
+    return {line for line in lines if parse_digest(line) is not None}
+
+
+# reading
+
+
+class Layout:
+    """An OCI layout to read: a directory, or a tar of one (compressed or not)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._tar: tarfile.TarFile | None = None
+        self._members: dict[str, tarfile.TarInfo] = {}
+        if path.is_dir():
+            return
+        try:
+            self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by close())
+        except (tarfile.TarError, OSError) as exc:
+            raise ArchiveError(f"{path}: not a directory or a tar archive ({exc})") from None
+        for member in self._tar.getmembers():
+            if member.isfile():
+                self._members[member.name.removeprefix("./")] = member
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+
+    def has(self, name: str) -> bool:
+        if self._tar is None:
+            return (self.path / name).is_file()
+        return name in self._members
+
+    def open(self, name: str) -> IO[bytes]:
+        if self._tar is None:
+            return (self.path / name).open("rb")
+        member = self._members.get(name)
+        file = self._tar.extractfile(member) if member is not None else None
+        if file is None:
+            raise ArchiveError(f"{self.path}: {name} is missing")
+        return file
+
+    def read(self, name: str, limit: int) -> bytes:
+        with self.open(name) as file:
+            data = file.read(limit + 1)
+        if len(data) > limit:
+            raise ArchiveError(f"{self.path}: {name} is over {limit} bytes")
+        return data
+
+
+@dataclass
+class Imported:
+    images: list[str] = field(default_factory=list)
+    manifests: int = 0
+    blobs: int = 0  # kept now
+    present: int = 0  # in the store already
+    bytes: int = 0
+
+
+def _name_of(entry: dict[str, Any]) -> str | None:
+    """The full reference an index.json entry names: containerd's annotation, else the OCI
+    ref name when it is a full reference (skopeo writes whatever it was given)."""
+    annotations = entry.get("annotations") or {}
+    for key in (CONTAINERD_NAME, REF_NAME):
+        name = annotations.get(key)
+        if isinstance(name, str) and "/" in name:
+            return name
+    return None
+
+
+class Importer:
+    """Imports layouts into a store, verifying everything, recording tags last."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: DiskStore,
+        tags: TagIndex,
+        clock: Callable[[], float],
+        progress: Callable[[int], None] = lambda count: None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._tags = tags
+        self._clock = clock
+        self._progress = progress
+        self._media_types: dict[str, str] = {}  # of the manifests kept
+        self.report = Imported()
+
+    def run(self, path: Path) -> list[str]:
+        """Import one layout; the full names of the images it held."""
+        layout = Layout(path)
+        try:
+            return self._run(layout)
+        finally:
+            layout.close()
+
+    def _run(self, layout: Layout) -> list[str]:
+        if not layout.has("index.json"):
+            raise ArchiveError(f"{layout.path}: no index.json (not an OCI image layout)")
+        try:
+            index = json.loads(layout.read("index.json", MANIFEST_LIMIT))
+            entries = index["manifests"]
+            assert isinstance(entries, list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ArchiveError(f"{layout.path}: index.json is not an image index") from None
+        plans = []
+        for entry in entries:
+            name = _name_of(entry if isinstance(entry, dict) else {})
+            if name is None:
+                raise ArchiveError(
+                    f"{layout.path}: an image in index.json has no full reference in its "
+                    f"annotations ({CONTAINERD_NAME} or {REF_NAME}, e.g. "
+                    "docker.io/library/alpine:3.20)"
+                )
+            try:
+                route, reference = route_image(self._config, name)
+            except RegistryError as exc:
+                raise ArchiveError(f"{layout.path}: {exc.message}") from None
+            digest = parse_digest(str(entry.get("digest", "")))
+            if digest is None:
+                raise ArchiveError(f"{layout.path}: {name} has no digest in index.json")
+            keys = self._keep_manifest(layout, digest, str(entry.get("mediaType", "")), route)
+            plans.append((name, route, reference, digest, keys))
+        names = []
+        for _, route, reference, digest, keys in plans:  # everything is in: now the names
+            media_type = self._media_types[str(digest)]
+            full = image_name(route, reference)
+            if parse_digest(reference) is None:
+                entry = TagEntry(str(digest), media_type, self._clock())
+                self._tags.put(route.upstream.name, route.repository, reference, entry)
+            self._store.index.pin(full, sorted(keys))
+            names.append(full)
+        self.report.images += names
+        return names
+
+    def _keep_manifest(
+        self, layout: Layout, digest: Digest, declared: str, route: Route
+    ) -> set[str]:
+        """Keep a manifest and, below it, what the archive holds of its children and blobs;
+        the store keys it all takes (to pin)."""
+        name = _blob_name(digest)
+        if not layout.has(name):
+            raise ArchiveError(f"{layout.path}: manifest {digest} is missing")
+        data = layout.read(name, MANIFEST_LIMIT)
+        media_type = declared if is_manifest_type(declared) else _declared_type(data)
+        if media_type is None:
+            raise ArchiveError(f"{layout.path}: {digest} is not a manifest")
+        if not manifest_matches(digest, data, media_type):
+            raise ArchiveError(f"{layout.path}: manifest {digest} does not match its content")
+        keys = {manifest_key(digest)}
+        try:
+            if is_index(media_type, data):
+                found = [c for c in children(data) if layout.has(_blob_name(c.digest))]
+                if not found:
+                    raise ArchiveError(
+                        f"{layout.path}: index {digest} has none of its manifests in the archive"
+                    )
+                for child in found:
+                    keys |= self._keep_manifest(layout, child.digest, child.media_type, route)
+            else:
+                for blob in blobs(data):
+                    keys.add(blob_key(blob.digest))
+                    self._keep_blob(layout, blob.digest)
+        except BadManifest as exc:
+            raise ArchiveError(f"{layout.path}: manifest {digest}: {exc}") from None
+        stored = self._store.put_manifest(
+            digest, data, media_type, route.upstream.name, route.repository
+        )
+        if not stored:
+            raise ArchiveError(f"the store cannot keep manifest {digest} (a full disk?)")
+        self._media_types[str(digest)] = media_type
+        self.report.manifests += 1
+        return keys
+
+    def _keep_blob(self, layout: Layout, digest: Digest) -> None:
+        name = _blob_name(digest)
+        if not layout.has(name):
+            if self._store.has_blob(digest):
+                self.report.present += 1
+                return  # a delta: the other side had it
+            raise ArchiveError(
+                f"{layout.path}: blob {digest} is neither in the archive nor in the store "
+                "(a delta archive whose base was not imported?)"
+            )
+        if self._store.has_blob(digest):
+            self.report.present += 1
+            return
+        temp = self._store.begin_blob(digest)
+        if temp is None:
+            raise ArchiveError(f"blob {digest} is being written by another process; try again")
+        try:
+            with layout.open(name) as file:
+                for chunk in iter(lambda: file.read(CHUNK), b""):
+                    temp.write(chunk)
+                    self._progress(len(chunk))
+            temp.verify()
+            temp.sync()
+        except DigestMismatch:
+            raise ArchiveError(
+                f"{layout.path}: blob {digest} does not match its content (corrupt archive)"
+            ) from None
+        except BaseException:
+            temp.discard()
+            raise
+        if not temp.commit():
+            raise ArchiveError(f"the store cannot keep blob {digest} (a full disk?)")
+        self.report.blobs += 1
+        self.report.bytes += temp.written
+
+
+def _declared_type(data: bytes) -> str | None:
+    try:
+        document = json.loads(data)
+        media_type = document.get("mediaType")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(media_type, str) and is_manifest_type(media_type):
+        return media_type
+    if isinstance(document, dict) and "manifests" in document:
+        return INDEX_TYPE
+    if isinstance(document, dict) and "layers" in document:
+        return "application/vnd.oci.image.manifest.v1+json"
+    return None
