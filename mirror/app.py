@@ -161,6 +161,7 @@ async def create_app(
     handlers = RegistryHandlers(config, proxy, gate)
     router = app.router
     router.add_get("/v2/", handlers.base, name="base")
+    router.add_get("/v2/_catalog", handlers.catalog, name="catalog")
     router.add_get("/v2/{name:.+}/manifests/{reference}", handlers.manifest, name="manifest")
     router.add_get("/v2/{name:.+}/blobs/{digest}", handlers.blob, name="blob")
     router.add_get("/v2/{name:.+}/tags/list", handlers.tags, name="tags")

@@ -55,6 +55,10 @@ class TagInvalid(RegistryError):
     code, status, default_message = "TAG_INVALID", 400, "invalid tag"
 
 
+class PaginationInvalid(RegistryError):
+    code, status, default_message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results"
+
+
 class DigestInvalid(RegistryError):
     code, status, default_message = "DIGEST_INVALID", 400, "invalid digest"
 

@@ -119,6 +119,9 @@ class Transfer:
         self._dropped_file = False
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
+        # Set when the fill is over (kept, not kept, or failed): after the last byte,
+        # the fsync and rename still run; a reader that needs the blob stored waits here.
+        self.settled = asyncio.Event()
 
     @property
     def readers(self) -> int:

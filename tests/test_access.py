@@ -39,6 +39,12 @@ def htpasswd(path: Path, user: str, password: str) -> None:
     )
 
 
+@pytest.fixture(autouse=True)
+def _images(seeded: Seeded) -> Seeded:
+    """Every test here pulls the seeded images, whether it names them or not."""
+    return seeded
+
+
 @pytest.fixture
 def users_file(tmp_path: Path) -> Path:
     path = tmp_path / "htpasswd"
@@ -479,3 +485,31 @@ async def test_the_decoy_costs_what_the_dearest_user_does(tmp_path: Path) -> Non
     assert not await users.check("nobody", "pw")
     assert _cost(users._decoy) == 9
     assert await users.check("heavy", "pw") and not await users.check("heavy", "px")
+
+
+async def test_the_catalog_lists_what_each_client_may_pull_a_page_at_a_time(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    users_file: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    mirror = await _guarded(make_mirror, upstream, users_file)
+    assert (await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci")))[0] == 200
+    for path in ("/v2/library/alpine/manifests/3.20", "/v2/team/app/manifests/v1"):
+        assert (await _get(http, f"{mirror.url}{path}"))[0] == 200
+    status, body, _ = await _get(http, f"{mirror.url}/v2/_catalog")
+    assert json.loads(body) == {"repositories": ["library/alpine", "team/app"]}  # anonymous
+    status, body, _ = await _get(http, f"{mirror.url}/v2/_catalog", basic("ci"))
+    everything = ["library/alpine", "private.example/team/app", "team/app"]
+    assert json.loads(body) == {"repositories": everything}
+    status, body, headers = await _get(http, f"{mirror.url}/v2/_catalog?n=2", basic("ci"))
+    assert json.loads(body)["repositories"] == everything[:2]
+    assert headers["Link"] == '</v2/_catalog?last=private.example%2Fteam%2Fapp&n=2>; rel="next"'
+    status, body, headers = await _get(
+        http, f"{mirror.url}/v2/_catalog?last=private.example%2Fteam%2Fapp&n=2", basic("ci")
+    )
+    assert json.loads(body)["repositories"] == everything[2:] and "Link" not in headers
+    assert (await _get(http, f"{mirror.url}/v2/_catalog", basic("ci", "wrong")))[0] == 401
+    status, body, _ = await _get(http, f"{mirror.url}/v2/_catalog?n=many")
+    assert (status, _error(body)["code"]) == (400, "PAGINATION_NUMBER_INVALID")

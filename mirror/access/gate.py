@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -107,6 +108,23 @@ class Gate:
             raise Unauthorized(f"authentication required to {action} {name}", headers=challenge)
         self._refuse(request, identity, "denied")
         raise AccessDenied(f"{user} may not {action} {name}", detail={"name": name})
+
+    async def visible(self, request: web.Request) -> Callable[[Route], bool]:
+        """For `/v2/_catalog`: which repositories this client may pull (all, with no
+        access configured); credentials that do not check out are 401 as anywhere."""
+        access = self._access
+        if access is None:
+            return lambda route: True
+        identity = await self._identity(request, challenge=self._challenge(request))
+        user = identity.user if identity is not None else None
+        self._allow(request, identity)
+        address = request.remote
+
+        def allowed(route: Route) -> bool:
+            path = f"{route.upstream.name}/{route.repository}"
+            return self._allows(access.rules, user, address, path, "pull")
+
+        return allowed
 
     async def operations(self, request: web.Request, *, ops_port: bool = False) -> None:
         """/metrics and the status page: whom access.operations allows; without it, this

@@ -20,6 +20,7 @@ from ..errors import (
     ManifestUnknown,
     NameUnknown,
     NotFound,
+    PaginationInvalid,
     RangeInvalid,
     TagInvalid,
     Unsupported,
@@ -36,6 +37,8 @@ from .sendfile import FileShrank, send_file
 log = logging.getLogger("mirror.handlers")
 
 API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
+CATALOG_PAGE = 1000  # repositories in a /v2/_catalog answer when the client names no n
+CATALOG_MAX = 10_000
 WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
 # Where an answer came from: hit, miss, or stale (the upstream could not confirm it).
 CACHE_HEADER = "X-Mirror-Cache"
@@ -252,6 +255,31 @@ class RegistryHandlers:
                 query += "&" + urlencode({"ns": request.query["ns"]})
             headers["Link"] = f'<{request.path}?{query}>; rel="next"'
         return web.Response(body=body, headers=headers)
+
+    async def catalog(self, request: web.Request) -> web.StreamResponse:
+        """GET /v2/_catalog: the cached repositories this client may pull, by the names it
+        would pull them with, `n` at a time after `last`, with a `Link` to the next page."""
+        allowed = await self._gate.visible(request)
+        try:
+            count = min(int(request.query.get("n", CATALOG_PAGE)), CATALOG_MAX)
+        except ValueError:
+            raise PaginationInvalid("n must be a whole number") from None
+        last = request.query.get("last", "")
+        names = []
+        for upstream, repository in await self._proxy.repositories():
+            config = self._config.upstreams.get(upstream)
+            if config is None or not allowed(Route(config, repository)):
+                continue
+            default = upstream == self._config.default_upstream
+            names.append(repository if default else f"{upstream}/{repository}")
+        names = sorted(name for name in names if name > last)
+        page = names[: max(count, 0)]
+        headers = dict(API_HEADERS)
+        if len(names) > len(page) and page:
+            query = urlencode({"last": page[-1], "n": count})
+            headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
+        request[RESULT] = HIT
+        return web.json_response({"repositories": page}, headers=headers)
 
     async def other(self, request: web.Request) -> web.StreamResponse:
         """Anything else under /v2/: writes are refused, the rest is unknown."""

@@ -94,11 +94,6 @@ def to_json(images: list[CachedImage]) -> str:
     return json.dumps([asdict(image) for image in images], indent=2)
 
 
-def repositories(tags: TagIndex) -> list[tuple[str, str]]:
-    """(upstream, repository) of every cached tag, sorted."""
-    return sorted({(upstream, repository) for upstream, repository, _, _ in tags.entries()})
-
-
 def remove_image(store: DiskStore, tags: TagIndex, upstream: str, repository: str, tag: str) -> int:
     """Forget a tag, and drop what only its image used (what another cached tag or a pin
     holds stays); the bytes freed."""

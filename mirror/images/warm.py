@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 
 from ..core import Core
 from ..errors import RegistryError
+from ..inflight import BlobStream, Transfer
 from ..maintenance import human
 from ..policy.answers import Manifest
 from ..policy.manifests import ALL_MANIFEST_TYPES
 from ..reference import Digest
 from ..routing import Route, image_name, route_image
 from ..store.base import StoredBlob
+from ..store.disk import DiskStore
 from .contents import BadManifest, Descriptor, Platform, blobs, children, is_index, wanted
 from .progress import Display
+
+SETTLE_SECONDS = 60.0  # how long a fill another process ran may take to be renamed in
 
 
 class WarmFailed(Exception):
@@ -120,10 +124,17 @@ class Warmer:
         async with self._slots:
             await self.fetch_blob(image.route, blob.digest, blob.size)
 
+    async def _stored(self, source: BlobStream, digest: Digest) -> bool:
+        """Whether the transfer just read kept the blob: after its last byte come the
+        fsync and the rename (here, or in the process that runs the fill)."""
+        if isinstance(source, Transfer):
+            await source.settled.wait()
+            return await asyncio.to_thread(self._core.store.has_blob, digest)
+        return await _stored_soon(self._core.store, digest)
+
     async def fetch_blob(self, route: Route, digest: Digest, size: int) -> None:
         """Have `digest` in the store: a hit, or a transfer (this one, or one already
         running here or in another process) read to its end."""
-        store = self._core.store
         source, _ = await self._core.proxy.open_blob(route, digest)
         if isinstance(source, StoredBlob):
             source.close()
@@ -140,13 +151,22 @@ class Warmer:
         except Exception as exc:  # a transfer that broke: TransferFailed, or worse
             self._display.finish(key, f"broke  {label}: {exc}")
             raise WarmFailed(f"{digest}: the transfer broke ({exc})") from None
-        if not await asyncio.to_thread(store.has_blob, digest):
+        if not await self._stored(source, digest):
             self._display.finish(key, f"not kept {label}")
             raise WarmFailed(f"{digest} was fetched but not kept (a full disk, or over max_size)")
         seconds = time.monotonic() - started
         self._display.finish(key, f"fetched {label} {human(received)} in {seconds:.1f}s")
         self.report.fetched += 1
         self.report.fetched_bytes += received
+
+
+async def _stored_soon(store: DiskStore, digest: Digest) -> bool:
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while not await asyncio.to_thread(store.has_blob, digest):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def parse_references(lines: list[str]) -> list[str]:

@@ -120,6 +120,7 @@ class Fills:
         finally:
             if self._transfers.get(str(digest)) is transfer:
                 del self._transfers[str(digest)]
+            transfer.settled.set()
 
     async def _download(
         self,

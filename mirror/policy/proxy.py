@@ -3,6 +3,8 @@ manifests, blobs (and their fills) and the lists passed through as they are."""
 
 from __future__ import annotations
 
+import asyncio
+
 from ..clock import Clock, system_clock
 from ..config import Config
 from ..errors import RegistryError
@@ -33,6 +35,7 @@ class Proxy:
         clock: Clock = system_clock,
     ) -> None:
         self._upstreams = upstreams
+        self._tags = tags
         membership = Membership(store, enabled=config.access is not None)
         self._manifests = Manifests(config, store, tags, self._upstream_of, clock, membership)
         self._fills = Fills(config, store, metrics, self._upstream_of)
@@ -56,6 +59,10 @@ class Proxy:
         """GET a tags list or referrers answer from the upstream, as it is."""
         upstream = self._upstream_of(route)
         return await upstream.get_page(route.repository, path, params, not_found)
+
+    async def repositories(self) -> list[tuple[str, str]]:
+        """(upstream, repository) of every cached tag, sorted (a scan: in a thread)."""
+        return await asyncio.to_thread(self._tags.repositories)
 
     def transfers_in_flight(self) -> int:
         return self._fills.in_flight()

@@ -94,6 +94,10 @@ class TagIndex:
                 found.append((upstream, repository, tag, entry))
         return found
 
+    def repositories(self) -> list[tuple[str, str]]:
+        """(upstream, repository) of every tag known, sorted (a scan: not on the loop)."""
+        return sorted({(upstream, repository) for upstream, repository, _, _ in self.entries()})
+
     def forget(self, upstream: str, repository: str, tag: str) -> None:
         key = self._key(upstream, repository, tag)
         with self._lock:
