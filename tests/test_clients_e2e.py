@@ -12,6 +12,7 @@ reaching out.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -176,13 +177,14 @@ def served(
 # Docker
 
 
-@pytest.fixture(scope="module")
-def dockerd(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+@contextlib.contextmanager
+def _dockerd(root: Path, mirror_host: str) -> Iterator[dict[str, str]]:
+    """dockerd with its own data root, pulling through the mirror at `mirror_host`."""
     binary = shutil.which("dockerd")
     assert binary, "dockerd is needed (apt-get install docker.io): scripts/test installs it"
-    root = tmp_path_factory.mktemp("dockerd")
+    root.mkdir(parents=True, exist_ok=True)
     config = root / "daemon.json"
-    config.write_text(client_file("docker/daemon.json", served.host))
+    config.write_text(client_file("docker/daemon.json", mirror_host))
     socket = root / "docker.sock"
     process = subprocess.Popen(
         [
@@ -230,6 +232,12 @@ def dockerd(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             process.wait(30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def dockerd(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    with _dockerd(tmp_path_factory.mktemp("dockerd"), served.host) as env:
+        yield env
 
 
 @pytest.mark.parametrize(
@@ -498,3 +506,111 @@ def test_readme_shows_the_client_files_the_tests_use() -> None:
     for path in sorted(CLIENTS.rglob("*")):
         if path.is_file():
             assert path.read_text().strip() in readme, f"README does not show {path}"
+
+
+# air-gapped: an archive made online, a site with no upstream at all
+
+
+def test_a_site_with_no_upstream_is_filled_from_an_archive(
+    containerd: str, upstream: Registry, seeded: Seeded, tmp_path: Path
+) -> None:
+    """`mirror export` online; `ctr image import` reads the archive; `mirror import` fills
+    a mirror whose upstream does not exist, and dockerd, containerd and podman pull every
+    image from it by tag, with the upstream's digests."""
+    online = tmp_path / "online.yaml"
+    online.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"path": str(tmp_path / "online-cache")},
+                "upstreams": {"docker.io": {"url": upstream.url}},
+            }
+        )
+    )
+    archive = tmp_path / "site.tar"
+    images = {
+        "alpine:3.20": seeded.oci,
+        "team/app:v1": seeded.docker,
+        "multi/arch:latest": seeded.index,
+    }
+    mirror = [sys.executable, "-m", "mirror"]
+    run(*mirror, "export", "--config", str(online), "-o", str(archive), *images)
+    run("ctr", "--address", containerd, "--namespace", "archive", "image", "import", str(archive))
+    listing = run("ctr", "--address", containerd, "--namespace", "archive", "image", "ls")
+    for name, image in images.items():
+        full = f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
+        assert re.search(rf"{re.escape(full)}\s+\S+\s+{image.digest}", listing), listing
+
+    site = tmp_path / "site"
+    site.mkdir()
+    settings = {
+        "storage": {"path": str(site / "cache")},
+        "upstreams": {"docker.io": {"url": f"http://127.0.0.1:{CLOSED}"}},  # nothing there
+    }
+    site_config = site / "import.yaml"
+    site_config.write_text(yaml.safe_dump(settings))
+    run(*mirror, "import", "--config", str(site_config), str(archive))
+    host, process, _ = start_mirror(site, settings)
+    short = Path(tempfile.mkdtemp(prefix="dockerd-", dir="/tmp"))  # sockets need short paths
+    try:
+        with _dockerd(short, host) as env:
+            for name, image in images.items():
+                run("docker", "pull", name, env=env)
+                digests = run(
+                    "docker", "image", "inspect", "--format", "{{json .RepoDigests}}", name, env=env
+                )
+                assert f"{name.split(':')[0]}@{image.digest}" in digests
+        hosts = tmp_path / "certs.d" / "docker.io"
+        hosts.mkdir(parents=True)
+        (hosts / "hosts.toml").write_text(client_file("containerd/docker.io/hosts.toml", host))
+        for name in ("docker.io/library/alpine:3.20", "docker.io/multi/arch:latest"):
+            run(
+                "ctr",
+                "--address",
+                containerd,
+                "--namespace",
+                "site",
+                "image",
+                "pull",
+                "--snapshotter",
+                "native",
+                "--hosts-dir",
+                str(tmp_path / "certs.d"),
+                name,
+            )
+        listing = run("ctr", "--address", containerd, "--namespace", "site", "image", "ls")
+        assert re.search(rf"docker.io/multi/arch:latest\s+\S+\s+{seeded.index.digest}", listing)
+        conf = tmp_path / "registries.conf"
+        conf.write_text(client_file("podman/registries.conf", host))
+        runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))
+        try:
+            podman = [
+                "podman",
+                "--root",
+                str(tmp_path / "podman"),
+                "--runroot",
+                str(runroot),
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ]
+            env = {"CONTAINERS_REGISTRIES_CONF": str(conf)}
+            run(*podman, "pull", "docker.io/team/app:v1", env=env)
+            digest = run(
+                *podman,
+                "image",
+                "inspect",
+                "--format",
+                "{{.Digest}}",
+                "docker.io/team/app:v1",
+                env=env,
+            )
+            assert digest.strip() == seeded.docker.digest
+        finally:
+            shutil.rmtree(runroot, ignore_errors=True)
+    finally:
+        process.terminate()
+        process.wait(15)
+        shutil.rmtree(short, ignore_errors=True)
