@@ -6,6 +6,7 @@ mirror that has no upstream at all, verified and pinned; `ls`, `rm`, `unpin` and
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import tarfile
@@ -194,6 +195,9 @@ async def test_import_fills_a_mirror_with_no_upstream_pinned_and_verified(
             for name, image in (("alpine:3.20", seeded.oci), ("team/app:v1", seeded.docker)):
                 target = tmp_path / f"pulled-{offline}-{name.replace('/', '_')}"
                 assert await skopeo_copy_to_dir(f"{mirror.host}/{name}", target) == image.digest
+            by_digest = f"{mirror.host}/team/app@{seeded.docker.digest}"
+            pulled = await skopeo_copy_to_dir(by_digest, tmp_path / f"by-digest-{offline}")
+            assert pulled == seeded.docker.digest
             async with (
                 aiohttp.ClientSession() as http,
                 http.get(f"{mirror.url}/v2/_catalog") as response,
@@ -279,3 +283,59 @@ async def test_rm_drops_what_only_that_image_used(
     kept = {p.name for p in cache.rglob("*") if p.is_file()}
     assert all(d.removeprefix("sha256:") in kept for d in seeded.oci.blobs)
     assert not any(d.removeprefix("sha256:") in kept for d in seeded.docker.blobs)
+
+
+async def test_an_old_docker_save_archive_is_imported_and_served(tmp_path: Path) -> None:
+    """Docker before 25 saves manifest.json, a config and uncompressed layer tars: the
+    import makes an OCI manifest over them, and a client pulls it by tag."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as inner:
+        payload = b"hello from an old docker save\n" * 1000
+        info = tarfile.TarInfo("hello.txt")
+        info.size = len(payload)
+        inner.addfile(info, io.BytesIO(payload))
+    layer_bytes = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    saved = tmp_path / "old.tar"
+    with tarfile.open(saved, "w") as tar:
+        for name, data in (
+            (
+                "manifest.json",
+                json.dumps(
+                    [
+                        {
+                            "Config": config_name,
+                            "RepoTags": ["legacy/app:1"],
+                            "Layers": ["abc/layer.tar"],
+                        }
+                    ]
+                ).encode(),
+            ),
+            (config_name, config),
+            ("abc/layer.tar", layer_bytes),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    site = tmp_path / "site"
+    site.mkdir()
+    config_path = _config(site, CLOSED)
+    result = await mirror_command(config_path, "import", str(saved))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "imported docker.io/legacy/app:1" in result.stdout
+    mirror = await _serve(site, CLOSED, offline=True)
+    try:
+        target = tmp_path / "pulled"
+        await skopeo_copy_to_dir(f"{mirror.host}/legacy/app:1", target)
+        assert (target / diff_id.removeprefix("sha256:")).read_bytes() == layer_bytes
+        assert (target / hashlib.sha256(config).hexdigest()).read_bytes() == config
+    finally:
+        await mirror.stop()

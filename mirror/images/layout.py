@@ -10,19 +10,20 @@ and tags are recorded only once everything an image needs is in the store.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ..config import Config
 from ..errors import RegistryError
-from ..reference import Digest, is_manifest_type, manifest_matches, parse_digest
+from ..reference import Digest, digest_of, is_manifest_type, manifest_matches, parse_digest
 from ..routing import Route, image_name, route_image
 from ..store.base import DigestMismatch, blob_key, manifest_key
 from ..store.disk import DiskStore
@@ -35,6 +36,9 @@ CONTAINERD_NAME = "io.containerd.image.name"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 MANIFEST_LIMIT = 4 * 1024 * 1024
 CHUNK = 1024 * 1024
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"  # docker save's layers: uncompressed
 
 
 class ArchiveError(Exception):
@@ -225,7 +229,12 @@ class Importer:
 
     def _run(self, layout: Layout) -> list[str]:
         if not layout.has("index.json"):
-            raise ArchiveError(f"{layout.path}: no index.json (not an OCI image layout)")
+            if layout.has("manifest.json"):
+                return self._docker_save(layout)
+            raise ArchiveError(
+                f"{layout.path}: neither index.json (an OCI image layout) nor manifest.json "
+                "(docker save)"
+            )
         try:
             index = json.loads(layout.read("index.json", MANIFEST_LIMIT))
             entries = index["manifests"]
@@ -261,6 +270,104 @@ class Importer:
             names.append(full)
         self.report.images += names
         return names
+
+    def _docker_save(self, layout: Layout) -> list[str]:
+        """A `docker save` archive of Docker before 25 (no OCI layout): each image becomes
+        an OCI manifest over its config and its uncompressed layer tars (the digests
+        `docker save` never had are made here: there is no upstream's to keep)."""
+        try:
+            images = json.loads(layout.read("manifest.json", MANIFEST_LIMIT))
+            assert isinstance(images, list)
+        except (ValueError, AssertionError):
+            raise ArchiveError(f"{layout.path}: manifest.json is not docker save's") from None
+        names = []
+        for entry in images:
+            tags = entry.get("RepoTags") or [] if isinstance(entry, dict) else []
+            if not tags:
+                continue  # an image saved by ID: no name to serve it under
+            config = layout.read(str(entry["Config"]), MANIFEST_LIMIT)
+            config_digest = self._keep_bytes(config)
+            layers = []
+            for name in entry.get("Layers", []):
+                digest, size = self._keep_file(layout, str(name))
+                layers.append({"mediaType": OCI_LAYER, "digest": str(digest), "size": size})
+            manifest = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "config": {
+                        "mediaType": OCI_CONFIG,
+                        "digest": str(config_digest),
+                        "size": len(config),
+                    },
+                    "layers": layers,
+                },
+                indent=2,
+            ).encode()
+            digest = digest_of(manifest)
+            keys = {manifest_key(digest), blob_key(config_digest)}
+            keys |= {blob_key(parse_digest(layer["digest"])) for layer in layers}  # type: ignore[arg-type]
+            for tag in tags:
+                try:
+                    route, reference = route_image(self._config, str(tag))
+                except RegistryError as exc:
+                    raise ArchiveError(f"{layout.path}: {exc.message}") from None
+                if not self._store.put_manifest(
+                    digest, manifest, OCI_MANIFEST, route.upstream.name, route.repository
+                ):
+                    raise ArchiveError(f"the store cannot keep manifest {digest} (a full disk?)")
+                entry_ = TagEntry(str(digest), OCI_MANIFEST, self._clock())
+                self._tags.put(route.upstream.name, route.repository, reference, entry_)
+                full = image_name(route, reference)
+                self._store.index.pin(full, sorted(keys))
+                names.append(full)
+            self.report.manifests += 1
+        self.report.images += names
+        return names
+
+    def _keep_bytes(self, data: bytes) -> Digest:
+        digest = digest_of(data)
+        if not self._store.has_blob(digest):
+            self._write_blob(digest, [data])
+        return digest
+
+    def _keep_file(self, layout: Layout, name: str) -> tuple[Digest, int]:
+        """A file of the archive as a blob: hashed first (its digest is its name in the
+        store), then copied and checked again."""
+        hasher, size = hashlib.sha256(), 0
+        with layout.open(name) as file:
+            for chunk in iter(lambda: file.read(CHUNK), b""):
+                hasher.update(chunk)
+                size += len(chunk)
+        digest = Digest("sha256", hasher.hexdigest())
+        if self._store.has_blob(digest):
+            self.report.present += 1
+            return digest, size
+        with layout.open(name) as file:
+            self._write_blob(digest, iter(lambda: file.read(CHUNK), b""))
+        return digest, size
+
+    def _write_blob(self, digest: Digest, chunks: Iterable[bytes]) -> None:
+        temp = self._store.begin_blob(digest)
+        if temp is None:
+            raise ArchiveError(f"blob {digest} is being written by another process; try again")
+        try:
+            for chunk in chunks:
+                temp.write(chunk)
+                self._progress(len(chunk))
+            temp.verify()
+            temp.sync()
+        except DigestMismatch:
+            raise ArchiveError(
+                f"blob {digest} does not match its content (corrupt archive)"
+            ) from None
+        except BaseException:
+            temp.discard()
+            raise
+        if not temp.commit():
+            raise ArchiveError(f"the store cannot keep blob {digest} (a full disk?)")
+        self.report.blobs += 1
+        self.report.bytes += temp.written
 
     def _keep_manifest(
         self, layout: Layout, digest: Digest, declared: str, route: Route
@@ -314,27 +421,11 @@ class Importer:
         if self._store.has_blob(digest):
             self.report.present += 1
             return
-        temp = self._store.begin_blob(digest)
-        if temp is None:
-            raise ArchiveError(f"blob {digest} is being written by another process; try again")
         try:
             with layout.open(name) as file:
-                for chunk in iter(lambda: file.read(CHUNK), b""):
-                    temp.write(chunk)
-                    self._progress(len(chunk))
-            temp.verify()
-            temp.sync()
-        except DigestMismatch:
-            raise ArchiveError(
-                f"{layout.path}: blob {digest} does not match its content (corrupt archive)"
-            ) from None
-        except BaseException:
-            temp.discard()
-            raise
-        if not temp.commit():
-            raise ArchiveError(f"the store cannot keep blob {digest} (a full disk?)")
-        self.report.blobs += 1
-        self.report.bytes += temp.written
+                self._write_blob(digest, iter(lambda: file.read(CHUNK), b""))
+        except ArchiveError as exc:
+            raise ArchiveError(f"{layout.path}: {exc}") from None
 
 
 def _declared_type(data: bytes) -> str | None:
