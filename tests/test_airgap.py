@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,13 @@ async def _serve(path: Path, upstream_url: str, **settings: Any) -> MirrorProces
 
 
 @pytest.fixture
-def stoppable(tmp_path: Path, upstream: Registry, seeded: Seeded) -> Registry:
+def stoppable(tmp_path: Path, upstream: Registry, seeded: Seeded) -> Iterator[Registry]:
     """A registry with the seeded images that the test may stop (the session's may not)."""
     root = tmp_path / "stoppable"
     shutil.copytree(upstream.root / "data", root / "data")
-    return Registry(root)
+    registry = Registry(root)
+    yield registry
+    registry.stop()  # again, if the test did not get that far
 
 
 async def test_warm_then_serve_with_the_upstream_gone(

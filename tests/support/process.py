@@ -52,7 +52,9 @@ class MirrorProcess:
                             return self
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.05)
-        raise RuntimeError("mirror did not start")
+        self._process.kill()  # not left behind the failed test
+        await self._process.wait()
+        raise RuntimeError(f"mirror did not start: {self.log.read_text()[-2000:]}")
 
     @property
     def pid(self) -> int:
