@@ -19,6 +19,7 @@ from .errors import Handler, error_middleware
 from .http.handlers import RegistryHandlers
 from .http.observe import observe_middleware
 from .http.status import status_handler
+from .images.warm import keep_warm
 from .metrics import LiveState, Metrics
 from .policy.proxy import Proxy
 from .store.base import BlobStore
@@ -98,8 +99,11 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     housekeeping = asyncio.create_task(_note_uses(app[STORE]))
-    ops_runner = None
     config = app[CONFIG]
+    warming = None
+    if config.warm is not None:
+        warming = asyncio.create_task(keep_warm(app[CORE], config.warm))
+    ops_runner = None
     if config.ops_listen is not None:
         ops_runner = web.AppRunner(_ops_app(app, app[GATE]), access_log=None)
         await ops_runner.setup()
@@ -108,8 +112,10 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     yield
     if ops_runner is not None:
         await ops_runner.cleanup()
-    housekeeping.cancel()
-    await asyncio.gather(housekeeping, return_exceptions=True)
+    background = [task for task in (housekeeping, warming) if task is not None]
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     await app[CORE].close()
 
 

@@ -188,6 +188,16 @@ class AccessConfig:
 
 
 @dataclass(frozen=True)
+class WarmConfig:
+    """Images the server fills the cache with at start-up and keeps fresh (their tags
+    revalidated, new layers fetched) before anyone asks."""
+
+    images: tuple[str, ...]
+    platforms: tuple[str, ...] = ()  # os/arch[/variant]; empty: the machine's
+    every: float = 3600.0  # seconds between rounds
+
+
+@dataclass(frozen=True)
 class Config:
     listen_host: str = "0.0.0.0"  # from `listen: host:port`, default 0.0.0.0:5000
     listen_port: int = 5000
@@ -209,6 +219,7 @@ class Config:
     access: AccessConfig | None = None  # None: no client authentication, every pull allowed
     # Plain-HTTP address for /healthz, /readyz, /metrics and the status page; None: none.
     ops_listen: tuple[str, int] | None = None
+    warm: WarmConfig | None = None  # images the server keeps fetched and fresh
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         """The upstream a registry name refers to: its name or one of its aliases (Docker
@@ -499,6 +510,24 @@ def _parse_access(value: Any) -> AccessConfig:
     )
 
 
+def _parse_warm(value: Any) -> WarmConfig:
+    section = {"images": value} if isinstance(value, list) else _mapping(value, "warm")
+    _check_keys(section, {"images", "platforms", "every"}, "warm")
+    images = _strings(section.get("images"), "warm.images", "image references")
+    if not images:
+        raise ConfigError("warm.images: required, references like alpine:3.20")
+    platforms = _strings(section.get("platforms"), "warm.platforms", "platforms like linux/amd64")
+    for text in platforms:
+        parts = text.split("/")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ConfigError(f"warm.platforms: {text!r} is not a platform like linux/amd64")
+    return WarmConfig(
+        images=images,
+        platforms=platforms,
+        every=_number(section.get("every", 3600.0), "warm.every", minimum=10),
+    )
+
+
 def _names(value: Any, key: str) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -718,6 +747,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "workers",
         "access",
         "ops_listen",
+        "warm",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -827,6 +857,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         tls=tls,
         workers=workers,
         access=_parse_access(data["access"]) if data.get("access") is not None else None,
+        warm=_parse_warm(data["warm"]) if data.get("warm") is not None else None,
         ops_listen=_parse_listen(data["ops_listen"], "ops_listen")
         if data.get("ops_listen") is not None
         else None,

@@ -5,6 +5,7 @@ mirror that has no upstream at all, verified and pinned; `ls`, `rm`, `unpin` and
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -340,5 +341,24 @@ async def test_an_old_docker_save_archive_is_imported_and_served(tmp_path: Path)
         await skopeo_copy_to_dir(f"{mirror.host}/legacy/app:1", target)
         assert (target / diff_id.removeprefix("sha256:")).read_bytes() == layer_bytes
         assert (target / hashlib.sha256(config).hexdigest()).read_bytes() == config
+    finally:
+        await mirror.stop()
+
+
+async def test_the_servers_warm_list_is_fetched_before_anyone_asks(
+    tmp_path: Path, stoppable: Registry, seeded: Seeded
+) -> None:
+    mirror = await _serve(
+        tmp_path, stoppable.url, warm={"images": ["alpine:3.20", "team/app:v1"], "every": "1h"}
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while "warm: 2 image(s), 0 failed" not in mirror.log.read_text():
+            assert asyncio.get_running_loop().time() < deadline, mirror.log.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+        stoppable.stop()  # nobody asked; all of it is here
+        for name, image in (("alpine:3.20", seeded.oci), ("team/app:v1", seeded.docker)):
+            target = tmp_path / name.replace("/", "_")
+            assert await skopeo_copy_to_dir(f"{mirror.host}/{name}", target) == image.digest
     finally:
         await mirror.stop()

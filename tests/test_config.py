@@ -151,6 +151,9 @@ default_upstream: gcr.io
             "access.operations.networks",
         ),
         ("ops_listen: 9000\n", "ops_listen: expected host:port"),
+        ("warm: {images: []}\n", "warm.images: required"),
+        ("warm: {images: [alpine], platforms: [amd64]}\n", "warm.platforms: 'amd64' is not"),
+        ("warm: {images: [alpine], every: 1s}\n", "warm.every: must be at least 10"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -3,10 +3,12 @@ redrawn in place; piped, one plain line per finished transfer and per image."""
 
 from __future__ import annotations
 
+import io
+import logging
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Protocol
 
 from ..maintenance import human
 
@@ -21,9 +23,32 @@ class _Transfer:
     done: int = 0
 
 
+class Stream(Protocol):
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+    def isatty(self) -> bool: ...
+
+
+class LogLines(io.TextIOBase):
+    """A stream whose lines go to a logger: the server's background warming reports what a
+    terminal would show, one log line each."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                self._log.info("%s", line)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+
 class Display:
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
+    def __init__(self, stream: Stream | None = None) -> None:
+        self.stream: Stream = stream or sys.stderr
         self.live = self.stream.isatty()
         self._transfers: dict[str, _Transfer] = {}
         self._drawn_lines = 0

@@ -6,9 +6,11 @@ server beside it) is fetching is joined, never fetched twice, and a cached one i
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
+from ..config import WarmConfig
 from ..core import Core
 from ..errors import RegistryError
 from ..inflight import BlobStream, Transfer
@@ -20,8 +22,11 @@ from ..routing import Route, image_name, route_image
 from ..store.base import StoredBlob
 from ..store.disk import DiskStore
 from .contents import BadManifest, Descriptor, Platform, blobs, children, is_index, wanted
-from .progress import Display
+from .progress import Display, LogLines
 
+log = logging.getLogger("mirror.warm")
+
+WARM_JOBS = 4  # the server's background warming: transfers at once
 SETTLE_SECONDS = 60.0  # how long a fill another process ran may take to be renamed in
 
 
@@ -177,3 +182,16 @@ def parse_references(lines: list[str]) -> list[str]:
         if text:
             found.append(text)
     return found
+
+
+async def keep_warm(core: Core, settings: WarmConfig) -> None:
+    """The server's `warm:` list: fetched at start-up, then every `every` seconds (tags past
+    their TTL revalidated, new layers fetched), before anyone asks."""
+    platforms = [Platform.parse(text) for text in settings.platforms] or [Platform.here()]
+    while True:
+        display = Display(LogLines(log))
+        report = await Warmer(core, platforms, WARM_JOBS, display).run(list(settings.images))
+        log.info("warm: %s", report.summary())
+        for text, why in report.failed.items():
+            log.warning("warm: %s failed: %s", text, why)
+        await asyncio.sleep(settings.every)
