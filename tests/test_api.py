@@ -121,7 +121,7 @@ async def test_writes_are_refused(
         ("/v2/alpine/manifests/sha256:" + "0" * 64, 404, "MANIFEST_UNKNOWN"),
         ("/v2/alpine/blobs/sha256:" + "0" * 64, 404, "BLOB_UNKNOWN"),
         ("/v2/no/such/repo/tags/list", 404, "NAME_UNKNOWN"),
-        ("/v2/_catalog", 404, "NOT_FOUND"),
+        ("/v2/_catalog?n=-x", 400, "PAGINATION_NUMBER_INVALID"),
     ],
 )
 async def test_bad_input_and_missing_content(
