@@ -83,6 +83,7 @@ class UpstreamConfig:
     ttl_rules: tuple[TtlRule, ...] = ()  # this upstream's rules, then the global ones
     offline: bool = False  # never contact this upstream; default: the global `offline`
     serve_stale_on_404: bool = False  # an upstream 404 for a cached tag serves the cached copy
+    prefetch: bool = True  # fetch an image's layers as soon as its manifest passes through
     max_transfers: int = DEFAULT_MAX_TRANSFERS  # concurrent blob transfers from this upstream
     ecr: EcrConfig | None = None  # log in with Amazon ECR tokens
     acr: AcrConfig | None = None  # log in with an Azure AD refresh token
@@ -403,6 +404,7 @@ UPSTREAM_KEYS = {
     "manifest_ttl_rules",
     "offline",
     "serve_stale_on_404",
+    "prefetch",
     "max_transfers",
     "ecr",
     "acr",
@@ -672,6 +674,7 @@ def _parse_upstream(
         ttl_rules=_parse_rules(section.get("manifest_ttl_rules"), f"{where}.manifest_ttl_rules")
         + defaults.ttl_rules,
         offline=_parse_bool(section.get("offline", defaults.offline), f"{where}.offline"),
+        prefetch=_parse_bool(section.get("prefetch", defaults.prefetch), f"{where}.prefetch"),
         serve_stale_on_404=_parse_bool(
             section.get("serve_stale_on_404", False), f"{where}.serve_stale_on_404"
         ),
@@ -748,6 +751,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         "access",
         "ops_listen",
         "warm",
+        "prefetch",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -782,6 +786,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         manifest_ttl=manifest_ttl,
         ttl_rules=_parse_rules(data.get("manifest_ttl_rules"), "manifest_ttl_rules"),
         offline=_parse_bool(data.get("offline", False), "offline"),
+        prefetch=_parse_bool(data.get("prefetch", True), "prefetch"),
     )
     raw_upstreams = _mapping(
         data.get("upstreams", {DOCKER_HUB: {"url": "https://registry-1.docker.io"}}),

@@ -154,6 +154,18 @@ class Metrics:
             ["upstream", "outcome"],
             registry=registry,
         )
+        self.prefetched = Counter(
+            "mirror_prefetched_bytes",
+            "Blob bytes fetched ahead of any client, as an image manifest passed through.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.prefetch_hits = Counter(
+            "mirror_prefetch_hits",
+            "Blob requests answered from a prefetch (done, or under way and joined).",
+            ["upstream"],
+            registry=registry,
+        )
         self.access_refused = Counter(
             "mirror_access_refused",
             "Client requests refused by the access rules, by reason: credentials (wrong "
@@ -184,6 +196,18 @@ class Metrics:
             return self.registry
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        self.prefetched = Counter(
+            "mirror_prefetched_bytes",
+            "Blob bytes fetched ahead of any client, as an image manifest passed through.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.prefetch_hits = Counter(
+            "mirror_prefetch_hits",
+            "Blob requests answered from a prefetch (done, or under way and joined).",
+            ["upstream"],
+            registry=registry,
+        )
         self.access_refused = Counter(
             "mirror_access_refused",
             "Client requests refused by the access rules, by reason: credentials (wrong "

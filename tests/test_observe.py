@@ -57,8 +57,11 @@ async def scripted(
     sizes = {d: len(image.blobs[d]) for d in image.blobs}
     relay = await make_relay(upstream.url, ratelimit=(100, 76))
     bound = sizes[a] + sizes[b] + len(image.manifest) + sizes[c] - 1
-    mirror = await make_mirror(
-        {"docker.io": relay.url}, max_size=bound, manifest_ttl=0, clock=clock
+    mirror = await make_mirror(  # no prefetch: each blob is asked for by the script
+        {"docker.io": {"url": relay.url, "prefetch": False}},
+        max_size=bound,
+        manifest_ttl=0,
+        clock=clock,
     )
     base = f"{mirror.url}/v2/observed/app"
     async with aiohttp.ClientSession() as http:

@@ -322,3 +322,21 @@ def test_a_short_write_still_stores_the_whole_manifest(
     assert store.put_manifest(digest, data, "application/vnd.oci.image.manifest.v1+json")
     monkeypatch.undo()
     assert store.manifest_path(digest).read_bytes() == data
+
+
+def test_one_manifest_kept_by_many_threads_at_once(tmp_path: Path) -> None:
+    """Two tags naming one manifest are kept at once from two threads (warm, a server):
+    each write has its own temporary, so none removes another's."""
+    import concurrent.futures
+
+    store = DiskStore(tmp_path / "store", 10**9)
+    media_type = "application/vnd.oci.image.manifest.v1+json"
+    for round_ in range(10):
+        data = b'{"schemaVersion": 2, "layers": []}' + b" " * (5000 + round_)
+        digest = digest_of(data)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            jobs = [pool.submit(store.put_manifest, digest, data, media_type) for _ in range(16)]
+            kept = [job.result() for job in jobs]
+        assert all(kept) and store.get_manifest(digest) is not None
+    assert store.counters.disk_full == 0
+    store.close()

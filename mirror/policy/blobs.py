@@ -31,7 +31,9 @@ class Blobs:
         fills: Fills,
         upstream_of: Callable[[Route], Upstream],
         membership: Membership,
+        answered: Callable[[Digest], None] = lambda digest: None,
     ) -> None:
+        self._answered = answered  # told of each request answered without a new transfer
         self._config = config
         self._store = store
         self._fills = fills
@@ -66,6 +68,12 @@ class Blobs:
         """The stored blob (HIT; the caller closes it), or a transfer to stream from (its
         size known): one this request started (MISS) or one already running here or in
         another worker process (COALESCED)."""
+        source, result = await self._open(route, digest)
+        if result != MISS:
+            self._answered(digest)
+        return source, result
+
+    async def _open(self, route: Route, digest: Digest) -> tuple[StoredBlob | BlobStream, str]:
         deadline = time.monotonic() + self._config.timeouts.transfer
         while True:
             stored = self._store.open_blob(digest)

@@ -69,8 +69,10 @@ class Manifests:
         upstream_of: Callable[[Route], Upstream],
         clock: Clock,
         membership: Membership,
+        fetched: Callable[[Route, str, bytes], None] = lambda route, media_type, data: None,
     ) -> None:
         self._membership = membership
+        self._fetched = fetched  # told of each manifest fetched from an upstream (prefetch)
         self._config = config
         self._store = store
         self._tags = tags
@@ -250,6 +252,7 @@ class Manifests:
                 f"upstream {upstream.name} sent a manifest that does not match {digest}"
             ) from None
         self._make_room_soon()
+        self._fetched(route, media_type, data)
         return Manifest(str(digest), media_type, len(data), data, MISS)
 
     def _make_room_soon(self) -> None:

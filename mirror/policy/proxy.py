@@ -20,6 +20,7 @@ from .blobs import Blobs
 from .fills import Fills
 from .manifests import Manifests
 from .membership import Membership
+from .prefetch import Prefetcher
 
 
 class Proxy:
@@ -37,9 +38,14 @@ class Proxy:
         self._upstreams = upstreams
         self._tags = tags
         membership = Membership(store, enabled=config.access is not None)
-        self._manifests = Manifests(config, store, tags, self._upstream_of, clock, membership)
         self._fills = Fills(config, store, metrics, self._upstream_of)
-        self._blobs = Blobs(config, store, self._fills, self._upstream_of, membership)
+        prefetcher = Prefetcher(store, self._fills, metrics)
+        self._manifests = Manifests(
+            config, store, tags, self._upstream_of, clock, membership, prefetcher.manifest_fetched
+        )
+        self._blobs = Blobs(
+            config, store, self._fills, self._upstream_of, membership, prefetcher.answered
+        )
 
     def _upstream_of(self, route: Route) -> Upstream:
         return self._upstreams[route.upstream.name]

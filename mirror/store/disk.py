@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -259,7 +260,9 @@ class DiskStore:
         return True  # the room it takes is made by the caller's make_room, not in its wait
 
     def _write_atomically(self, path: Path, data: bytes) -> None:
-        temp = self._tmp / f"{path.name}.{os.getpid()}.tmp"  # the pid: see remove_stale
+        # Unique to this write (two threads may keep one manifest at once, for two tags),
+        # and ending with the pid: see remove_stale.
+        temp = self._tmp / f"{path.name}.{secrets.token_hex(4)}.{os.getpid()}.tmp"
         fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
         try:
             view = memoryview(data)
