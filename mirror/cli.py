@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mirror: config error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mirror: {args.command}: interrupted", file=sys.stderr)
+        return 130
     except OSError as error:
         print(f"mirror: {args.command}: {error}", file=sys.stderr)
         return 1

@@ -362,3 +362,75 @@ async def test_the_servers_warm_list_is_fetched_before_anyone_asks(
             assert await skopeo_copy_to_dir(f"{mirror.host}/{name}", target) == image.digest
     finally:
         await mirror.stop()
+
+
+async def test_what_does_not_fit_is_said_not_reported_done(
+    tmp_path: Path, upstream: Registry, seeded: Seeded
+) -> None:
+    """A store smaller than the image: warm fails naming it, import refuses before
+    writing, and a truncated archive is refused while the next one is imported."""
+    small = tmp_path / "small"
+    small.mkdir()
+    config = _config(
+        small, upstream.url, storage={"path": str(small / "cache"), "max_size": "4KiB"}
+    )
+    warm = await mirror_command(config, "warm", "team/app:v1")
+    assert warm.returncode == 1 and "failed: team/app:v1:" in warm.stdout
+    assert "not kept" in warm.stdout or "not in the store after all" in warm.stdout
+    online = tmp_path / "online"
+    online.mkdir()
+    archive = tmp_path / "site.tar"
+    await mirror_command(_config(online, upstream.url), "export", "-o", str(archive), "team/app:v1")
+    refused = await mirror_command(config, "import", str(archive))
+    assert refused.returncode == 1 and "storage.max_size (4096)" in refused.stdout
+    assert json.loads((await mirror_command(config, "ls", "--json")).stdout) == []
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    site = tmp_path / "site"
+    site.mkdir()
+    site_config = _config(site, CLOSED)
+    both = await mirror_command(site_config, "import", str(cut), str(archive))
+    assert both.returncode == 1, both.stdout + both.stderr
+    assert "cut.tar: refused:" in both.stdout and "Traceback" not in both.stderr
+    assert "imported docker.io/team/app:v1" in both.stdout
+
+
+async def test_an_image_named_by_digest_is_listed_unpinned_and_removed(
+    tmp_path: Path, upstream: Registry, seeded: Seeded
+) -> None:
+    online = tmp_path / "online"
+    online.mkdir()
+    archive = tmp_path / "by-digest.tar"
+    name = f"team/app@{seeded.docker.digest}"
+    exported = await mirror_command(
+        _config(online, upstream.url), "export", "-o", str(archive), name, "team/app:v1"
+    )
+    assert exported.returncode == 0, exported.stdout
+    site = tmp_path / "site"
+    site.mkdir()
+    config = _config(site, CLOSED)
+    assert (await mirror_command(config, "import", str(archive))).returncode == 0
+    listing = json.loads((await mirror_command(config, "ls", "--json")).stdout)
+    assert sorted(i["reference"] for i in listing) == [
+        "docker.io/team/app:v1",
+        f"docker.io/{name}",
+    ]
+    unpinned = await mirror_command(config, "unpin", name)
+    assert unpinned.returncode == 0 and f"unpinned docker.io/{name}" in unpinned.stdout
+    removed = await mirror_command(config, "rm", "team/app:v1")
+    assert removed.returncode == 0, removed.stdout
+    assert json.loads((await mirror_command(config, "ls", "--json")).stdout) == []
+
+
+async def test_export_checks_where_it_writes_before_fetching(
+    tmp_path: Path, upstream: Registry, seeded: Seeded
+) -> None:
+    config = _config(tmp_path, upstream.url)
+    mark = upstream.mark()
+    for target, problem in (
+        (tmp_path / "no" / "such" / "x.tar", "is not a directory"),
+        (tmp_path, "is a directory"),
+    ):
+        result = await mirror_command(config, "export", "-o", str(target), "alpine:3.20")
+        assert result.returncode == 2 and problem in result.stdout, result.stdout
+    assert upstream.hits(mark) == []

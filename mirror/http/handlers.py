@@ -263,7 +263,9 @@ class RegistryHandlers:
         try:
             count = min(int(request.query.get("n", CATALOG_PAGE)), CATALOG_MAX)
         except ValueError:
-            raise PaginationInvalid("n must be a whole number") from None
+            count = -1
+        if count < 0:
+            raise PaginationInvalid("n must be a whole number, 0 or more")
         last = request.query.get("last", "")
         names = []
         for upstream, repository in await self._proxy.repositories():

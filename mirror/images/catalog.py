@@ -66,21 +66,31 @@ def image_keys(store: DiskStore, digest: Digest) -> tuple[set[str], list[str], b
 
 
 def cached_images(store: DiskStore, tags: TagIndex) -> list[CachedImage]:
+    """Every cached tag's image, and every image pinned by digest."""
     pinned = store.index.pinned()
+    named = [
+        (f"{upstream}/{repository}:{tag}", entry.digest, entry.media_type)
+        for upstream, repository, tag, entry in sorted(tags.entries(), key=lambda e: e[:3])
+    ]
+    for ref in sorted(pinned):
+        if "@" in ref:
+            found = parse_digest(ref.partition("@")[2])
+            kept = store.get_manifest(found) if found is not None else None
+            if kept is not None:
+                named.append((ref, str(found), kept[1]))
     images = []
-    for upstream, repository, tag, entry in sorted(tags.entries(), key=lambda e: e[:3]):
-        digest = parse_digest(entry.digest)
+    for reference, digest_text, media_type in named:
+        digest = parse_digest(digest_text)
         if digest is None or store.get_manifest(digest) is None:
             continue  # its manifest was evicted: nothing of it to list
         keys, platforms, complete = image_keys(store, digest)
-        reference = f"{upstream}/{repository}:{tag}"
         used = [e.atime for key in keys if (e := store.index.get(key)) is not None]
         images.append(
             CachedImage(
                 reference,
-                entry.digest,
-                entry.media_type,
-                [p for p in platforms if p],
+                digest_text,
+                media_type,
+                sorted({p for p in platforms if p}),
                 sum(e.size for key in keys if (e := store.index.get(key)) is not None),
                 complete,
                 max(used, default=0.0),
@@ -94,15 +104,25 @@ def to_json(images: list[CachedImage]) -> str:
     return json.dumps([asdict(image) for image in images], indent=2)
 
 
-def remove_image(store: DiskStore, tags: TagIndex, upstream: str, repository: str, tag: str) -> int:
-    """Forget a tag, and drop what only its image used (what another cached tag or a pin
-    holds stays); the bytes freed."""
-    entry = tags.get(upstream, repository, tag)
-    if entry is None:
-        return 0
-    digest = parse_digest(entry.digest)
-    tags.forget(upstream, repository, tag)
-    store.index.unpin(f"{upstream}/{repository}:{tag}")
+def remove_image(
+    store: DiskStore, tags: TagIndex, upstream: str, repository: str, reference: str
+) -> int | None:
+    """Forget a tag (or an image pinned by digest), and drop what only its image used
+    (what another cached tag or a pin holds stays); the bytes freed, None when there was
+    no such image."""
+    by_digest = parse_digest(reference)
+    if by_digest is not None:
+        name = f"{upstream}/{repository}@{reference}"
+        if not store.index.unpin(name) and store.get_manifest(by_digest) is None:
+            return None
+        digest: Digest | None = by_digest
+    else:
+        entry = tags.get(upstream, repository, reference)
+        if entry is None:
+            return None
+        digest = parse_digest(entry.digest)
+        tags.forget(upstream, repository, reference)
+        store.index.unpin(f"{upstream}/{repository}:{reference}")
     if digest is None:
         return 0
     mine, _, _ = image_keys(store, digest)

@@ -4,6 +4,8 @@ the store the server with the same config uses, and may run beside it."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import secrets
 import time
 from pathlib import Path
 from typing import TextIO
@@ -13,14 +15,38 @@ from ..config import Config
 from ..core import Core
 from ..errors import RegistryError
 from ..maintenance import human
-from ..routing import route_image
+from ..reference import parse_digest
+from ..routing import image_name, route_image
+from ..store.base import blob_key, manifest_key
 from ..store.disk import DiskStore
 from ..store.tags import TagIndex
 from .catalog import cached_images, remove_image, to_json
 from .contents import Platform
 from .layout import ArchiveError, Importer, archive_digests, write_archive
 from .progress import Display
-from .warm import Warmer, parse_references
+from .warm import Image, Warmer, parse_references
+
+
+def _unwritable(output: Path) -> str | None:
+    """Why an archive cannot be written at `output` (checked before anything is fetched)."""
+    if output.is_dir():
+        return "is a directory"
+    folder = output.parent
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK):
+        return f"{folder} is not writable"
+    return None
+
+
+def _keys(images: list[Image]) -> set[str]:
+    keys = {blob_key(blob.digest) for image in images for blob in image.blobs}
+    for image in images:
+        for manifest in image.manifests:
+            digest = parse_digest(manifest.digest)
+            if digest is not None:
+                keys.add(manifest_key(digest))
+    return keys
 
 
 def references(given: list[str], from_file: Path | None) -> list[str]:
@@ -39,13 +65,14 @@ def platforms(asked: list[str] | None, every: bool) -> list[Platform] | None:
     return [Platform.parse(text) for text in asked]
 
 
-def _offline(config: Config) -> Config:
-    """The same config with every upstream offline: content from the cache only."""
+def _for_commands(config: Config, *, offline: bool = False) -> Config:
+    """The config a command fetches with: no prefetch (`--jobs` says how many transfers
+    run at once), and with `offline` every upstream offline (the cache only)."""
     upstreams = {
-        name: dataclasses.replace(upstream, offline=True)
+        name: dataclasses.replace(upstream, prefetch=False, offline=upstream.offline or offline)
         for name, upstream in config.upstreams.items()
     }
-    return dataclasses.replace(config, offline=True, upstreams=upstreams)
+    return dataclasses.replace(config, offline=config.offline or offline, upstreams=upstreams)
 
 
 async def warm(
@@ -54,7 +81,7 @@ async def warm(
     if not refs:
         out.write("mirror warm: no image given\n")
         return 2
-    core = Core.open(config, repair_store=False)
+    core = Core.open(_for_commands(config), repair_store=False)
     display = Display()
     try:
         report = await Warmer(core, wanted, jobs, display).run(refs)
@@ -81,7 +108,11 @@ async def export(
         out.write("mirror export: no image given\n")
         return 2
     skip = archive_digests(since) if since is not None else set()
-    core = Core.open(_offline(config) if offline else config, repair_store=False)
+    problem = _unwritable(output)
+    if problem is not None:
+        out.write(f"export: {output}: {problem}\n")
+        return 2
+    core = Core.open(_for_commands(config, offline=offline), repair_store=False)
     display = Display()
     try:
         report = await Warmer(core, wanted, jobs, display).run(refs)
@@ -90,8 +121,17 @@ async def export(
                 out.write(f"failed: {text}: {why}\n")
             out.write("export: nothing written\n")
             return 1
+        # Held while written: a server beside us cannot evict what the archive needs.
+        holding = f"export:{os.getpid()}:{secrets.token_hex(4)}"
+        core.store.index.pin(holding, sorted(_keys(report.images)))
         started = time.monotonic()
-        written = write_archive(report.images, core.store, output, skip)
+        try:
+            written = write_archive(report.images, core.store, output, skip)
+        except ArchiveError as exc:
+            out.write(f"export: {exc}\n")
+            return 1
+        finally:
+            core.store.index.unpin(holding)
         seconds = max(time.monotonic() - started, 1e-6)
     finally:
         display.close()
@@ -126,10 +166,11 @@ def import_archives(config: Config, files: list[Path], out: TextIO) -> int:
         store.close()
     report = importer.report
     seconds = max(time.monotonic() - started, 1e-6)
+    pinned = "; pinned (mirror unpin releases them)" if report.images else ""
     out.write(
         f"import: {len(report.images)} image(s), {report.manifests} manifests, {report.blobs} "
         f"blobs kept ({human(report.bytes)}, {report.bytes / seconds / 1e6:.0f} MB/s), "
-        f"{report.present} already there; pinned (mirror unpin releases them)\n"
+        f"{report.present} already there{pinned}\n"
     )
     return status
 
@@ -168,7 +209,7 @@ def remove_images(config: Config, refs: list[str], unpin_only: bool, out: TextIO
                 out.write(f"{text}: {exc.message}\n")
                 status = 1
                 continue
-            name = f"{route.upstream.name}/{route.repository}:{reference}"
+            name = image_name(route, reference)
             if unpin_only:
                 count = store.index.unpin(name)
                 out.write(
@@ -176,11 +217,11 @@ def remove_images(config: Config, refs: list[str], unpin_only: bool, out: TextIO
                 )
                 status |= 0 if count else 1
                 continue
-            if tags.get(route.upstream.name, route.repository, reference) is None:
+            freed = remove_image(store, tags, route.upstream.name, route.repository, reference)
+            if freed is None:
                 out.write(f"{name}: not cached\n")
                 status = 1
                 continue
-            freed = remove_image(store, tags, route.upstream.name, route.repository, reference)
             out.write(f"removed {name} ({human(freed)} freed)\n")
     finally:
         tags.close()

@@ -13,9 +13,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import lzma
 import os
+import secrets
 import tarfile
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,11 @@ CHUNK = 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"  # docker save's layers: uncompressed
+
+
+# What a cut or damaged archive raises while it is read.
+DAMAGED = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+FOLLOW_SECONDS = 120.0  # how long to wait for a blob another process is writing
 
 
 class ArchiveError(Exception):
@@ -92,10 +100,17 @@ def write_archive(images: list[Image], store: DiskStore, output: Path, skip: set
                         written.skipped += 1
                         continue
                     path = store.final_path(blob.digest)
-                    info = tar.gettarinfo(str(path), _blob_name(blob.digest))
-                    info.mode, info.uid, info.gid, info.uname, info.gname = 0o644, 0, 0, "", ""
-                    with path.open("rb") as file:
-                        tar.addfile(info, file)
+                    try:
+                        info = tar.gettarinfo(str(path), _blob_name(blob.digest))
+                        info.mode, info.uid, info.gid = 0o644, 0, 0
+                        info.uname = info.gname = ""
+                        with path.open("rb") as file:
+                            tar.addfile(info, file)
+                    except FileNotFoundError:
+                        raise ArchiveError(
+                            f"blob {blob.digest} left the store before it was written (the "
+                            "images are larger than storage.max_size?)"
+                        ) from None
                     written.blobs += 1
                     written.bytes += info.size
                 top = image.manifests[0]
@@ -148,9 +163,10 @@ class Layout:
             return
         try:
             self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by close())
-        except (tarfile.TarError, OSError) as exc:
-            raise ArchiveError(f"{path}: not a directory or a tar archive ({exc})") from None
-        for member in self._tar.getmembers():
+            members = self._tar.getmembers()
+        except DAMAGED as exc:
+            raise ArchiveError(f"{path}: not a whole tar archive ({exc})") from None
+        for member in members:
             if member.isfile():
                 self._members[member.name.removeprefix("./")] = member
 
@@ -171,6 +187,12 @@ class Layout:
         if file is None:
             raise ArchiveError(f"{self.path}: {name} is missing")
         return file
+
+    def size(self, name: str) -> int:
+        if self._tar is None:
+            return (self.path / name).stat().st_size
+        member = self._members.get(name)
+        return member.size if member is not None else 0
 
     def read(self, name: str, limit: int) -> bytes:
         with self.open(name) as file:
@@ -217,6 +239,9 @@ class Importer:
         self._clock = clock
         self._progress = progress
         self._media_types: dict[str, str] = {}  # of the manifests kept
+        # What this import has kept so far is pinned under this name until the images'
+        # own names pin it: eviction cannot take an image apart while it comes in.
+        self._holding = f"import:{os.getpid()}:{secrets.token_hex(4)}"
         self.report = Imported()
 
     def run(self, path: Path) -> list[str]:
@@ -224,8 +249,48 @@ class Importer:
         layout = Layout(path)
         try:
             return self._run(layout)
+        except DAMAGED as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, tarfile.TarError):
+                raise
+            raise ArchiveError(f"{path}: the archive is cut short or damaged ({exc})") from None
         finally:
+            self._store.index.unpin(self._holding)
             layout.close()
+
+    def _hold(self, key: str) -> None:
+        self._store.index.pin(self._holding, [key])
+
+    def _check_room(self, layout: Layout, needed: int) -> None:
+        """Refuse, before writing anything, an import that cannot fit beside what is
+        pinned already: pinned content is never evicted, so it would overflow the bound."""
+        bound = self._store.max_size
+        pinned = self._store.index.pinned_bytes()
+        if pinned + needed > bound:
+            raise ArchiveError(
+                f"{layout.path}: needs {needed} bytes, and {pinned} of storage.max_size "
+                f"({bound}) are pinned already: raise max_size, or unpin images"
+            )
+
+    def _needed(self, layout: Layout, digest: Digest, seen: set[str]) -> int:
+        """Bytes of the blobs below `digest` that the archive holds and the store lacks."""
+        name = _blob_name(digest)
+        if not layout.has(name):
+            return 0
+        data = layout.read(name, MANIFEST_LIMIT)
+        total = 0
+        try:
+            if is_index(_declared_type(data) or "", data):
+                return sum(self._needed(layout, c.digest, seen) for c in children(data))
+            for blob in blobs(data):
+                key = str(blob.digest)
+                blob_name = _blob_name(blob.digest)
+                if key in seen or not layout.has(blob_name) or self._store.has_blob(blob.digest):
+                    continue
+                seen.add(key)
+                total += layout.size(blob_name)
+        except BadManifest:
+            return 0  # refused with its digest when it is kept
+        return total
 
     def _run(self, layout: Layout) -> list[str]:
         if not layout.has("index.json"):
@@ -241,6 +306,13 @@ class Importer:
             assert isinstance(entries, list)
         except (ValueError, KeyError, TypeError, AssertionError):
             raise ArchiveError(f"{layout.path}: index.json is not an image index") from None
+        seen: set[str] = set()
+        needed = 0
+        for entry in entries:
+            digest = parse_digest(str(entry.get("digest", ""))) if isinstance(entry, dict) else None
+            if digest is not None:
+                needed += self._needed(layout, digest, seen)
+        self._check_room(layout, needed)
         plans = []
         for entry in entries:
             name = _name_of(entry if isinstance(entry, dict) else {})
@@ -280,6 +352,13 @@ class Importer:
             assert isinstance(images, list)
         except (ValueError, AssertionError):
             raise ArchiveError(f"{layout.path}: manifest.json is not docker save's") from None
+        layer_names = {
+            str(name)
+            for entry in images
+            if isinstance(entry, dict)
+            for name in entry.get("Layers", [])
+        }
+        self._check_room(layout, sum(layout.size(name) for name in layer_names))
         names = []
         for entry in images:
             tags = entry.get("RepoTags") or [] if isinstance(entry, dict) else []
@@ -316,6 +395,7 @@ class Importer:
                     digest, manifest, OCI_MANIFEST, route.upstream.name, route.repository
                 ):
                     raise ArchiveError(f"the store cannot keep manifest {digest} (a full disk?)")
+                self._hold(manifest_key(digest))
                 entry_ = TagEntry(str(digest), OCI_MANIFEST, self._clock())
                 self._tags.put(route.upstream.name, route.repository, reference, entry_)
                 full = image_name(route, reference)
@@ -329,6 +409,7 @@ class Importer:
         digest = digest_of(data)
         if not self._store.has_blob(digest):
             self._write_blob(digest, [data])
+        self._hold(blob_key(digest))
         return digest
 
     def _keep_file(self, layout: Layout, name: str) -> tuple[Digest, int]:
@@ -340,6 +421,7 @@ class Importer:
                 hasher.update(chunk)
                 size += len(chunk)
         digest = Digest("sha256", hasher.hexdigest())
+        self._hold(blob_key(digest))
         if self._store.has_blob(digest):
             self.report.present += 1
             return digest, size
@@ -349,8 +431,14 @@ class Importer:
 
     def _write_blob(self, digest: Digest, chunks: Iterable[bytes]) -> None:
         temp = self._store.begin_blob(digest)
-        if temp is None:
-            raise ArchiveError(f"blob {digest} is being written by another process; try again")
+        if temp is None:  # another process writes it (an import, the server): its result
+            deadline = time.monotonic() + FOLLOW_SECONDS
+            while not self._store.has_blob(digest):
+                if time.monotonic() > deadline:
+                    raise ArchiveError(f"blob {digest}: another process's write of it stalled")
+                time.sleep(0.1)
+            self.report.present += 1
+            return
         try:
             for chunk in chunks:
                 temp.write(chunk)
@@ -404,12 +492,14 @@ class Importer:
         )
         if not stored:
             raise ArchiveError(f"the store cannot keep manifest {digest} (a full disk?)")
+        self._hold(manifest_key(digest))
         self._media_types[str(digest)] = media_type
         self.report.manifests += 1
         return keys
 
     def _keep_blob(self, layout: Layout, digest: Digest) -> None:
         name = _blob_name(digest)
+        self._hold(blob_key(digest))  # before looking: what is there now stays
         if not layout.has(name):
             if self._store.has_blob(digest):
                 self.report.present += 1

@@ -15,9 +15,9 @@ from ..core import Core
 from ..errors import RegistryError
 from ..inflight import BlobStream, Transfer
 from ..maintenance import human
-from ..policy.answers import Manifest
+from ..policy.answers import MISS, Manifest
 from ..policy.manifests import ALL_MANIFEST_TYPES
-from ..reference import Digest
+from ..reference import Digest, parse_digest
 from ..routing import Route, image_name, route_image
 from ..store.base import StoredBlob
 from ..store.disk import DiskStore
@@ -51,13 +51,15 @@ class Report:
     failed: dict[str, str] = field(default_factory=dict)  # reference -> why
     fetched: int = 0  # blobs fetched now
     cached: int = 0  # blobs found in the cache
+    joined: int = 0  # blobs another transfer was fetching, followed to its end
     fetched_bytes: int = 0
     seconds: float = 0.0
 
     def summary(self) -> str:
         return (
             f"{len(self.images)} image(s), {len(self.failed)} failed; {self.fetched} blob(s) "
-            f"fetched ({human(self.fetched_bytes)}), {self.cached} already cached; "
+            f"fetched ({human(self.fetched_bytes)}), {self.joined} joined a transfer under "
+            f"way, {self.cached} already cached; "
             f"{self.seconds:.1f}s"
         )
 
@@ -103,7 +105,30 @@ class Warmer:
         if not image.blobs:
             raise WarmFailed(f"no manifest for {self._asked()} in {image.name}")
         await asyncio.gather(*(self._blob(image, blob) for blob in image.blobs))
+        await self._check_kept(image)
         return image
+
+    async def _check_kept(self, image: Image) -> None:
+        """Every manifest and blob of `image` is in the store now: none was refused by
+        the disk or evicted again (an image larger than max_size) on the way."""
+        store = self._core.store
+
+        def missing() -> str | None:
+            for manifest in image.manifests:
+                digest = parse_digest(manifest.digest)
+                if digest is None or store.get_manifest(digest) is None:
+                    return f"manifest {manifest.digest}"
+            for blob in image.blobs:
+                if not store.has_blob(blob.digest):
+                    return f"blob {blob.digest}"
+            return None
+
+        gone = await asyncio.to_thread(missing)
+        if gone is not None:
+            raise WarmFailed(
+                f"{gone} is not in the store after all (a full disk, or the image is larger "
+                "than storage.max_size)"
+            )
 
     def _asked(self) -> str:
         return ", ".join(map(str, self._platforms)) if self._platforms else "any platform"
@@ -140,7 +165,7 @@ class Warmer:
     async def fetch_blob(self, route: Route, digest: Digest, size: int) -> None:
         """Have `digest` in the store: a hit, or a transfer (this one, or one already
         running here or in another process) read to its end."""
-        source, _ = await self._core.proxy.open_blob(route, digest)
+        source, result = await self._core.proxy.open_blob(route, digest)
         if isinstance(source, StoredBlob):
             source.close()
             self.report.cached += 1
@@ -161,8 +186,11 @@ class Warmer:
             raise WarmFailed(f"{digest} was fetched but not kept (a full disk, or over max_size)")
         seconds = time.monotonic() - started
         self._display.finish(key, f"fetched {label} {human(received)} in {seconds:.1f}s")
-        self.report.fetched += 1
-        self.report.fetched_bytes += received
+        if result == MISS:
+            self.report.fetched += 1
+            self.report.fetched_bytes += received
+        else:  # a transfer already under way (a prefetch, the server beside us): joined
+            self.report.joined += 1
 
 
 async def _stored_soon(store: DiskStore, digest: Digest) -> bool:

@@ -190,6 +190,13 @@ class UsageIndex:
             self._db.execute("DELETE FROM pins WHERE ref = ?", (ref,))
         return int(count[0])
 
+    def pinned_bytes(self) -> int:
+        """Bytes of the entries some image pins (what eviction cannot free)."""
+        rows = self._rows(
+            "SELECT COALESCE(SUM(size), 0) FROM entries WHERE key IN (SELECT key FROM pins)"
+        )
+        return int(rows[0][0])
+
     def pinned(self) -> dict[str, set[str]]:
         """ref -> the keys it pins."""
         found: dict[str, set[str]] = {}
