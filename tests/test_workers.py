@@ -39,8 +39,25 @@ async def two_workers(
         },
     )
     await mirror.start()
+    await _both_listening(mirror)
     yield mirror, relay
     assert await mirror.stop() == 0
+
+
+async def _both_listening(mirror: MirrorProcess) -> None:
+    """Until both workers have answered (the first may be up before the second listens,
+    and then every connection goes to it)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while True:
+            async with session.get(f"{mirror.url}/v2/") as response:
+                assert response.status == 200
+            lines = [x for x in mirror.log.read_text().splitlines() if '"GET /v2/"' in x]
+            if len({re.search(r"\[(\d+)\]", x).group(1) for x in lines}) == 2:  # type: ignore[union-attr]
+                return
+            assert time.monotonic() < deadline, "the second worker never answered"
+            await asyncio.sleep(0.02)
 
 
 async def test_pulls_with_two_workers(
