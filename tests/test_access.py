@@ -409,6 +409,7 @@ async def test_the_ops_port_answers_plain_http_while_the_main_port_serves_tls(
         await mirror.stop()
 
 
+@pytest.mark.in_process  # the limit is counted per worker process
 async def test_guesses_sent_at_once_are_held_to_the_limit(
     make_mirror: MirrorFactory, upstream: Registry, users_file: Path
 ) -> None:
