@@ -19,20 +19,31 @@ from aiohttp import web
 
 from . import logs, maintenance
 from .app import create_app
-from .config import Config, ConfigError, exposure_warnings, load, naming_warnings, parse_size
+from .config import (
+    Config,
+    ConfigError,
+    exposure_warnings,
+    load,
+    naming_warnings,
+    parse_duration,
+    parse_size,
+)
 from .images import commands
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
 from .upstream.network import environment_warnings
+from .version import VERSION
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mirror {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True)
     subcommands = {
         "serve": "run the mirror",
+        "check-config": "read the config as serve would, check its files, and say what it sets",
         "verify": "re-hash every stored blob and manifest; remove corrupt ones (exit 1 if any)",
         "gc": "evict cached content down to a size or by age",
         "du": "show cache usage by upstream and repository",
@@ -83,9 +94,8 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--older-than",
-                type=float,
-                metavar="SECONDS",
-                help="evict everything not used for this many seconds",
+                metavar="DURATION",
+                help="evict everything not used for this long (seconds, or 30m, 12h, 7d)",
             )
     return parser
 
@@ -205,8 +215,44 @@ def _sweep_temporaries(config: Config, log: logging.Logger) -> None:
         log.warning("removed %d temporaries the worker left", removed)
 
 
+def check_config(path: Path, config: Config) -> int:
+    """What serve would run with: one line per setting an operator checks first."""
+    out = sys.stdout
+    out.write(f"{path}: valid\n")
+    out.write(f"listen {config.listen_host}:{config.listen_port}")
+    out.write(f" (TLS, {config.tls.cert})\n" if config.tls else " (plain HTTP)\n")
+    if config.ops_listen is not None:
+        out.write(f"ops_listen {config.ops_listen[0]}:{config.ops_listen[1]} (plain HTTP)\n")
+    out.write(f"storage {config.storage.path.resolve()}, bound {config.storage.max_size} bytes")
+    out.write("" if config.storage.path.exists() else " (not there yet: serve creates it)")
+    out.write(f"\nworkers {config.workers}\n")
+    for upstream in config.upstreams.values():
+        login = (
+            "with credentials" if upstream.username or upstream.ecr or upstream.acr else "anonymous"
+        )
+        flags = " offline" if upstream.offline else ""
+        default = " (default)" if upstream.name == config.default_upstream else ""
+        out.write(f"upstream {upstream.name}{default}: {upstream.url}, {login}{flags}\n")
+    access = config.access
+    out.write(
+        "access: none, every client pulls everything\n"
+        if access is None
+        else f"access: {len(access.rules)} rule(s), users from {access.users_file or '-'}\n"
+    )
+    for warning in [*naming_warnings(config), *exposure_warnings(config)]:
+        out.write(f"warning: {warning}\n")
+    return 0
+
+
 def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
     logs.configure("warning")
+    if not config.storage.path.exists():
+        print(
+            f"mirror {command}: storage.path {config.storage.path.resolve()} does not exist: "
+            "is --config the file the server uses (and MIRROR_STORAGE_PATH the same)?",
+            file=sys.stderr,
+        )
+        return 1
     # No repair: a server may be running on this store, and its work in progress (pending
     # rows, temporaries) is not a crash's leftovers.
     store = DiskStore(config.storage.path, config.storage.max_size, repair=False)
@@ -215,14 +261,19 @@ def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
             report = maintenance.verify(store, sys.stdout)
             return 1 if report.corrupt or report.missing else 0
         if command == "gc":
+            older_than = (
+                parse_duration(args.older_than, "--older-than")
+                if args.older_than is not None
+                else None
+            )
             size = (
                 parse_size(args.max_size, "--max-size")
                 if args.max_size is not None
                 else None
-                if args.older_than is not None
+                if older_than is not None
                 else config.storage.max_size
             )
-            maintenance.gc(store, sys.stdout, size, args.older_than)
+            maintenance.gc(store, sys.stdout, size, older_than)
             return 0
         maintenance.du(store, sys.stdout)
         return 0
@@ -261,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             serve(config)
             return 0
+        if args.command == "check-config":
+            return check_config(args.config, config)
         if args.command in ("warm", "export", "import", "ls", "rm", "unpin"):
             return images(args.command, config, args)
         return maintain(args.command, config, args)

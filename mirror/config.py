@@ -324,9 +324,14 @@ def _number(value: Any, key: str, *, minimum: float = 0.0) -> float:
             f"{key}: expected seconds or a duration like 30s, 5m, 1h or 7d, got {value!r}"
         )
     number = float(value) if match is None else float(match[1]) * _DURATION_UNITS[match[2] or "s"]
-    if number < minimum:
+    if (not math.isfinite(number) and number != math.inf) or number < minimum:
         raise ConfigError(f"{key}: must be at least {minimum:g} seconds, got {value!r}")
     return number
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Seconds from `90`, `30s`, `5m`, `1h`, `7d`: never negative, never NaN."""
+    return _number(value, key)
 
 
 def _count(value: Any, key: str, *, minimum: int = 1) -> int:

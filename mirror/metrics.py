@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .tally import RecentTally
+from .version import VERSION
 
 RESULTS = ("hit", "miss", "coalesced", "stale", "negative", "error")
 
@@ -154,6 +155,14 @@ class Metrics:
             ["upstream", "outcome"],
             registry=registry,
         )
+        self.build = Gauge(
+            "mirror_build_info",
+            "1, labelled with the running version.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build.labels(VERSION).set(1)
         self.prefetched = Counter(
             "mirror_prefetched_bytes",
             "Blob bytes fetched ahead of any client, as an image manifest passed through.",
@@ -196,32 +205,6 @@ class Metrics:
             return self.registry
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        self.prefetched = Counter(
-            "mirror_prefetched_bytes",
-            "Blob bytes fetched ahead of any client, as an image manifest passed through.",
-            ["upstream"],
-            registry=registry,
-        )
-        self.prefetch_hits = Counter(
-            "mirror_prefetch_hits",
-            "Blob requests answered from a prefetch (done, or under way and joined).",
-            ["upstream"],
-            registry=registry,
-        )
-        self.access_refused = Counter(
-            "mirror_access_refused",
-            "Client requests refused by the access rules, by reason: credentials (wrong "
-            "or missing where needed), denied (an identity without the grant), rate_limited "
-            "(too many failed logins).",
-            ["reason"],
-            registry=registry,
-        )
-        self.logins = Counter(
-            "mirror_logins",
-            "Logins checked against access.users_file (Basic, or at /token), by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
         registry.register(StateCollector(self))
         return registry
 

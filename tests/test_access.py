@@ -395,7 +395,9 @@ async def test_the_ops_port_answers_plain_http_while_the_main_port_serves_tls(
                 async with http.get(f"http://{ops}{path}") as response:
                     assert response.status == 200, path
             async with http.get(f"http://{ops}/metrics") as response:
-                assert "# TYPE mirror_upstream_up gauge" in await response.text()
+                text = await response.text()
+                assert "# TYPE mirror_upstream_up gauge" in text
+                assert 'mirror_build_info{version="' in text  # summed over both workers: 1
             context = ssl.create_default_context(cafile=str(pki.ca))
             async with http.get(f"https://{mirror.host}/v2/", ssl=context) as response:
                 assert response.status == 401

@@ -71,3 +71,48 @@ def test_missing_config_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "nope.yaml: cannot read" in result.stderr
+
+
+def _mirror(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MIRROR, *args], capture_output=True, text=True, check=False, cwd=cwd, timeout=60
+    )
+
+
+def test_version_and_check_config(tmp_path: Path) -> None:
+    version = _mirror("--version")
+    assert version.returncode == 0 and version.stdout.startswith("mirror ")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "listen: 0.0.0.0:5000\nstorage: {path: ./cache}\n"
+        "upstreams: {docker.io: {url: https://registry-1.docker.io, username: u, password: p}}\n"
+    )
+    checked = _mirror("check-config", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "valid" in checked.stdout and "upstream docker.io (default)" in checked.stdout
+    assert (
+        "with credentials" in checked.stdout and "warning: listening on 0.0.0.0" in checked.stdout
+    )
+    assert "p\n" not in checked.stdout
+    assert not (tmp_path / "cache").exists()  # checking creates nothing
+    config.write_text("manifest_ttl: soon\n")
+    bad = _mirror("check-config", "--config", str(config))
+    assert bad.returncode == 2 and "manifest_ttl: expected seconds" in bad.stderr
+
+
+def test_maintenance_on_a_store_that_is_not_there_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"storage: {{path: {tmp_path / 'nowhere'}}}\n")
+    for command in ("du", "gc", "verify"):
+        result = _mirror(command, "--config", str(config))
+        assert result.returncode == 1 and "does not exist" in result.stderr, command
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "soon", "1w"])
+def test_gc_older_than_must_be_a_duration(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "mirror.yaml"
+    (tmp_path / "cache").mkdir()
+    config.write_text(f"storage: {{path: {tmp_path / 'cache'}}}\n")
+    result = _mirror("gc", "--config", str(config), f"--older-than={value}")
+    assert result.returncode == 2 and "--older-than:" in result.stderr, result.stderr

@@ -17,6 +17,7 @@ from ..errors import Handler
 from ..maintenance import human
 from ..metrics import Metrics
 from ..store.base import BlobStore
+from ..version import VERSION
 
 STYLE = """
 body{font:15px/1.45 system-ui,sans-serif;margin:0 auto;max-width:56rem;padding:1rem;color:#1d232a}
@@ -122,7 +123,7 @@ def render(
 <meta http-equiv="refresh" content="15">
 <title>mirror status</title><style>{STYLE}</style></head>
 <body>
-<h1>Registry mirror</h1>
+<h1>Registry mirror <small>{escape(VERSION)}</small></h1>
 <div class="cards">{cards}</div>
 <h2>Upstreams</h2>
 {_table(("upstream", "state", "requests", "pulls left"), upstream_rows, numeric=2)}
