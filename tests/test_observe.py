@@ -88,6 +88,8 @@ async def scripted(
         clock.advance(2)  # everything is past the eviction grace
         assert (await _read(http, f"{base}/blobs/{c}"))[0] == 200  # miss, evicts A
         await until(lambda: store.has_blob(parse_digest(c)), "C is kept")  # type: ignore[arg-type]
+        # room is made just after C's rename: wait for it, not only for C
+        await until(lambda: store.evictions()[0] >= 1, "A is evicted for C")
         status, metrics_text = await _read(http, f"{mirror.url}/metrics")
     assert status == 200
     return {
