@@ -9,6 +9,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -100,8 +101,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _can_serve(config: Config) -> None:
+    """What would stop the server, said in one line before it starts: a port another
+    process holds (another mirror too: its workers' SO_REUSEPORT is not shared with us),
+    a storage folder this user cannot write."""
+    addresses = [("listen", (config.listen_host, config.listen_port))]
+    if config.ops_listen is not None:
+        addresses.append(("ops_listen", config.ops_listen))
+    for key, (host, port) in addresses:
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                # as the server binds (TIME_WAIT is no obstacle), but without SO_REUSEPORT:
+                # a listening socket there, another mirror's included, is
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
+    path = config.storage.path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"storage.path: cannot create {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"storage.path: {path} is not writable by this user")
+
+
 def serve(config: Config) -> None:
     logs.configure(config.log_level, config.log_format)
+    _can_serve(config)
     # uvloop: a cold fill costs ~10% less CPU than on asyncio's loop (hits do not need
     # loop.sendfile, which uvloop lacks: see sendfile.py)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

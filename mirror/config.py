@@ -845,6 +845,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
                 raise ConfigError(f"tls.{key}: cannot read {value}")
             files[key] = Path(value)
         tls = TlsConfig(cert=files["cert"], key=files["key"])
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
+        except (ssl.SSLError, OSError, ValueError):
+            raise ConfigError(
+                f"tls.cert, tls.key: {tls.cert} and {tls.key} are not a PEM certificate (chain) "
+                "and its matching private key"
+            ) from None
 
     workers = data.get("workers", defaults.workers)
     if isinstance(workers, str) and workers.isdigit():

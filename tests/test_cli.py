@@ -116,3 +116,41 @@ def test_gc_older_than_must_be_a_duration(tmp_path: Path, value: str) -> None:
     config.write_text(f"storage: {{path: {tmp_path / 'cache'}}}\n")
     result = _mirror("gc", "--config", str(config), f"--older-than={value}")
     assert result.returncode == 2 and "--older-than:" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_says_in_one_line_why_it_cannot_start(tmp_path: Path, workers: int) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "mirror.yaml"
+        config.write_text(
+            f"listen: 127.0.0.1:{port}\nworkers: {workers}\nstorage: {{path: {tmp_path / 'c'}}}\n"
+        )
+        result = _mirror("serve", "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"mirror: config error: listen: cannot listen on 127.0.0.1:{port}")
+    )
+    assert "Traceback" not in result.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    config.write_text(f"listen: 127.0.0.1:0\nstorage: {{path: {a_file / 'cache'}}}\n")
+    result = _mirror("serve", "--config", str(config))
+    assert result.returncode == 2 and "storage.path: cannot create" in result.stderr
+
+
+def test_a_certificate_that_is_not_one_is_a_config_error(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    config = tmp_path / "mirror.yaml"
+    config.write_text(f"tls: {{cert: {cert}, key: {key}}}\n")
+    result = _mirror("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert "tls.cert, tls.key:" in result.stderr and "PEM lib" not in result.stderr
