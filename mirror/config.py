@@ -881,6 +881,23 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as safe_load reads it, except that a key given twice in one mapping is an
+    error (safe_load lets the last one win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"line {line}: key {key!r} is given twice (first on line {seen[key]})"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a mirror.yaml; every problem is a ConfigError naming the key."""
     try:
@@ -888,11 +905,16 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no tags run code
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        raise ConfigError(
+            f"{path}: not valid YAML{where}" + (f": {problem}" if problem else "")
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -113,6 +113,14 @@ default_upstream: gcr.io
         ("log_level: loud\n", "log_level:"),
         ("- a list\n", "expected a mapping"),
         ("listen: [unclosed\n", "not valid YAML at line"),
+        (
+            "listen: 0.0.0.0:5000\nstorage: {path: /a}\nlisten: 127.0.0.1:1\n",
+            "line 3: key 'listen' is given twice (first on line 1)",
+        ),
+        (
+            "upstreams:\n  ghcr.io: {url: https://a}\n  ghcr.io: {url: https://b}\n",
+            "key 'ghcr.io' is given twice",
+        ),
         # unquoted secrets that YAML turns into numbers or booleans
         (
             "upstreams: {docker.io: {url: https://r, username: u, password: 0123456}}\n",
