@@ -103,6 +103,15 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (DEPLOY / "systemd" / "mirror.service").read_text()
     assert "ExecStart=/opt/mirror/bin/mirror serve" in unit
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit
+    # the store's place is in the config file the commands read, not in the unit's env
+    assert "MIRROR_STORAGE_PATH" not in unit
+    install = next(line for line in unit.splitlines() if line.startswith("#          sed "))
+    command = install.removeprefix("#          ").split(" > ")[0]
+    root = DEPLOY.parent
+    made = subprocess.run(
+        ["bash", "-c", command], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    assert from_mapping(yaml.safe_load(made), env={}).storage.path == Path("/var/lib/mirror")
     local = tmp_path / "mirror.service"
     local.write_text(unit.replace("/opt/mirror/bin/mirror", mirror))
     result = subprocess.run(
