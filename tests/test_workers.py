@@ -195,7 +195,11 @@ async def test_a_worker_killed_mid_fill_leaves_no_temporary_behind(
             deadline = time.monotonic() + 10
             # (the client's retry may start a new fill of the same name: a new file)
             while any(p.stat().st_ino == left for p in tmp.glob("*.part")):
-                assert time.monotonic() < deadline, "the dead worker's temporary stayed"
+                assert time.monotonic() < deadline, (
+                    "the dead worker's temporary stayed; held open by "
+                    f"{_holder_of('.part', _children(mirror.pid))} (killed {holder}):\n"
+                    + mirror.log.read_text()[-3000:]
+                )
                 await asyncio.sleep(0.05)
             pull.cancel()
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
