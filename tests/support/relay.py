@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from multidict import CIMultiDict
 
 HOP_BY_HOP = {
     "connection",
@@ -40,6 +41,7 @@ class Faults:
     stall_after: int | None = None  # stop sending (but keep the connection) after this many
     faulty_bodies: int = 1  # how many blob bodies the cut or stall applies to
     ratelimit: tuple[int, int] | None = None  # (limit, remaining) headers, as Docker Hub sends
+    latency: float = 0.0  # seconds added before each answer: a far registry's round trip
 
 
 @dataclass
@@ -96,6 +98,8 @@ class Relay:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.requests.append((request.method, request.path))
+        if self.faults.latency:
+            await asyncio.sleep(self.faults.latency)
         self.authorizations.append((request.path, request.headers.get("Authorization")))
         if "Range" in request.headers:
             self.ranges.append((request.path, request.headers["Range"]))
@@ -139,8 +143,12 @@ class Relay:
         extra: dict[str, str] | None = None,
     ) -> web.StreamResponse:
         assert self.session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        headers |= extra or {}
+        # A multidict: clients send one Accept header per media type, and all must pass.
+        headers = CIMultiDict(
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP
+        )
+        for key, value in (extra or {}).items():
+            headers[key] = value
         body = await request.read()
         async with self.session.request(
             request.method,

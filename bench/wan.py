@@ -1,0 +1,153 @@
+"""A cold pull over a wide-area link, direct and through the mirror, side by side.
+
+Between the registry (Debian's docker-registry) and whoever pulls sits a relay that adds a
+round trip to every request and caps each connection's body at a CDN-like rate. dockerd
+(its default 3 downloads at once) and skopeo pull an image of 8 layers of 40 MB: straight
+through the relay, and through a fresh mirror whose upstream is that relay (prefetch on:
+the mirror fetches every layer at once as the manifest passes). Alternating, median of
+rounds; every pull cold on both sides.
+
+    python -m bench.wan [--rounds 3] [--latency 0.04] [--rate 25000000]
+
+Needs root (dockerd) and the Debian packages scripts/test installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench.run import skopeo_pull, start_mirror
+from tests.support.images import Pusher
+from tests.support.registry import Registry, free_port
+from tests.support.relay import Faults, Relay
+
+MB = 1000 * 1000
+LAYERS = (40 * MB,) * 8
+
+
+@contextlib.contextmanager
+def dockerd(root: Path, mirror: str, insecure: str) -> Iterator[dict[str, str]]:
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "daemon.json"
+    config.write_text(json.dumps({"registry-mirrors": [mirror], "insecure-registries": [insecure]}))
+    socket = root / "docker.sock"
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing may be reached around the mirror
+    process = subprocess.Popen(
+        [
+            "dockerd",
+            "--config-file",
+            str(config),
+            "--data-root",
+            str(root / "data"),
+            "--exec-root",
+            str(root / "exec"),
+            "--pidfile",
+            str(root / "pid"),
+            "--host",
+            f"unix://{socket}",
+            "--storage-driver",
+            "vfs",
+            "--bridge",
+            "none",
+            "--iptables=false",
+            "--ip6tables=false",
+        ],
+        stdout=(root / "log").open("wb"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HTTP_PROXY": closed, "HTTPS_PROXY": closed, "NO_PROXY": "127.0.0.1"},
+    )
+    env = {**os.environ, "DOCKER_HOST": f"unix://{socket}"}
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["docker", "version"], env=env, capture_output=True).returncode:
+            if time.monotonic() > deadline:
+                raise RuntimeError("dockerd did not start: " + (root / "log").read_text()[-2000:])
+            time.sleep(0.2)
+        yield env
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def docker_pull(env: dict[str, str], reference: str) -> float:
+    started = time.monotonic()
+    subprocess.run(["docker", "pull", "-q", reference], env=env, check=True, capture_output=True)
+    took = time.monotonic() - started
+    subprocess.run(["docker", "rmi", "-f", reference], env=env, check=True, capture_output=True)
+    return took
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency", type=float, default=0.04)
+    parser.add_argument("--rate", type=float, default=25 * MB)
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="wan-") as work_dir:
+        work = Path(work_dir)
+        registry = Registry(work / "registry")
+        relay = None
+        try:
+            Pusher(registry.url).image("bench/wan", "1", layer_sizes=LAYERS)
+            relay = await Relay(registry.url, Faults(rate=args.rate, latency=args.latency)).start()
+            far = relay.url.removeprefix("http://")
+            for number in range(args.rounds):
+                order = ("direct", "mirror") if number % 2 == 0 else ("mirror", "direct")
+                for client in ("dockerd", "skopeo"):
+                    for way in order:
+                        root = work / f"{client}-{way}-{number}"
+                        mirror = start_mirror(root / "mirror", relay.url, workers=1)
+                        try:
+                            host = mirror.url.removeprefix("http://")
+                            if client == "dockerd":
+                                with dockerd(
+                                    Path(tempfile.mkdtemp(prefix="d-", dir="/tmp")), mirror.url, far
+                                ) as env:
+                                    reference = (
+                                        f"{far}/bench/wan:1" if way == "direct" else "bench/wan:1"
+                                    )
+                                    took = await asyncio.to_thread(docker_pull, env, reference)
+                            else:
+                                source = far if way == "direct" else host
+                                took = await asyncio.to_thread(
+                                    skopeo_pull, f"{source}/bench/wan:1", root / "dir"
+                                )
+                        finally:
+                            mirror.stop()
+                            shutil.rmtree(root, ignore_errors=True)
+                        results.setdefault(f"{client} {way}", []).append(took)
+        finally:
+            if relay is not None:
+                await relay.close()
+            registry.stop()
+    size = sum(LAYERS) / MB
+    print(
+        f"image: {size:.0f} MB in {len(LAYERS)} layers; relay: +{args.latency * 1000:.0f} ms "
+        f"a request, {args.rate / MB:g} MB/s a connection; median of {args.rounds}, cold"
+    )
+    print("| client | direct (s) | through the mirror (s) | mirror / direct |")
+    print("| --- | --- | --- | --- |")
+    for client in ("dockerd", "skopeo"):
+        direct = statistics.median(results[f"{client} direct"])
+        through = statistics.median(results[f"{client} mirror"])
+        print(f"| {client} | {direct:.2f} | {through:.2f} | {through / direct:.2f}x |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
