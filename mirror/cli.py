@@ -1,4 +1,4 @@
-"""The `mirror` command: `mirror serve --config FILE`."""
+"""mirror: a pull-through cache for container registries (mirror serve --config FILE)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ no secrets), statuses, sizes, timings and upstream names only.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -26,6 +27,7 @@ ACCESS_FIELDS = (
     "upstream",
     "user",  # with access rules: the client's user name, or "-"
     "access",  # with access rules: allowed, token, or refused:<reason>
+    "agent",  # the client's User-Agent (which docker, containerd, kubelet asked)
 )
 
 
@@ -58,7 +60,10 @@ class MalformedRequests(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            # UTC with milliseconds, as log pipelines parse it (RFC 3339)
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "pid": record.process,
             "logger": record.name,

@@ -18,6 +18,10 @@ from .store.disk import DiskStore
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
 def human(size: float) -> str:
     for unit in UNITS:
         if abs(size) < 1024 or unit == UNITS[-1]:
@@ -129,7 +133,10 @@ def gc(store: BlobStore, out: TextIO, max_size: int | None, older_than: float | 
                 count += 1
     progress.close()
     used, entries = store.usage()
-    out.write(f"evicted {count} entries, {human(freed)}; now {human(used)} in {entries} entries\n")
+    out.write(
+        f"evicted {_count(count, 'entry', 'entries')}, {human(freed)}; "
+        f"now {human(used)} in {_count(entries, 'entry', 'entries')}\n"
+    )
     return freed
 
 
@@ -137,7 +144,8 @@ def du(store: BlobStore, out: TextIO) -> None:
     """Usage by upstream and repository, largest first (one query: no progress to show)."""
     used, entries = store.usage()
     out.write(
-        f"total {human(used)} in {entries} entries, bound {human(store.max_size)} "
+        f"total {human(used)} in {_count(entries, 'entry', 'entries')}, "
+        f"bound {human(store.max_size)} "
         f"({used / store.max_size:.1%})\n"
     )
     by_upstream: dict[str, int] = {}
@@ -148,4 +156,7 @@ def du(store: BlobStore, out: TextIO) -> None:
         out.write(f"{human(size):>12}  {upstream}\n")
         for up, repository, repo_size, count in rows:
             if (up or "-") == upstream:
-                out.write(f"{human(repo_size):>12}    {repository or '-'} ({count} entries)\n")
+                out.write(
+                    f"{human(repo_size):>12}    {repository or '-'} "
+                    f"({_count(count, 'entry', 'entries')})\n"
+                )

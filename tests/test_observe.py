@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -227,6 +228,8 @@ async def test_json_logs_parse_and_hold_no_secret(
     assert len(access) == len(image.blobs) + 2
     assert {"method", "path", "status", "bytes", "duration", "result", "upstream"} <= set(access[0])
     assert [e["status"] for e in access][-2:] == [200, 404]
+    assert access[0]["agent"].startswith("Python/") and "aiohttp" in access[0]["agent"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", access[0]["time"])
     log_text = mirror.log.read_text()
     for secret in ("wonderland", "Basic ", "Bearer "):
         assert secret not in log_text

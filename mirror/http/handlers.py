@@ -37,6 +37,7 @@ from .sendfile import FileShrank, send_file
 log = logging.getLogger("mirror.handlers")
 
 API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
+PING = "ping"  # how GET /v2/ counts: neither a hit nor a miss
 CATALOG_PAGE = 1000  # repositories in a /v2/_catalog answer when the client names no n
 CATALOG_MAX = 10_000
 WRITE_METHODS = ("PUT", "POST", "PATCH", "DELETE")
@@ -99,7 +100,7 @@ class RegistryHandlers:
     async def base(self, request: web.Request) -> web.StreamResponse:
         """GET|HEAD /v2/: the API version check every client starts with."""
         await self._gate.base(request)
-        request[RESULT] = HIT
+        request[RESULT] = PING
         return web.json_response({}, headers=API_HEADERS)
 
     async def manifest(self, request: web.Request) -> web.StreamResponse:

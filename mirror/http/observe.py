@@ -72,6 +72,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
                     "duration": round(duration, 6),
                     "result": result,
                     "upstream": upstream,
+                    "agent": request.headers.get("User-Agent", ""),
                     **({} if identity is None else {"user": identity, "access": request[DECISION]}),
                 },
             )
