@@ -25,14 +25,16 @@ def _kube() -> dict[str, dict[str, Any]]:
 
 def test_kubernetes_manifests() -> None:
     found = _kube()
+    # nothing that needs the Prometheus operator's CRDs: apply works on any cluster
     assert set(found) == {
         "ConfigMap/mirror-config",
         "StatefulSet/mirror",
         "Service/mirror",
         "Service/mirror-ops",
-        "ServiceMonitor/mirror",
     }
     kinds = {name.split("/")[0]: doc for name, doc in found.items() if name != "Service/mirror-ops"}
+    (monitor_doc,) = yaml.safe_load_all((DEPLOY / "kubernetes" / "servicemonitor.yaml").read_text())
+    kinds["ServiceMonitor"] = monitor_doc
     config = yaml.safe_load(kinds["ConfigMap"]["data"]["mirror.yaml"])
     parsed = from_mapping(config, env={})
     assert parsed.listen_port == 5000 and str(parsed.storage.path) == "/var/lib/mirror"
@@ -44,7 +46,15 @@ def test_kubernetes_manifests() -> None:
     # probes on the plain-HTTP operations port: they work when the main port serves TLS
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert (
+        container["startupProbe"]["failureThreshold"] * container["startupProbe"]["periodSeconds"]
+        >= 600
+    )  # ten minutes of start-up repair before the liveness probe counts
+    assert container["imagePullPolicy"] == "Never" and ":latest" not in container["image"]
     ops_service = found["Service/mirror-ops"]
+    assert ops_service["spec"]["clusterIP"] == "None"  # headless: the StatefulSet's service
+    assert spec["serviceName"] == "mirror-ops"
     monitor = kinds["ServiceMonitor"]["spec"]
     assert monitor["selector"]["matchLabels"] == ops_service["metadata"]["labels"]
     assert monitor["endpoints"][0]["port"] == ops_service["spec"]["ports"][0]["name"] == "ops"
@@ -63,6 +73,11 @@ def test_compose_file() -> None:
     services = compose["services"]
     assert set(services) == {"mirror", "prometheus", "grafana"}
     assert "5000:5000" in services["mirror"]["ports"]
+    assert "../mirror.yaml:/etc/mirror/mirror.yaml:ro" in [
+        v.split("  ")[0] for v in services["mirror"]["volumes"]
+    ]
+    grafana_env = services["grafana"]["environment"]
+    assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     assert any(v.endswith(":/var/lib/mirror") for v in services["mirror"]["volumes"])
     assert services["mirror"]["build"]["dockerfile"] == "deploy/Dockerfile"
     for mount in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
@@ -82,6 +97,7 @@ def test_dockerfile() -> None:
     assert instructions[0] == "FROM"
     assert "USER mirror" in lines and "VOLUME /var/lib/mirror" in lines
     assert "EXPOSE 5000 9000" in lines
+    assert 'RUN pip install --no-cache-dir ".[ecr]" && rm -rf /src' in lines  # ECR logins
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert any("http://127.0.0.1:9000/healthz" in line for line in lines)
     assert any("MIRROR_OPS_LISTEN=0.0.0.0:9000" in line for line in lines)
