@@ -170,11 +170,13 @@ def _run(config: Config, *, worker: bool, parent: int = 0) -> None:
         # the server set its own would run the supervisor's code here and be ignored.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # set again below
         start_worker_metrics()
     ssl_context = None
     if config.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls.cert, config.tls.key)
+    signal.signal(signal.SIGHUP, lambda signum, frame: _reload(config, ssl_context))
     web.run_app(
         create_app(config, repair_store=not worker),
         host=config.listen_host,
@@ -184,6 +186,22 @@ def _run(config: Config, *, worker: bool, parent: int = 0) -> None:
         print=None,
         access_log=None,
     )
+
+
+def _reload(config: Config, context: ssl.SSLContext | None) -> None:
+    """SIGHUP: the certificate and key read again (renewed by certbot, cert-manager), for
+    the connections that come next; those open go on. The users file needs no signal: it
+    is read again when it changes."""
+    log = logging.getLogger("mirror")
+    if context is None or config.tls is None:
+        log.info("SIGHUP: nothing to reload (no tls)")
+        return
+    try:
+        context.load_cert_chain(config.tls.cert, config.tls.key)
+    except (ssl.SSLError, OSError) as exc:
+        log.error("SIGHUP: tls.cert, tls.key not reloaded, the old ones stay: %s", exc)
+        return
+    log.info("SIGHUP: reloaded %s", config.tls.cert)
 
 
 def _supervise(config: Config) -> None:
@@ -212,8 +230,14 @@ def _supervise(config: Config) -> None:
             if process.is_alive():
                 process.terminate()
 
+    def forward(signum: int, frame: object) -> None:
+        for process in workers.values():
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)  # the workers reload their certificates
     while workers:
         for number, process in list(workers.items()):
             process.join(timeout=0.2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -154,3 +155,54 @@ def test_a_certificate_that_is_not_one_is_a_config_error(tmp_path: Path) -> None
     result = _mirror("check-config", "--config", str(config))
     assert result.returncode == 2
     assert "tls.cert, tls.key:" in result.stderr and "PEM lib" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_reloads_the_certificate_for_new_connections(
+    tmp_path: Path, workers: int
+) -> None:
+    import asyncio
+    import shutil
+    import signal
+    import ssl
+
+    from tests.support.pki import make_pki
+    from tests.support.registry import free_port
+
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    shutil.copy(old.server_cert, cert)
+    shutil.copy(old.server_key, key)
+    ops = f"127.0.0.1:{free_port()}"
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": workers,
+            "ops_listen": ops,
+            "tls": {"cert": str(cert), "key": str(key)},
+            "storage": {"path": str(tmp_path / "cache")},
+        },
+    ).start()
+
+    async def trusted_by(pki_ca: Path) -> bool:
+        context = ssl.create_default_context(cafile=str(pki_ca))
+        try:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True)
+            ) as http, http.get(f"https://{mirror.host}/healthz", ssl=context) as response:
+                return response.status == 200
+        except aiohttp.ClientConnectorCertificateError:
+            return False
+
+    try:
+        assert await trusted_by(old.ca) and not await trusted_by(new.ca)
+        shutil.copy(new.server_cert, cert)
+        shutil.copy(new.server_key, key)
+        os.kill(mirror.pid, signal.SIGHUP)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not all([await trusted_by(new.ca) for _ in range(8)]):  # every worker
+            assert asyncio.get_running_loop().time() < deadline, mirror.log.read_text()[-2000:]
+            await asyncio.sleep(0.1)
+    finally:
+        assert await mirror.stop() == 0
+    assert "SIGHUP: reloaded" in mirror.log.read_text()
