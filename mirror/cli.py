@@ -28,6 +28,7 @@ from .config import (
     naming_warnings,
     parse_duration,
     parse_size,
+    variable_warnings,
 )
 from .images import commands
 from .metrics import share_between_workers, start_worker_metrics
@@ -144,6 +145,7 @@ def serve(config: Config) -> None:
     warnings = [
         *naming_warnings(config),
         *exposure_warnings(config),
+        *variable_warnings(config),
         *environment_warnings(os.environ),
     ]
     for warning in warnings:
@@ -291,7 +293,11 @@ def check_config(path: Path, config: Config) -> int:
         if access is None
         else f"access: {len(access.rules)} rule(s), users from {access.users_file or '-'}\n"
     )
-    for warning in [*naming_warnings(config), *exposure_warnings(config)]:
+    for warning in [
+        *naming_warnings(config),
+        *exposure_warnings(config),
+        *variable_warnings(config),
+    ]:
         out.write(f"warning: {warning}\n")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import ipaddress
+import json
 import math
 import os
 import re
@@ -221,6 +222,7 @@ class Config:
     # Plain-HTTP address for /healthz, /readyz, /metrics and the status page; None: none.
     ops_listen: tuple[str, int] | None = None
     warm: WarmConfig | None = None  # images the server keeps fetched and fresh
+    unset_variables: tuple[str, ...] = ()  # ${VAR}s the file names that the environment lacks
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
         """The upstream a registry name refers to: its name or one of its aliases (Docker
@@ -248,6 +250,15 @@ def naming_warnings(config: Config) -> list[str]:
             f"which names no upstream: add aliases: [{registry}] (or name it {registry})"
         )
     return warnings
+
+
+def variable_warnings(config: Config) -> list[str]:
+    """${VAR}s the file names that are not set: empty now (an upstream's credentials so,
+    anonymous), which is rarely what was meant."""
+    return [
+        f"${{{name}}} is not set in the environment: it reads as empty"
+        for name in config.unset_variables
+    ]
 
 
 def exposure_warnings(config: Config) -> list[str]:
@@ -739,6 +750,13 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
     """Validate a parsed YAML document (after env overrides) into a Config."""
     env = os.environ if env is None else env
     data = _merge(_expand_vars(dict(raw), env), _env_overrides(env))
+    unset = sorted(
+        {
+            m.group(1)
+            for m in _VAR_RE.finditer(json.dumps(raw, default=str))
+            if m.group(1) not in env and m.group(2) is None
+        }
+    )
     top = {
         "listen",
         "storage",
@@ -875,6 +893,7 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
         workers=workers,
         access=_parse_access(data["access"]) if data.get("access") is not None else None,
         warm=_parse_warm(data["warm"]) if data.get("warm") is not None else None,
+        unset_variables=tuple(unset),
         ops_listen=_parse_listen(data["ops_listen"], "ops_listen")
         if data.get("ops_listen") is not None
         else None,

@@ -187,9 +187,10 @@ async def test_sighup_reloads_the_certificate_for_new_connections(
     async def trusted_by(pki_ca: Path) -> bool:
         context = ssl.create_default_context(cafile=str(pki_ca))
         try:
-            async with aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(force_close=True)
-            ) as http, http.get(f"https://{mirror.host}/healthz", ssl=context) as response:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+                http.get(f"https://{mirror.host}/healthz", ssl=context) as response,
+            ):
                 return response.status == 200
         except aiohttp.ClientConnectorCertificateError:
             return False

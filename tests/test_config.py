@@ -355,3 +355,24 @@ def test_durations_with_units(value: object, seconds: float) -> None:
 def test_durations_that_are_not(value: object) -> None:
     with pytest.raises(ConfigError, match="manifest_ttl: expected seconds or a duration like 30s"):
         from_mapping({"manifest_ttl": value}, env={})
+
+
+def test_an_unset_variable_is_named() -> None:
+    from mirror.config import variable_warnings
+
+    raw = {
+        "upstreams": {
+            "docker.io": {
+                "url": "https://r",
+                "username": "${HUB_USER}",
+                "password": "${HUB_TOKEN}",
+            },
+            "quay.io": {"url": "${QUAY_URL:-https://quay.io}"},
+        }
+    }
+    config = from_mapping(raw, env={})
+    assert variable_warnings(config) == [
+        "${HUB_TOKEN} is not set in the environment: it reads as empty",
+        "${HUB_USER} is not set in the environment: it reads as empty",
+    ]  # QUAY_URL has a default: not named
+    assert config.upstreams["docker.io"].username is None  # anonymous, as documented
