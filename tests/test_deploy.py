@@ -3,7 +3,9 @@ ports, paths and probes, carry a valid mirror.yaml, and the systemd unit verifie
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -135,3 +137,17 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "mirror.service" not in result.stdout + result.stderr  # no warning about it
+
+
+def test_grafana_dashboard_is_per_instance() -> None:
+    """Two mirrors scraped by one Prometheus are not summed: every query is scoped by the
+    $instance variable; the disk-full series has a panel of its own."""
+    dashboard = json.loads((DEPLOY / "grafana" / "mirror-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "mirror_build_info" in variables["instance"]["definition"]
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            for metric in re.findall(r"mirror_[a-z_]+(?:\{[^}]*\})?", target["expr"]):
+                assert 'instance=~"$instance"' in metric, (panel["title"], target["expr"])
+        exprs = " ".join(t["expr"] for t in panel.get("targets", []))
+        assert "disk_full" not in exprs or "token" not in exprs, panel["title"]
