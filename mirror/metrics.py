@@ -8,6 +8,7 @@ flight) is read when scraped, by `StateCollector`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class UpstreamHealth:
     ratelimit_limit: float | None = None
     ratelimit_remaining: float | None = None
     retry_in: Callable[[], float] = lambda: 0.0  # seconds until a down upstream is asked again
+    last_answer: float | None = None  # wall-clock time of its last useful answer
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Metrics:
     live: LiveState = field(default_factory=LiveState)
     health: dict[str, UpstreamHealth] = field(default_factory=dict)
     repositories: RecentTally = field(default_factory=RecentTally)  # requests in the last hour
+    started: float = field(default_factory=time.time)  # when this process began serving
 
     def __post_init__(self) -> None:
         registry = self.registry

@@ -7,6 +7,7 @@ largest cached repositories, so the page and the dashboards never disagree.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from html import escape
 
@@ -38,15 +39,37 @@ def _card(value: str, label: str, extra: str = "") -> str:
     return f'<div class="card"><b>{escape(value)}</b><span>{escape(label)}</span>{extra}</div>'
 
 
-def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]], numeric: int = 1) -> str:
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {seconds}s" if minutes else f"{seconds}s"
+
+
+def _table(
+    headers: tuple[str, ...],
+    rows: Sequence[tuple[str, ...]],
+    numeric: int = 1,
+    styles: Sequence[str] = (),
+) -> str:
+    """A table; the last `numeric` columns right-aligned, the second column of row i in
+    the class styles[i] (up, down) when given."""
     if not rows:
         return "<p>Nothing yet.</p>"
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = ""
-    for row in rows:
+    for number, row in enumerate(rows):
+        style = styles[number] if number < len(styles) else ""
         cells = [
             f'<td class="n">{escape(c)}</td>'
             if i >= len(row) - numeric
+            else f'<td class="{style}">{escape(c)}</td>'
+            if i == 1 and style
             else f"<td>{escape(c)}</td>"
             for i, c in enumerate(row)
         ]
@@ -87,30 +110,38 @@ def render(
             _card(human(fetched), "fetched from upstreams"),
             _card(f"{human(used)} / {human(store.max_size)}", f"cache use, {entries} entries", bar),
             _card(str(in_flight), f"transfers in flight, {waiting} clients on them"),
+            _card(_duration(time.time() - metrics.started), "up for (this process)"),
         ]
     )
 
     upstream_rows = []
+    styles = []
     for name, upstream in sorted(config.upstreams.items()):
         health = metrics.upstream(name)
+        style = ""
         if upstream.offline:
             state = "offline (by configuration)"
         elif health.reachable is None:
             state = "not contacted yet"
         elif health.reachable:
-            state = "up"
+            state, style = "up", "up"
         else:
             retry = health.retry_in()
+            style = "down"
             state = f"down: {health.last_error}" + (
                 f" (asked again in {retry:.0f}s)" if retry else ""
             )
+        if health.last_answer is not None and style:
+            state += f"; last answer {_duration(time.time() - health.last_answer)} ago"
+        styles.append(style)
         limit = (
             f"{health.ratelimit_remaining:.0f} of {health.ratelimit_limit:.0f}"
             if health.ratelimit_remaining is not None and health.ratelimit_limit is not None
             else "-"
         )
         requests = metrics.total("mirror_upstream_requests_total", upstream=name)
-        upstream_rows.append((name, state, f"{requests:.0f}", limit))
+        fetched_here = metrics.total("mirror_upstream_fetched_bytes_total", upstream=name)
+        upstream_rows.append((name, state, f"{requests:.0f}", human(fetched_here), limit))
 
     popular = [(name, f"{count}") for name, count in metrics.repositories.most_common(10)]
     largest = [
@@ -126,7 +157,7 @@ def render(
 <h1>Registry mirror <small>{escape(VERSION)}</small></h1>
 <div class="cards">{cards}</div>
 <h2>Upstreams</h2>
-{_table(("upstream", "state", "requests", "pulls left"), upstream_rows, numeric=2)}
+{_table(("upstream", "state", "requests", "fetched", "pulls left"), upstream_rows, 3, styles)}
 <h2>Most requested repositories</h2>
 {_table(("repository", "requests"), popular)}
 <h2>Largest cached repositories</h2>

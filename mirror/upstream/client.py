@@ -578,6 +578,7 @@ class UpstreamClient:
         else:
             self.health.reachable = True
             self.health.last_error = ""
+            self.health.last_answer = time.time()
             self.breaker.succeeded()
         health = self.health
         for header, attribute in RATELIMIT_HEADERS.items():
