@@ -20,15 +20,14 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from bench.run import skopeo_pull, start_mirror
+from tests.support.dockerd import dockerd
 from tests.support.images import Pusher
 from tests.support.registry import Registry, free_port
 from tests.support.relay import Faults, Relay
@@ -37,54 +36,18 @@ MB = 1000 * 1000
 LAYERS = (40 * MB,) * 8
 
 
-@contextlib.contextmanager
-def dockerd(root: Path, mirror: str, insecure: str) -> Iterator[dict[str, str]]:
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "daemon.json"
-    config.write_text(json.dumps({"registry-mirrors": [mirror], "insecure-registries": [insecure]}))
-    socket = root / "docker.sock"
+def _dockerd(
+    root: Path, mirror: str, insecure: str
+) -> contextlib.AbstractContextManager[dict[str, str]]:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing may be reached around the mirror
-    process = subprocess.Popen(
-        [
-            "dockerd",
-            "--config-file",
-            str(config),
-            "--data-root",
-            str(root / "data"),
-            "--exec-root",
-            str(root / "exec"),
-            "--pidfile",
-            str(root / "pid"),
-            "--host",
-            f"unix://{socket}",
-            "--storage-driver",
-            "vfs",
-            "--bridge",
-            "none",
-            "--iptables=false",
-            "--ip6tables=false",
-        ],
-        stdout=(root / "log").open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HTTP_PROXY": closed, "HTTPS_PROXY": closed, "NO_PROXY": "127.0.0.1"},
+    daemon = json.dumps({"registry-mirrors": [mirror], "insecure-registries": [insecure]})
+    return dockerd(
+        root, daemon, {"HTTP_PROXY": closed, "HTTPS_PROXY": closed, "NO_PROXY": "127.0.0.1"}
     )
-    env = {**os.environ, "DOCKER_HOST": f"unix://{socket}"}
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run(["docker", "version"], env=env, capture_output=True).returncode:
-            if time.monotonic() > deadline:
-                raise RuntimeError("dockerd did not start: " + (root / "log").read_text()[-2000:])
-            time.sleep(0.2)
-        yield env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def docker_pull(env: dict[str, str], reference: str) -> float:
+    env = {**os.environ, **env}
     started = time.monotonic()
     subprocess.run(["docker", "pull", "-q", reference], env=env, check=True, capture_output=True)
     took = time.monotonic() - started
@@ -99,6 +62,7 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=25 * MB)
     args = parser.parse_args()
     results: dict[str, list[float]] = {}
+    cleanup: list[Path] = []
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="wan-") as work_dir:
         work = Path(work_dir)
         registry = Registry(work / "registry")
@@ -116,9 +80,9 @@ async def main() -> None:
                         try:
                             host = mirror.url.removeprefix("http://")
                             if client == "dockerd":
-                                with dockerd(
-                                    Path(tempfile.mkdtemp(prefix="d-", dir="/tmp")), mirror.url, far
-                                ) as env:
+                                short = Path(tempfile.mkdtemp(prefix="d-", dir="/tmp"))
+                                cleanup.append(short)  # (its socket needs a short path)
+                                with _dockerd(short, mirror.url, far) as env:
                                     reference = (
                                         f"{far}/bench/wan:1" if way == "direct" else "bench/wan:1"
                                     )
@@ -136,6 +100,8 @@ async def main() -> None:
             if relay is not None:
                 await relay.close()
             registry.stop()
+            for folder in cleanup:
+                shutil.rmtree(folder, ignore_errors=True)
     size = sum(LAYERS) / MB
     print(
         f"image: {size:.0f} MB in {len(LAYERS)} layers; relay: +{args.latency * 1000:.0f} ms "

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import Seeded
+from tests.support.dockerd import dockerd as start_dockerd
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry, free_port
 
@@ -177,61 +177,9 @@ def served(
 # Docker
 
 
-@contextlib.contextmanager
-def _dockerd(root: Path, mirror_host: str) -> Iterator[dict[str, str]]:
+def _dockerd(root: Path, mirror_host: str) -> contextlib.AbstractContextManager[dict[str, str]]:
     """dockerd with its own data root, pulling through the mirror at `mirror_host`."""
-    binary = shutil.which("dockerd")
-    assert binary, "dockerd is needed (apt-get install docker.io): scripts/test installs it"
-    root.mkdir(parents=True, exist_ok=True)
-    config = root / "daemon.json"
-    config.write_text(client_file("docker/daemon.json", mirror_host))
-    socket = root / "docker.sock"
-    process = subprocess.Popen(
-        [
-            binary,
-            "--config-file",
-            str(config),
-            "--data-root",
-            str(root / "data"),
-            "--exec-root",
-            str(root / "exec"),
-            "--pidfile",
-            str(root / "docker.pid"),
-            "--host",
-            f"unix://{socket}",
-            "--storage-driver",
-            "vfs",
-            "--bridge",
-            "none",
-            "--iptables=false",
-            "--ip6tables=false",
-        ],
-        stdout=(root / "dockerd.log").open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, **NO_EGRESS},
-    )
-    env = {"DOCKER_HOST": f"unix://{socket}"}
-    try:
-        wait_for(
-            lambda: (
-                subprocess.run(
-                    ["docker", "version"],
-                    env={**os.environ, **env},
-                    capture_output=True,
-                    check=False,
-                ).returncode
-                == 0
-            ),
-            "dockerd",
-            timeout=60,
-        )
-        yield env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    return start_dockerd(root, client_file("docker/daemon.json", mirror_host), NO_EGRESS)
 
 
 @pytest.fixture(scope="module")
