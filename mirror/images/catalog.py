@@ -6,6 +6,7 @@ server calls it in a thread).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 from ..reference import Digest, parse_digest
@@ -13,6 +14,8 @@ from ..store.base import blob_key, manifest_key
 from ..store.disk import DiskStore
 from ..store.tags import TagIndex
 from .contents import BadManifest, blobs, children, is_index
+
+CONFIG_LIMIT = 1024 * 1024  # an image config read for its platform, at most
 
 
 @dataclass
@@ -62,7 +65,35 @@ def image_keys(store: DiskStore, digest: Digest) -> tuple[set[str], list[str], b
             complete = False
 
     walk(digest)
+    if not platforms:  # one image manifest: its platform is in its config
+        found = store.get_manifest(digest)
+        platform = _config_platform(store, found[0]) if found is not None else ""
+        platforms = [platform] if platform else []
     return keys, platforms, complete
+
+
+def _config_platform(store: DiskStore, manifest: bytes) -> str:
+    """os/architecture[/variant] from an image manifest's config, when it is kept."""
+    try:
+        document = json.loads(manifest)
+        config = parse_digest(str(document.get("config", {}).get("digest", "")))
+    except (ValueError, AttributeError):
+        return ""
+    blob = store.open_blob(config) if config is not None else None
+    if blob is None or blob.size > CONFIG_LIMIT:
+        if blob is not None:
+            blob.close()
+        return ""
+    try:
+        fd = blob.fileno()
+        fields = json.loads(os.pread(fd, blob.size, 0)) if fd is not None else None
+    except (OSError, ValueError):
+        return ""
+    finally:
+        blob.close()
+    if not isinstance(fields, dict):
+        return ""
+    return "/".join(str(fields[k]) for k in ("os", "architecture", "variant") if fields.get(k))
 
 
 def cached_images(store: DiskStore, tags: TagIndex) -> list[CachedImage]:
