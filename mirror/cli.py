@@ -134,12 +134,18 @@ def serve(config: Config) -> None:
     # uvloop: a cold fill costs ~10% less CPU than on asyncio's loop (hits do not need
     # loop.sendfile, which uvloop lacks: see sendfile.py)
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    ops = (
+        f", operations on {config.ops_listen[0]}:{config.ops_listen[1]}"
+        if config.ops_listen
+        else ""
+    )
     logging.getLogger("mirror").info(
-        "listening on %s:%d, %d worker(s), cache in %s, upstreams: %s",
+        "listening on %s:%d%s, %d worker(s), cache in %s, upstreams: %s",
         config.listen_host,
         config.listen_port,
+        ops,
         config.workers,
-        config.storage.path,
+        config.storage.path.resolve(),
         ", ".join(sorted(config.upstreams)),
     )
     warnings = [
@@ -277,7 +283,8 @@ def check_config(path: Path, config: Config) -> int:
     out.write(f" (TLS, {config.tls.cert})\n" if config.tls else " (plain HTTP)\n")
     if config.ops_listen is not None:
         out.write(f"ops_listen {config.ops_listen[0]}:{config.ops_listen[1]} (plain HTTP)\n")
-    out.write(f"storage {config.storage.path.resolve()}, bound {config.storage.max_size} bytes")
+    bound = maintenance.human(config.storage.max_size)
+    out.write(f"storage {config.storage.path.resolve()}, bound {bound}")
     out.write("" if config.storage.path.exists() else " (not there yet: serve creates it)")
     out.write(f"\nworkers {config.workers}\n")
     for upstream in config.upstreams.values():

@@ -352,6 +352,7 @@ async def test_the_access_log_says_who_and_what_was_decided(
     mirror = await MirrorProcess(tmp_path, settings).start()
     try:
         async with aiohttp.ClientSession() as http:
+            assert (await _get(http, f"{mirror.url}/v2/"))[0] == 401  # how every client starts
             await _get(http, f"{mirror.url}{TEAM_APP}", basic("bob"))
             await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci"))
             await _get(http, f"{mirror.url}{TEAM_APP}", basic("ci", "wrong"))
@@ -359,6 +360,8 @@ async def test_the_access_log_says_who_and_what_was_decided(
             await _get(http, f"{mirror.url}/metrics", basic("alice"))
     finally:
         await mirror.stop()
+    pings = [line for line in mirror.log.read_text().splitlines() if '"GET /v2/"' in line]
+    assert len(pings) == 1 and pings[0].endswith("user=- access=challenged")  # not a refusal
     metrics = [line for line in mirror.log.read_text().splitlines() if "/metrics" in line]
     assert len(metrics) == 1 and metrics[0].endswith("user=- access=refused:credentials")
     lines = [line for line in mirror.log.read_text().splitlines() if TEAM_APP in line]

@@ -66,7 +66,7 @@ async def test_warm_then_serve_with_the_upstream_gone(
         config, "warm", "alpine:3.20", "docker.io/team/app:v1", "multi/arch:latest"
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 image(s), 0 failed" in result.stdout
+    assert "3 of 3 image(s) ready, 0 failed" in result.stdout
     again = await mirror_command(config, "warm", "alpine:3.20")
     assert "0 blob(s) fetched" in again.stdout and "already cached" in again.stdout
     stoppable.stop()
@@ -91,8 +91,8 @@ async def test_warm_names_what_failed(tmp_path: Path, upstream: Registry, seeded
     result = await mirror_command(config, "warm", "--from-file", str(listing), "ghcr.io/x/y:1")
     assert result.returncode == 1
     assert "failed: nothing/here:1: " in result.stdout
-    assert "failed: ghcr.io/x/y:1: ghcr.io/x/y:1: registry 'ghcr.io' is not one" in result.stdout
-    assert "1 image(s), 2 failed" in result.stdout
+    assert "failed: ghcr.io/x/y:1: registry 'ghcr.io' is not one" in result.stdout
+    assert "1 of 3 image(s) ready, 2 failed" in result.stdout
     platform = await mirror_command(config, "warm", "--platform", "linux/s390x", "multi/arch")
     assert platform.returncode == 1 and "no manifest for linux/s390x" in platform.stdout
 
@@ -207,6 +207,15 @@ async def test_import_fills_a_mirror_with_no_upstream_pinned_and_verified(
                 http.get(f"{mirror.url}/v2/_catalog") as response,
             ):
                 assert await response.json() == {"repositories": ["library/alpine", "team/app"]}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{mirror.url}/v2/library/alpine/tags/list") as response,
+            ):  # the tags it knows, the upstream being offline or not there
+                assert await response.json() == {"name": "library/alpine", "tags": ["3.20"]}
+            inspected = await skopeo(  # lists the tags: what failed with no upstream
+                "inspect", "--tls-verify=false", f"docker://{mirror.host}/alpine:3.20"
+            )
+            assert json.loads(inspected)["RepoTags"] == ["3.20"]
         finally:
             await mirror.stop()
     unpinned = await mirror_command(config, "unpin", "team/app:v1")
@@ -353,7 +362,7 @@ async def test_the_servers_warm_list_is_fetched_before_anyone_asks(
     )
     try:
         deadline = asyncio.get_running_loop().time() + 30
-        while "warm: 2 image(s), 0 failed" not in mirror.log.read_text():
+        while "warm: 2 of 2 image(s) ready, 0 failed" not in mirror.log.read_text():
             assert asyncio.get_running_loop().time() < deadline, mirror.log.read_text()[-2000:]
             await asyncio.sleep(0.1)
         stoppable.stop()  # nobody asked; all of it is here

@@ -84,7 +84,9 @@ class Gate:
             return
         identity = await self._identity(request, challenge=self._challenge(request))
         if identity is None:
-            self._refuse(request, None, "credentials")
+            # Every client starts so, to learn where to log in: a challenge, not a refusal
+            # (not counted, and logged as such).
+            request[IDENTITY], request[DECISION] = ANONYMOUS, "challenged"
             raise Unauthorized(headers=self._challenge(request))
         self._allow(request, identity)
 

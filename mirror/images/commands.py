@@ -186,13 +186,16 @@ def list_images(config: Config, as_json: bool, out: TextIO) -> int:
     if as_json:
         out.write(to_json(images) + "\n")
         return 0
-    out.write(f"{'IMAGE':<50} {'DIGEST':<19} {'SIZE':>10} {'LAST USE':<16} PLATFORMS\n")
+    out.write(
+        f"{'IMAGE':<50} {'DIGEST':<19} {'SIZE':>10} {'LAST USE':<16} {'PINNED':<6} "
+        f"{'COMPLETE':<8} PLATFORMS\n"
+    )
     for image in images:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(image.last_used))
-        flags = (" pinned" if image.pinned else "") + ("" if image.complete else " partial")
         out.write(
             f"{image.reference:<50} {image.digest[:19]:<19} {human(image.size):>10} "
-            f"{used:<16} {','.join(image.platforms) or '-'}{flags}\n"
+            f"{used:<16} {'yes' if image.pinned else 'no':<6} "
+            f"{'yes' if image.complete else 'no':<8} {','.join(image.platforms) or '-'}\n"
         )
     return 0
 
@@ -206,7 +209,7 @@ def remove_images(config: Config, refs: list[str], unpin_only: bool, out: TextIO
             try:
                 route, reference = route_image(config, text)
             except RegistryError as exc:
-                out.write(f"{text}: {exc.message}\n")
+                out.write(f"{exc.message}\n")  # it names the reference
                 status = 1
                 continue
             name = image_name(route, reference)

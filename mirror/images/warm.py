@@ -56,8 +56,10 @@ class Report:
     seconds: float = 0.0
 
     def summary(self) -> str:
+        asked = len(self.images) + len(self.failed)
         return (
-            f"{len(self.images)} image(s), {len(self.failed)} failed; {self.fetched} blob(s) "
+            f"{len(self.images)} of {asked} image(s) ready, {len(self.failed)} failed; "
+            f"{self.fetched} blob(s) "
             f"fetched ({human(self.fetched_bytes)}), {self.joined} joined a transfer under "
             f"way, {self.cached} already cached; "
             f"{self.seconds:.1f}s"
@@ -90,6 +92,7 @@ class Warmer:
             image = await self.image(text)
         except (RegistryError, WarmFailed, BadManifest) as exc:
             why = exc.message if isinstance(exc, RegistryError) else str(exc)
+            why = why.removeprefix(f"{text}: ")  # said once, before it
             self.report.failed[text] = why
             self._display.say(f"failed {text}: {why}")
             return None

@@ -4,10 +4,11 @@ manifests, blobs (and their fills) and the lists passed through as they are."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from ..clock import Clock, system_clock
 from ..config import Config
-from ..errors import RegistryError
+from ..errors import RegistryError, UpstreamError
 from ..inflight import BlobStream
 from ..metrics import Metrics
 from ..reference import Digest
@@ -62,9 +63,37 @@ class Proxy:
     async def page(
         self, route: Route, path: str, params: dict[str, str], not_found: type[RegistryError]
     ) -> Page:
-        """GET a tags list or referrers answer from the upstream, as it is."""
+        """GET a tags list or referrers answer from the upstream, as it is. A tags list the
+        upstream cannot give (offline, unreachable, down) is the tags the mirror knows."""
         upstream = self._upstream_of(route)
-        return await upstream.get_page(route.repository, path, params, not_found)
+        if path == "tags/list" and route.upstream.offline:
+            return await self._known_tags(route, params, not_found)
+        try:
+            return await upstream.get_page(route.repository, path, params, not_found)
+        except UpstreamError:
+            if path != "tags/list":
+                raise
+            return await self._known_tags(route, params, not_found)
+
+    async def _known_tags(
+        self, route: Route, params: dict[str, str], not_found: type[RegistryError]
+    ) -> Page:
+        entries = await asyncio.to_thread(self._tags.entries)  # a scan: off the loop
+        tags = sorted(
+            tag
+            for upstream, repository, tag, _ in entries
+            if (upstream, repository) == (route.upstream.name, route.repository)
+        )
+        if not tags:
+            raise not_found(
+                f"no tags of {route.upstream.name}/{route.repository} are cached, and the "
+                "upstream cannot be asked"
+            )
+        tags = [tag for tag in tags if tag > params.get("last", "")]
+        if params.get("n", "").isdigit():
+            tags = tags[: int(params["n"])]
+        body = json.dumps({"name": route.repository, "tags": tags}).encode()
+        return Page(body, "application/json", None)
 
     async def repositories(self) -> list[tuple[str, str]]:
         """(upstream, repository) of every cached tag, sorted (a scan: in a thread)."""
