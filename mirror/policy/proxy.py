@@ -67,17 +67,22 @@ class Proxy:
         upstream cannot give (offline, unreachable, down) is the tags the mirror knows."""
         upstream = self._upstream_of(route)
         if path == "tags/list" and route.upstream.offline:
-            return await self._known_tags(route, params, not_found)
+            offline = not_found(
+                f"no tags of {route.upstream.name}/{route.repository} are cached, and the "
+                f"mirror is offline for {route.upstream.name}"
+            )
+            return await self._known_tags(route, params, offline)
         try:
             return await upstream.get_page(route.repository, path, params, not_found)
-        except UpstreamError:
+        except UpstreamError as error:
             if path != "tags/list":
                 raise
-            return await self._known_tags(route, params, not_found)
+            return await self._known_tags(route, params, error)
 
     async def _known_tags(
-        self, route: Route, params: dict[str, str], not_found: type[RegistryError]
+        self, route: Route, params: dict[str, str], otherwise: RegistryError
     ) -> Page:
+        """The tags the mirror knows of `route`'s repository; `otherwise` when none."""
         entries = await asyncio.to_thread(self._tags.entries)  # a scan: off the loop
         tags = sorted(
             tag
@@ -85,10 +90,7 @@ class Proxy:
             if (upstream, repository) == (route.upstream.name, route.repository)
         )
         if not tags:
-            raise not_found(
-                f"no tags of {route.upstream.name}/{route.repository} are cached, and the "
-                "upstream cannot be asked"
-            )
+            raise otherwise
         tags = [tag for tag in tags if tag > params.get("last", "")]
         if params.get("n", "").isdigit():
             tags = tags[: int(params["n"])]
