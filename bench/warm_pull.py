@@ -5,7 +5,7 @@ off, and against the mirror once the image is cached (a hit, sent with sendfile)
     python -m bench.warm_pull [--rounds 8]
 
 Why it exists: on loopback a Go client pulls faster when the server copies the bytes than
-when it uses sendfile, though curl measures the opposite (see the README, Performance).
+when it uses sendfile, though curl measures the opposite (see docs/performance.md).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ All state lives on the app (typed AppKeys); nothing is kept in module globals.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -117,6 +118,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
     await app[CORE].close()
+    logging.getLogger("mirror").info("stopped: connections closed, the store and index flushed")
 
 
 async def _note_uses(store: BlobStore) -> None:

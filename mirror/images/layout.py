@@ -340,7 +340,7 @@ class Importer:
                 self._tags.put(route.upstream.name, route.repository, reference, entry)
             self._store.index.pin(full, sorted(keys))
             names.append(full)
-        self.report.images += names
+        self.report.images += [name for name in names if name not in self.report.images]
         return names
 
     def _docker_save(self, layout: Layout) -> list[str]:
