@@ -71,10 +71,6 @@ class Gate:
         limit = config.access.login_attempts if config.access is not None else 1
         self._failures = FailedLogins(limit, clock)
 
-    @property
-    def open(self) -> bool:
-        return self._access is None
-
     # the checks
 
     async def base(self, request: web.Request) -> None:
@@ -91,25 +87,16 @@ class Gate:
         self._allow(request, identity)
 
     async def pull(self, request: web.Request, route: Route) -> None:
-        await self._check(request, route, "pull")
-
-    async def _check(self, request: web.Request, route: Route, action: str) -> None:
         access = self._access
         if access is None:
             return
         name = request.match_info.get("name", "")
-        challenge = self._challenge(request, f"repository:{name}:{action}")
+        challenge = self._challenge(request, f"repository:{name}:pull")
         identity = await self._identity(request, challenge=challenge)
         user = identity.user if identity is not None else None
         path = f"{route.upstream.name}/{route.repository}"
-        if self._allows(access.rules, user, request.remote, path, action):
-            self._allow(request, identity)
-            return
-        if user is None:
-            self._refuse(request, identity, "credentials")
-            raise Unauthorized(f"authentication required to {action} {name}", headers=challenge)
-        self._refuse(request, identity, "denied")
-        raise AccessDenied(f"{user} may not {action} {name}", detail={"name": name})
+        allowed = self._allows(access.rules, user, request.remote, path, "pull")
+        self._decide(request, identity, allowed, challenge, f"pull {name}", {"name": name})
 
     async def visible(self, request: web.Request) -> Callable[[Route], bool]:
         """For `/v2/_catalog`: which repositories this client may pull (all, with no
@@ -142,14 +129,29 @@ class Gate:
         challenge = {"WWW-Authenticate": 'Basic realm="mirror operations"'}
         identity = await self._identity(request, challenge=challenge)
         user = identity.user if identity is not None else None
-        if self._allows((rule,), user, request.remote, "*", "pull"):
+        allowed = self._allows((rule,), user, request.remote, "*", "pull")
+        self._decide(request, identity, allowed, challenge, "read the operations pages")
+
+    def _decide(
+        self,
+        request: web.Request,
+        identity: Identity | None,
+        allowed: bool,
+        challenge: dict[str, str],
+        what: str,
+        detail: object = None,
+    ) -> None:
+        """Let the request through, or refuse it: 401 with the challenge without an
+        identity, 403 DENIED with one."""
+        if allowed:
             self._allow(request, identity)
             return
+        user = identity.user if identity is not None else None
         if user is None:
             self._refuse(request, identity, "credentials")
-            raise Unauthorized(headers=challenge)
+            raise Unauthorized(f"authentication required to {what}", headers=challenge)
         self._refuse(request, identity, "denied")
-        raise AccessDenied(f"{user} may not read the operations pages")
+        raise AccessDenied(f"{user} may not {what}", detail=detail)
 
     def _allows(
         self,

@@ -31,13 +31,13 @@ from ..routing import Route, image_name, route_image
 from ..store.base import DigestMismatch, blob_key, manifest_key
 from ..store.disk import DiskStore
 from ..store.tags import TagEntry, TagIndex
+from ..upstream.bodies import MANIFEST_LIMIT
 from .contents import BadManifest, blobs, children, is_index
 from .warm import Image
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
-MANIFEST_LIMIT = 4 * 1024 * 1024
 CHUNK = 1024 * 1024
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"

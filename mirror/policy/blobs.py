@@ -42,6 +42,8 @@ class Blobs:
 
     async def _check(self, route: Route, digest: Digest) -> None:
         """Served from what another request fetched: only where the blob is known to be."""
+        if not self._membership.enabled:
+            return
         upstream = self._upstream_of(route)
         await self._membership.check(
             route, blob_key(digest), lambda: upstream.head_blob(route.repository, digest)

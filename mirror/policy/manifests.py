@@ -110,6 +110,8 @@ class Manifests:
     async def _by_digest(self, route: Route, digest: Digest, *, head: bool) -> Manifest:
         cached = self._cached(str(digest), head=head, source=HIT)
         if cached is not None:
+            if not self._membership.enabled:
+                return cached
             upstream = self._upstream_of(route)
             await self._membership.check(
                 route,

@@ -20,13 +20,13 @@ MAX_KNOWN = 100_000  # (content, repository) pairs remembered; all forgotten pas
 class Membership:
     def __init__(self, store: BlobStore, enabled: bool) -> None:
         self._store = store
-        self._enabled = enabled
+        self.enabled = enabled  # callers skip building the check when it is off (a hit's path)
         self._known: set[tuple[str, str, str]] = set()
 
     async def check(self, route: Route, key: str, confirm: Callable[[], Awaitable[object]]) -> None:
         """Return when `key` may be served under `route`; `confirm` asks the route's
         upstream (and raises its 404, or its failure, when it cannot say yes)."""
-        if not self._enabled:
+        if not self.enabled:
             return
         member = (key, route.upstream.name, route.repository)
         if member in self._known:

@@ -87,11 +87,13 @@ class TagIndex:
         for key in self._cache.iterkeys():
             if not isinstance(key, str):
                 continue  # a remembered 404
+            # Read past the in-memory copy: a scan must not push the hot answers out of it.
+            value = self._cache.get(key)
+            if not isinstance(value, tuple) or len(value) != 3:
+                continue
             upstream, _, rest = key.partition("/")
             repository, _, tag = rest.rpartition(":")
-            entry = self.get(upstream, repository, tag)
-            if entry is not None:
-                found.append((upstream, repository, tag, entry))
+            found.append((upstream, repository, tag, TagEntry(*value)))
         return found
 
     def repositories(self) -> list[tuple[str, str]]:
