@@ -48,6 +48,19 @@ async def _serve(path: Path, upstream_url: str, **settings: Any) -> MirrorProces
     return await MirrorProcess(path, raw).start()
 
 
+async def _exported(tmp_path: Path, upstream_url: str, name: str, *images: str) -> Path:
+    """`mirror export` of `images` from a mirror of its own over `upstream_url`: the
+    archive, made as the online side of a site would."""
+    online = tmp_path / "online"
+    online.mkdir(exist_ok=True)
+    archive = tmp_path / name
+    exported = await mirror_command(
+        _config(online, upstream_url), "export", "-o", str(archive), *images
+    )
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    return archive
+
+
 @pytest.fixture
 def stoppable(tmp_path: Path, upstream: Registry, seeded: Seeded) -> Iterator[Registry]:
     """A registry with the seeded images that the test may stop (the session's may not)."""
@@ -171,13 +184,7 @@ async def test_export_is_read_by_skopeo_with_the_upstreams_digests(
 async def test_import_fills_a_mirror_with_no_upstream_pinned_and_verified(
     tmp_path: Path, upstream: Registry, seeded: Seeded
 ) -> None:
-    source = tmp_path / "online"
-    source.mkdir()
-    archive = tmp_path / "site.tar"
-    exported = await mirror_command(
-        _config(source, upstream.url), "export", "-o", str(archive), "alpine:3.20", "team/app:v1"
-    )
-    assert exported.returncode == 0, exported.stdout + exported.stderr
+    archive = await _exported(tmp_path, upstream.url, "site.tar", "alpine:3.20", "team/app:v1")
     site = tmp_path / "site"
     site.mkdir()
     config = _config(site, CLOSED, storage={"path": str(site / "cache"), "max_size": "1MiB"})
@@ -386,10 +393,7 @@ async def test_what_does_not_fit_is_said_not_reported_done(
     warm = await mirror_command(config, "warm", "team/app:v1")
     assert warm.returncode == 1 and "failed: team/app:v1:" in warm.stdout
     assert "not kept" in warm.stdout or "not in the store after all" in warm.stdout
-    online = tmp_path / "online"
-    online.mkdir()
-    archive = tmp_path / "site.tar"
-    await mirror_command(_config(online, upstream.url), "export", "-o", str(archive), "team/app:v1")
+    archive = await _exported(tmp_path, upstream.url, "site.tar", "team/app:v1")
     refused = await mirror_command(config, "import", str(archive))
     assert refused.returncode == 1 and "storage.max_size (4096)" in refused.stdout
     listing = json.loads((await mirror_command(config, "ls", "--json")).stdout)
@@ -409,14 +413,8 @@ async def test_what_does_not_fit_is_said_not_reported_done(
 async def test_an_image_named_by_digest_is_listed_unpinned_and_removed(
     tmp_path: Path, upstream: Registry, seeded: Seeded
 ) -> None:
-    online = tmp_path / "online"
-    online.mkdir()
-    archive = tmp_path / "by-digest.tar"
     name = f"team/app@{seeded.docker.digest}"
-    exported = await mirror_command(
-        _config(online, upstream.url), "export", "-o", str(archive), name, "team/app:v1"
-    )
-    assert exported.returncode == 0, exported.stdout
+    archive = await _exported(tmp_path, upstream.url, "by-digest.tar", name, "team/app:v1")
     site = tmp_path / "site"
     site.mkdir()
     config = _config(site, CLOSED)

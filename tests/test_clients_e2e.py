@@ -323,6 +323,23 @@ def test_containerd_pulls_two_registries_routed_by_ns(
 # podman
 
 
+@contextlib.contextmanager
+def _podman(root: Path) -> Iterator[list[str]]:
+    """The podman command line with throwaway storage under `root` (vfs, no cgroups)."""
+    runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))  # podman wants it short
+    try:
+        yield [
+            "podman",
+            "--root", str(root),
+            "--runroot", str(runroot),
+            "--storage-driver", "vfs",
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file",
+        ]  # fmt: skip
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+
+
 def test_podman_pulls_through_root_and_path_prefix_mirrors(
     served: Served, seeded: Seeded, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -330,21 +347,9 @@ def test_podman_pulls_through_root_and_path_prefix_mirrors(
     conf = tmp_path / "registries.conf"
     conf.write_text(client_file("podman/registries.conf", served.host))
     env = {"CONTAINERS_REGISTRIES_CONF": str(conf)}
-    runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))  # podman wants it short
-    request.addfinalizer(lambda: shutil.rmtree(runroot, ignore_errors=True))
-    podman = [
-        "podman",
-        "--root",
-        str(tmp_path / "root"),
-        "--runroot",
-        str(runroot),
-        "--storage-driver",
-        "vfs",
-        "--cgroup-manager",
-        "cgroupfs",
-        "--events-backend",
-        "file",
-    ]
+    stack = contextlib.ExitStack()
+    request.addfinalizer(stack.close)
+    podman = stack.enter_context(_podman(tmp_path / "root"))
     auth = tmp_path / "auth.json"
     env["REGISTRY_AUTH_FILE"] = str(auth)
     with pytest.raises(AssertionError):  # ghcr.io/* is for named users: not before login
@@ -529,21 +534,7 @@ def test_a_site_with_no_upstream_is_filled_from_an_archive(
         assert re.search(rf"docker.io/multi/arch:latest\s+\S+\s+{seeded.index.digest}", listing)
         conf = tmp_path / "registries.conf"
         conf.write_text(client_file("podman/registries.conf", host))
-        runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))
-        try:
-            podman = [
-                "podman",
-                "--root",
-                str(tmp_path / "podman"),
-                "--runroot",
-                str(runroot),
-                "--storage-driver",
-                "vfs",
-                "--cgroup-manager",
-                "cgroupfs",
-                "--events-backend",
-                "file",
-            ]
+        with _podman(tmp_path / "podman") as podman:
             env = {"CONTAINERS_REGISTRIES_CONF": str(conf)}
             run(*podman, "pull", "docker.io/team/app:v1", env=env)
             digest = run(
@@ -556,8 +547,6 @@ def test_a_site_with_no_upstream_is_filled_from_an_archive(
                 env=env,
             )
             assert digest.strip() == seeded.docker.digest
-        finally:
-            shutil.rmtree(runroot, ignore_errors=True)
     finally:
         process.terminate()
         process.wait(15)
