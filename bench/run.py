@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         action="append",
-        choices=("warm", "cold", "herd", "memory", "startup"),
+        choices=("warm", "cold", "herd", "crowd", "memory", "startup"),
         help="run only these figures (repeatable)",
     )
     args = parser.parse_args()
@@ -317,6 +317,9 @@ def main() -> None:
                 "1",
                 layer_sizes=(big * 4 // 10,) if want("herd") else (1,),
                 compress=False,
+            )
+            crowd_image = pusher.image(
+                "bench/crowd", "1", layer_sizes=size if want("crowd") else (1,), compress=False
             )
             memory_images = [
                 pusher.image(f"bench/mem{i}", "1", layer_sizes=size, compress=False)
@@ -440,6 +443,28 @@ def main() -> None:
                     "1 upstream GET, <= 1.3x one pull",
                 )
                 limited.stop()
+
+            if want("crowd"):
+                # 4b. 16 clients pulling one blob cold (the upstream at full speed: the mirror's
+                # fan-out is what is timed) against the same 16 pulling it warm
+                blob = crowd_image.layers[0]
+                cold_s, warm_s = [], []
+                for number in range(args.herd_rounds):
+                    crowd = start_mirror(work / f"m-crowd{number}", upstream.url, args.workers)
+                    urls = [f"{crowd.url}/v2/bench/crowd/blobs/{blob}"] * 16
+                    cold_s.append(curl_many(urls))
+                    warm_s.append(curl_many(urls))
+                    crowd.stop()
+                    shutil.rmtree(crowd.root)
+                c, w = median(cold_s), median(warm_s)
+                paired = sorted(a / b for a, b in zip(cold_s, warm_s, strict=True))
+                row(
+                    f"16 pulls of one {big // MB} MB blob, cold against warm",
+                    f"cold {c:.2f} s",
+                    f"warm {w:.2f} s",
+                    f"{c / w:.2f}x warm (rounds {paired[0]:.2f}-{paired[-1]:.2f})",
+                    "<= 1.15x warm",
+                )
 
             if want("memory"):
                 # 5. peak memory while 8 clients pull different blobs cold

@@ -2,7 +2,8 @@
 
 Generic on purpose: nothing here knows about registries. `SingleFlight` shares the result of
 one coroutine among concurrent callers; `Transfer` lets many readers follow a file while
-one writer fills it, each reader getting bytes as they land.
+one writer fills it, each reader getting bytes as they land, or, where the bytes are in a
+file, the region of the file to hand to the kernel.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -54,10 +56,47 @@ class SingleFlight(Generic[K, V]):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """Bytes [offset, offset + count) of an open file, for the kernel to send (sendfile):
+    a reader behind a fill gets what is already written this way, in one call, instead of
+    chunk by chunk through Python. The descriptor stays open while the reader holds it."""
+
+    fd: int
+    offset: int
+    count: int
+
+
+Piece = bytes | memoryview | FileRegion
+
+
+async def outlast(task: asyncio.Future[V]) -> V:
+    """The result of `task`, which is not abandoned midway: work a thread is doing on a
+    file (writing it, committing it) must end before the file is removed or the store
+    closed. A cancellation waits for the task, then is raised."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+        except BaseException:
+            break
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller is going away
+        raise asyncio.CancelledError
+    return task.result()
+
+
 class ReadBack(Protocol):
     """The bytes of a blob being written, read back for readers that fell behind."""
 
     def pread(self, offset: int, size: int) -> bytes: ...
+
+    def fileno(self) -> int | None:
+        """The descriptor the bytes are read from, when they are in a file."""
+        ...
 
     def close(self) -> None: ...
 
@@ -72,6 +111,8 @@ class BlobStream(Protocol):
     def readers(self) -> int: ...
 
     def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | memoryview]: ...
+
+    def pieces(self, start: int = 0, end: int | None = None) -> AsyncIterator[Piece]: ...
 
 
 class TransferFailed(Exception):
@@ -100,6 +141,11 @@ class Transfer:
 
     RECENT_BYTES = 1024 * 1024
     SPILL_WINDOW = 8 * 1024 * 1024  # bytes held for readers once spilled
+    # Readers are woken once this much has arrived, or this long after the first byte
+    # they have not been told of: a herd following a fill is woken per batch, not per
+    # socket read (sixteen readers woken for every 64 KiB cost more than the copies).
+    WAKE_BYTES = 1024 * 1024
+    WAKE_DELAY = 0.005
 
     def __init__(self, back: ReadBack | None) -> None:
         self._back = back
@@ -119,6 +165,8 @@ class Transfer:
         self._dropped_file = False
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
+        self._told = 0  # `written` when readers were last woken
+        self._wake_timer: asyncio.TimerHandle | None = None
         # Set when the fill is over (kept, not kept, or failed): after the last byte,
         # the fsync and rename still run; a reader that needs the blob stored waits here.
         self.settled = asyncio.Event()
@@ -155,7 +203,10 @@ class Transfer:
                 self._recent_bytes -= len(self._recent.popleft()[1])
         self.written += len(data)
         self._trim()
-        self._notify()
+        if self.written - self._told >= self.WAKE_BYTES or self._spilled_from is not None:
+            self._notify()
+        elif self._wake_timer is None:
+            self._wake_timer = asyncio.get_running_loop().call_later(self.WAKE_DELAY, self._notify)
 
     async def drain(self, timeout: float) -> None:
         """Once spilled: wait until no reader is more than SPILL_WINDOW behind the writer;
@@ -217,6 +268,10 @@ class Transfer:
             self._closer()
 
     def _notify(self) -> None:
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+            self._wake_timer = None
+        self._told = self.written
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -236,20 +291,23 @@ class Transfer:
         first = self._spilled[0][0] if self._spilled else self.written
         return offset >= first
 
-    def _chunk(self, offset: int, stop: int) -> bytes | memoryview:
+    def _chunk(self, offset: int, stop: int, regions: bool) -> Piece:
         spilled_from = self._spilled_from
         if spilled_from is not None and offset >= spilled_from:
             for start, data in self._spilled:
                 if start <= offset < start + len(data):
                     return _window(data, start, offset, stop)
             raise TransferFailed("fell too far behind a transfer that is not being kept")
+        if spilled_from is not None:
+            stop = min(stop, spilled_from)
+        fd = self._back.fileno() if regions and self._back is not None else None
+        if fd is not None:
+            return FileRegion(fd, offset, stop - offset)
         for start, data in reversed(self._recent):
             if start <= offset:
                 if offset < start + len(data):
                     return _window(data, start, offset, stop)
                 break
-        if spilled_from is not None:
-            stop = min(stop, spilled_from)
         if self._back is None:
             raise TransferFailed("came after a transfer that was not kept had ended")
         return self._back.pread(offset, min(READ_CHUNK, stop - offset))
@@ -258,6 +316,16 @@ class Transfer:
         self, start: int = 0, end: int | None = None
     ) -> AsyncIterator[bytes | memoryview]:
         """Bytes [start, end) as the writer provides them; raises TransferFailed on failure."""
+        async for piece in self._follow(start, end, regions=False):
+            assert not isinstance(piece, FileRegion)
+            yield piece
+
+    def pieces(self, start: int = 0, end: int | None = None) -> AsyncIterator[Piece]:
+        """As `read`, but what is already in the file comes as one FileRegion: everything
+        written since the reader's last piece, however far behind the writer it is."""
+        return self._follow(start, end, regions=True)
+
+    async def _follow(self, start: int, end: int | None, regions: bool) -> AsyncIterator[Piece]:
         reader = self._next_reader
         self._next_reader += 1
         self._positions[reader] = start
@@ -270,11 +338,12 @@ class Transfer:
                 if end is not None:
                     stop = min(stop, end)
                 if offset < stop:
-                    data = self._chunk(offset, stop)
-                    if not data:
+                    data = self._chunk(offset, stop, regions)
+                    size = data.count if isinstance(data, FileRegion) else len(data)
+                    if not size:
                         raise TransferFailed("file shrank under a reader")
                     yield data
-                    offset += len(data)
+                    offset += size
                     self._positions[reader] = offset
                     if self._spilled_from is not None:
                         self._trim()

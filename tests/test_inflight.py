@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from mirror.inflight import SingleFlight, Transfer, TransferFailed
+from mirror.inflight import FileRegion, SingleFlight, Transfer, TransferFailed, outlast
 from mirror.store.fill import FileReadBack
+
+from .support.waiting import until
 
 
 async def test_single_flight_runs_once_and_survives_a_cancelled_caller() -> None:
@@ -113,3 +117,89 @@ async def test_readers_keeping_up_are_served_from_memory(tmp_path: Path) -> None
     transfer.finish()
     assert await _collect(transfer, 200_000) == data[200_000:]  # the last two chunks
     assert await _collect(transfer, 150_000, 190_000) == b"\0" * 40_000  # an older one
+
+
+async def test_a_reader_behind_the_writer_gets_what_is_written_as_one_file_region(
+    tmp_path: Path,
+) -> None:
+    """What a herd behind a fill is sent by the kernel: everything written since the
+    reader's last piece in one region of the file (never the unverified last byte), and
+    the bytes of the region are the file's."""
+    path = tmp_path / "blob.part"
+    data = bytes(range(256)) * 4000  # 1,024,000 bytes
+    path.write_bytes(data[:600_000])
+    transfer = Transfer(FileReadBack(path))
+    transfer.start(len(data))
+    for offset in range(0, 600_000, 100_000):
+        transfer.advance(data[offset : offset + 100_000])
+    pieces = transfer.pieces()
+    first = await anext(pieces)
+    assert isinstance(first, FileRegion)
+    assert (first.offset, first.count) == (0, 599_999)  # the last byte waits for the end
+    assert os.pread(first.fd, first.count, first.offset) == data[:599_999]
+    with path.open("ab") as out:
+        out.write(data[600_000:])
+    transfer.advance(data[600_000:])
+    second = await anext(pieces)
+    assert isinstance(second, FileRegion)
+    assert (second.offset, second.count) == (599_999, len(data) - 600_000)
+    transfer.finish()
+    last = await anext(pieces)
+    assert isinstance(last, FileRegion) and (last.offset, last.count) == (len(data) - 1, 1)
+    with pytest.raises(StopAsyncIteration):
+        await anext(pieces)
+
+
+async def test_readers_are_woken_per_batch_not_per_chunk(tmp_path: Path) -> None:
+    """Sixteen readers woken for every small chunk cost more than the copies: they are
+    woken once WAKE_BYTES have come, or WAKE_DELAY after the first byte not told of."""
+    path = tmp_path / "blob.part"
+    path.touch()
+    transfer = Transfer(FileReadBack(path))
+    transfer.WAKE_BYTES = 10_000
+    transfer.WAKE_DELAY = 3600.0  # only the byte count wakes them here
+    transfer.start(100_000)
+    wakes = 0
+
+    async def count_wakes() -> None:
+        nonlocal wakes
+        async for _ in transfer.pieces():
+            wakes += 1
+
+    reader = asyncio.create_task(count_wakes())
+    await asyncio.sleep(0)
+    with path.open("wb") as out:
+        for _ in range(50):  # 50 chunks of 1,000 bytes: 5 batches
+            out.write(b"x" * 1000)
+            out.flush()
+            transfer.advance(b"x" * 1000)
+            await asyncio.sleep(0)
+    assert wakes == 5
+    transfer.WAKE_DELAY = 0.001
+    with path.open("ab") as out:
+        out.write(b"y" * 10)
+    transfer.advance(b"y" * 10)  # a trickle is not held back for long
+    await until(lambda: wakes == 6, "a trickle's reader woken after WAKE_DELAY")
+    reader.cancel()
+
+
+async def test_outlast_waits_for_the_thread_before_raising_the_cancellation() -> None:
+    """A fill stopped while a thread commits its file must not remove the file (or close
+    the store) under that thread."""
+    release = threading.Event()
+    finished: list[str] = []
+
+    def commit() -> bool:
+        release.wait(10)
+        finished.append("committed")
+        return True
+
+    waiter = asyncio.create_task(outlast(asyncio.ensure_future(asyncio.to_thread(commit))))
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # still waiting for the thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert finished == ["committed"]

@@ -25,7 +25,7 @@ from ..errors import (
     TagInvalid,
     Unsupported,
 )
-from ..inflight import BlobStream, TransferFailed
+from ..inflight import BlobStream, FileRegion, TransferFailed
 from ..logs import printable
 from ..policy.answers import HIT, MISS, Manifest
 from ..policy.proxy import Proxy
@@ -212,20 +212,35 @@ class RegistryHandlers:
     async def _stream(
         self, request: web.Request, transfer: BlobStream, headers: dict[str, str]
     ) -> web.StreamResponse:
-        """Send a blob while it is being fetched; abort the connection if the fetch fails."""
-        response, _, start, end = await self._start(request, transfer.size, headers)
+        """Send a blob while it is being fetched; abort the connection if the fetch fails.
+        What is already in the fill's file goes by sendfile, so a herd of clients behind
+        one fill costs the kernel's copies, not Python's."""
+        response, writer, start, end = await self._start(request, transfer.size, headers)
+        transport = request.transport
+        if transport is None:
+            return response  # the client left
         request[BODY_SENT] = 0
+
+        def sent(count: int) -> None:
+            request[BODY_SENT] += count
+
+        # sendfile writes past aiohttp's chunked framing: only for a body of known length.
+        pieces = transfer.pieces if response.content_length is not None else transfer.read
         try:
-            async for chunk in transfer.read(start, end):
-                await response.write(chunk)
-                request[BODY_SENT] += len(chunk)
-        except TransferFailed as exc:
-            log.warning("aborting %s: %s", printable(request.path), exc)
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+            async for piece in pieces(start, end):
+                if isinstance(piece, FileRegion):
+                    await send_file(
+                        response, writer, transport, piece.fd, piece.offset, piece.count, sent
+                    )
+                else:
+                    await response.write(piece)
+                    sent(len(piece))
         except ConnectionError:
             return response  # the client left; the fill goes on without it
+        except (TransferFailed, FileShrank, OSError) as exc:
+            log.warning("aborting %s: %s", printable(request.path), exc)
+            transport.abort()
+            return response
         await response.write_eof()
         return response
 

@@ -6,23 +6,21 @@ bounded window. Each runs on its own task, so a client that hangs up does not st
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable
 
 from ..config import Config
 from ..errors import RegistryError, UpstreamError, UpstreamTimeout
-from ..inflight import Transfer
+from ..inflight import Transfer, outlast
 from ..metrics import Metrics
 from ..reference import Digest
 from ..routing import Route
 from ..store.base import WRITE_ERRORS, BlobStore, DigestMismatch, PassThroughBlob, TempBlob
 from ..upstream.client import Upstream
+from .appender import Appender
 
 log = logging.getLogger("mirror.proxy")
-
-FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write refused for want of space
 
 
 class Fills:
@@ -101,7 +99,8 @@ class Fills:
             temp.verify()
             transfer.finish()  # the right bytes: clients get their last byte now
             # fsync, rename, index and eviction: off the loop, so other clients go on.
-            if await asyncio.to_thread(_keep, temp):
+            keeping = asyncio.ensure_future(asyncio.to_thread(_keep, temp))
+            if await outlast(keeping):  # a server stopping waits for the commit
                 log.info("stored %s (%d bytes) from %s", digest, temp.written, upstream.name)
             else:
                 transfer.not_kept()
@@ -148,25 +147,16 @@ class Fills:
 
         fetched = self._metrics.fetched_bytes.labels(upstream.name)  # looked up once
         chunks = upstream.blob_chunks(route.repository, digest, deadline=deadline, started=started)
-        async for chunk in chunks:
-            self._write(temp, transfer, chunk, digest)
-            fetched.inc(len(chunk))
-            if transfer.spilled:
-                await transfer.drain(self._config.timeouts.read)
-
-    def _write(self, temp: TempBlob, transfer: Transfer, chunk: bytes, digest: Digest) -> None:
-        """Append a chunk; when the store cannot take it, go on streaming without keeping."""
-        if not temp.spilled and temp.written + len(chunk) > self._store.max_size:
-            self._spill(temp, transfer, digest, "over the store's bound")
+        appender = Appender(self._store, temp, transfer, digest)
         try:
-            temp.write(chunk)
-        except OSError as exc:
-            if exc.errno not in FULL:
-                raise
-            self._store.counters.write_failed(f"writing {digest}", exc)
-            self._spill(temp, transfer, digest, f"the disk is full at byte {temp.written}")
-            temp.write(chunk)
-        transfer.advance(chunk)
+            async for chunk in chunks:
+                fetched.inc(len(chunk))
+                await appender.add(chunk)
+                if transfer.spilled:
+                    await transfer.drain(self._config.timeouts.read)
+            await appender.flush()
+        finally:
+            await appender.settle()  # the thread is done with the file before it goes
 
     def _spill(self, temp: TempBlob, transfer: Transfer, digest: Digest, why: str) -> None:
         if not temp.spilled:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..inflight import ReadBack
+from ..inflight import Piece, ReadBack
 from ..reference import Digest, parse_digest
 from .lru import Entry
 
@@ -224,6 +224,8 @@ class Followed(Protocol):
     async def wait_started(self, timeout: float) -> None: ...
 
     def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]: ...
+
+    def pieces(self, start: int = 0, end: int | None = None) -> AsyncIterator[Piece]: ...
 
 
 class PassThroughBlob:

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from ..inflight import READ_CHUNK, NotKept, TransferFailed
+from ..inflight import READ_CHUNK, FileRegion, NotKept, Piece, TransferFailed
 from ..reference import Digest
 from .base import DigestMismatch
 
@@ -38,6 +38,9 @@ class FileReadBack:
 
     def pread(self, offset: int, size: int) -> bytes:
         return os.pread(self._fd, size, offset)
+
+    def fileno(self) -> int | None:
+        return self._fd if self._fd >= 0 else None
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -351,6 +354,15 @@ class FollowedFill:
             raise NotKept("the process fetching this blob is not keeping it")
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        async for piece in self._follow(start, end, regions=False):
+            assert isinstance(piece, bytes)
+            yield piece
+
+    def pieces(self, start: int = 0, end: int | None = None) -> AsyncIterator[Piece]:
+        """As `read`, but what is already in the file comes as one FileRegion."""
+        return self._follow(start, end, regions=True)
+
+    async def _follow(self, start: int, end: int | None, regions: bool) -> AsyncIterator[Piece]:
         assert self.size is not None, "wait_started first"
         size = self.size
         end = size if end is None else min(end, size)
@@ -362,6 +374,10 @@ class FollowedFill:
                 written = size if finished else min(os.fstat(self._fd).st_size, size) - 1
                 stop = min(written, end)
                 if offset < stop:
+                    if regions:
+                        yield FileRegion(self._fd, offset, stop - offset)
+                        offset = stop
+                        continue
                     data = os.pread(self._fd, min(READ_CHUNK, stop - offset), offset)
                     if not data:
                         raise TransferFailed("file shrank under a reader")

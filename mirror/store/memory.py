@@ -44,6 +44,9 @@ class BufferReadBack:
     def pread(self, offset: int, size: int) -> bytes:
         return bytes(self._buffer[offset : offset + size])
 
+    def fileno(self) -> int | None:
+        return None
+
     def close(self) -> None:
         pass
 

@@ -1,5 +1,6 @@
-"""A throwaway dockerd: its own data root and socket, vfs storage, no network set-up; for
-the end-to-end tests and the wide-area benchmark."""
+"""A throwaway dockerd: its own data root and socket, no network set-up; for the end-to-end
+tests (vfs storage, which works anywhere) and the wide-area benchmark (overlay2, what dockerd
+uses on a real host)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def dockerd(root: Path, daemon_json: str, environ: Mapping[str, str]) -> Iterator[dict[str, str]]:
+def dockerd(
+    root: Path, daemon_json: str, environ: Mapping[str, str], storage_driver: str = "vfs"
+) -> Iterator[dict[str, str]]:
     """dockerd configured by `daemon_json`, run with `environ` added (proxies); yields the
     environment a `docker` command talks to it with. The socket path must stay short."""
     binary = shutil.which("dockerd")
@@ -37,7 +40,7 @@ def dockerd(root: Path, daemon_json: str, environ: Mapping[str, str]) -> Iterato
             "--host",
             f"unix://{socket}",
             "--storage-driver",
-            "vfs",
+            storage_driver,
             "--bridge",
             "none",
             "--iptables=false",
