@@ -450,12 +450,14 @@ def main() -> None:
                 blob = crowd_image.layers[0]
                 cold_s, warm_s = [], []
                 for number in range(args.herd_rounds):
-                    crowd = start_mirror(work / f"m-crowd{number}", upstream.url, args.workers)
-                    urls = [f"{crowd.url}/v2/bench/crowd/blobs/{blob}"] * 16
+                    fresh = start_mirror(work / f"m-crowd{number}", upstream.url, args.workers)
+                    urls = [f"{fresh.url}/v2/bench/crowd/blobs/{blob}"] * 16
+                    os.sync()  # no write-back left from the round before
                     cold_s.append(curl_many(urls))
+                    os.sync()
                     warm_s.append(curl_many(urls))
-                    crowd.stop()
-                    shutil.rmtree(crowd.root)
+                    fresh.stop()
+                    shutil.rmtree(fresh.root)
                 c, w = median(cold_s), median(warm_s)
                 paired = sorted(a / b for a, b in zip(cold_s, warm_s, strict=True))
                 row(
