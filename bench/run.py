@@ -142,9 +142,20 @@ def start_nginx(root: Path, files: Path, upstream: str | None = None, rate: str 
     return run_nginx(root, f"location / {{ {location} }}", probe="/")
 
 
-def run_nginx(root: Path, server: str, probe: str) -> Service:
-    """nginx on a free port of 127.0.0.1 with `server` as its server block's body; up
-    once `probe` answers."""
+def start_nginx_cache(root: Path, upstream: str) -> Service:
+    """nginx proxy_cache in front of `upstream`, keeping every 200 (keyed by the path and
+    the Accept header): the reference for cached tag answers."""
+    cache = f"proxy_cache_path {root}/cache levels=1:2 keys_zone=answers:10m;"
+    location = (
+        f"proxy_pass {upstream}; proxy_cache answers; proxy_cache_valid 200 1h; "
+        "proxy_cache_key $uri$http_accept; add_header X-Cache $upstream_cache_status;"
+    )
+    return run_nginx(root, f"location / {{ {location} }}", probe="/v2/", http=cache)
+
+
+def run_nginx(root: Path, server: str, probe: str, http: str = "") -> Service:
+    """nginx on a free port of 127.0.0.1 with `server` as its server block's body (and
+    `http` added to the http block); up once `probe` answers."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     (root / "nginx.conf").write_text(
@@ -158,6 +169,7 @@ http {{
   access_log off;
   client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
   fastcgi_temp_path {root}/fastcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  {http}
   server {{
     listen 127.0.0.1:{port};
     {server}
@@ -357,6 +369,40 @@ def main() -> None:
                         f"{m / n:.2f}x nginx",
                         ">= 0.9x nginx",
                     )
+                cached = start_nginx_cache(work / "nginx-cache", upstream.url)
+                services.append(cached)
+                tag_url = f"{cached.url}/v2/bench/warm/manifests/1"
+                curl_many([tag_url], headers=(f"Accept: {ACCEPT}",))  # now in its cache
+                probe = subprocess.run(
+                    [
+                        "curl",
+                        "-sf",
+                        "-o",
+                        "/dev/null",
+                        "-D",
+                        "-",
+                        "-H",
+                        f"Accept: {ACCEPT}",
+                        tag_url,
+                    ],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                if "X-Cache: HIT" not in probe:
+                    raise RuntimeError(f"nginx is not answering from its cache: {probe}")
+                answers: dict[str, list[float]] = {"mirror": [], "nginx": []}
+                for _ in range(args.rounds):
+                    answers["mirror"].append(wrk_rps(f"{mirror.url}/v2/bench/warm/manifests/1"))
+                    answers["nginx"].append(wrk_rps(tag_url))
+                m, n = median(answers["mirror"]), median(answers["nginx"])
+                row(
+                    "cached tag answers, req/s",
+                    f"{m:.0f}",
+                    f"nginx proxy_cache {n:.0f}",
+                    f"{m / n:.2f}x nginx",
+                    ">= 0.5x nginx proxy_cache",
+                )
+                cached.stop()
                 for label, reference in (("tag", "1"), ("digest", warm_image.digest)):
                     rps: dict[str, list[float]] = {"mirror": [], "registry-proxy": []}
                     for _ in range(args.rounds):

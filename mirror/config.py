@@ -634,6 +634,19 @@ def _parse_acr(raw: Any, where: str) -> AcrConfig:
     )
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may use: those it is pinned to, fewer under a container's
+    CPU quota (cgroup v2 `cpu.max`, what a Kubernetes CPU limit sets)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 def _parse_upstream(
     name: str, raw: Any, env: Mapping[str, str], defaults: UpstreamConfig
 ) -> UpstreamConfig:
@@ -872,10 +885,12 @@ def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -
             ) from None
 
     workers = data.get("workers", defaults.workers)
+    if isinstance(workers, str) and workers.strip().lower() == "auto":
+        workers = min(usable_cores(), 64)
     if isinstance(workers, str) and workers.isdigit():
         workers = int(workers)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
-        raise ConfigError(f"workers: expected a whole number from 1 to 64, got {workers!r}")
+        raise ConfigError(f"workers: expected a whole number from 1 to 64 or auto, got {workers!r}")
 
     return Config(
         listen_host=host,

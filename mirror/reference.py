@@ -16,6 +16,7 @@ MAX_NAME_LENGTH = 255
 
 # Algorithms the mirror can verify, with the length of their lowercase hex encoding.
 _HEX_LENGTH = {"sha256": 64, "sha512": 128}
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
 
 
 def is_valid_name(name: str) -> bool:
@@ -49,11 +50,7 @@ def parse_digest(text: str) -> Digest | None:
         return None
     algorithm, _, encoded = text.partition(":")
     length = _HEX_LENGTH.get(algorithm)
-    if (
-        length is None
-        or len(encoded) != length
-        or not all(c in "0123456789abcdef" for c in encoded)
-    ):
+    if length is None or len(encoded) != length or _LOWER_HEX.fullmatch(encoded) is None:
         return None
     return Digest(algorithm, encoded)
 

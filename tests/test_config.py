@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mirror.config import (
     load,
     naming_warnings,
     parse_size,
+    usable_cores,
 )
 from mirror.routing import resolve
 
@@ -376,3 +378,26 @@ def test_an_unset_variable_is_named() -> None:
         "${HUB_USER} is not set in the environment: it reads as empty",
     ]  # QUAY_URL has a default: not named
     assert config.upstreams["docker.io"].username is None  # anonymous, as documented
+
+
+def test_workers_auto_is_one_per_usable_core(tmp_path: Path) -> None:
+    path = _write(tmp_path, "workers: auto\nupstreams: {docker.io: {url: http://127.0.0.1:9}}\n")
+    assert load(path, env={}).workers == min(len(os.sched_getaffinity(0)), 64)
+    assert load(path, env={"MIRROR_WORKERS": "AUTO"}).workers == load(path, env={}).workers
+    with pytest.raises(ConfigError, match="workers: expected a whole number from 1 to 64 or auto"):
+        load(path, env={"MIRROR_WORKERS": "many"})
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("max 100000", None), ("150000 100000", 2), ("50000 100000", 1), ("garbage", None)],
+)
+def test_workers_auto_respects_a_container_cpu_limit(
+    tmp_path: Path, cpu_max: str, expected: int | None
+) -> None:
+    """A Kubernetes CPU limit of 1.5 cores is two workers, not one per core of the node."""
+    cgroup = tmp_path / "cpu.max"
+    cgroup.write_text(cpu_max + "\n")
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cores(cgroup) == (cores if expected is None else min(cores, expected))
+    assert usable_cores(tmp_path / "absent") == cores

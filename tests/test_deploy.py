@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.config import from_mapping, load
+from mirror.config import from_mapping, load, usable_cores
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -41,6 +41,7 @@ def test_kubernetes_manifests() -> None:
     parsed = from_mapping(config, env={})
     assert parsed.listen_port == 5000 and str(parsed.storage.path) == "/var/lib/mirror"
     assert parsed.ops_listen == ("0.0.0.0", 9000)
+    assert config["workers"] == "auto" and parsed.workers == usable_cores()
     spec = kinds["StatefulSet"]["spec"]
     (container,) = spec["template"]["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
@@ -103,6 +104,7 @@ def test_dockerfile() -> None:
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert any("http://127.0.0.1:9000/healthz" in line for line in lines)
     assert any("MIRROR_OPS_LISTEN=0.0.0.0:9000" in line for line in lines)
+    assert any(line.startswith("MIRROR_WORKERS=auto") for line in lines)  # one per core
     copied = [line.split()[1] for line in lines if line.startswith("COPY")]
     root = DEPLOY.parent
     for source in copied:
@@ -123,6 +125,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "NoNewPrivileges=yes" in unit and "ProtectSystem=strict" in unit
     # the store's place is in the config file the commands read, not in the unit's env
     assert "MIRROR_STORAGE_PATH" not in unit
+    assert "Environment=MIRROR_WORKERS=auto" in unit  # one worker per core
     install = next(line for line in unit.splitlines() if line.startswith("#          sed "))
     command = install.removeprefix("#          ").split(" > ")[0]
     root = DEPLOY.parent

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from mirror.inflight import TransferFailed
 from mirror.reference import Digest, digest_of
+from mirror.store import disk
 from mirror.store.base import BlobStore, DigestMismatch, blob_key, manifest_key
 from mirror.store.disk import DiskStore
 from mirror.store.memory import MemoryStore
@@ -260,6 +262,35 @@ def test_a_file_removed_by_hand_is_forgotten(tmp_path: Path) -> None:
     assert store.usage() == (4, 1)  # noted on the loop, dropped off it:
     store.flush_uses()
     assert store.usage() == (0, 0)
+
+
+def test_a_manifest_removed_elsewhere_is_gone_here_without_a_look_at_every_hit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hit does not look at the disk every time (that cost more than the answer): a
+    manifest `mirror gc` or another worker removes is gone here at once (they rewrite the
+    store's removal mark), one removed by hand within RECHECK_SECONDS."""
+    now = [1000.0]
+    monkeypatch.setattr(disk.time, "monotonic", lambda: now[0])
+    server = DiskStore(tmp_path / "store", 1 << 30)
+    manifests = [b'{"schemaVersion": 2, "n": %d}' % n for n in range(2)]
+    digests = [digest_of(data) for data in manifests]
+    for digest, data in zip(digests, manifests, strict=True):
+        server.put_manifest(digest, data, "application/vnd.oci.image.manifest.v1+json")
+        assert server.get_manifest(digest) is not None
+    other = DiskStore(tmp_path / "store", 1 << 30, repair=False)  # `mirror gc`, a worker
+    (entry,) = [
+        e for e in other.oldest(10, used_before=time.time() + 10) if e.key.endswith(digests[0].hex)
+    ]
+    other.evict(entry)
+    assert server.get_manifest(digests[0]) is None  # at once
+    assert server.get_manifest(digests[1]) is not None  # looked at again, still there
+    server.manifest_path(digests[1]).unlink()  # by hand: no mark
+    assert server.get_manifest(digests[1]) is not None  # trusted a moment longer
+    now[0] += disk.RECHECK_SECONDS + 0.1
+    assert server.get_manifest(digests[1]) is None
+    other.close()
+    server.close()
 
 
 async def _follow_to_the_end(store: DiskStore, digest: Digest, into: bytearray) -> None:

@@ -8,6 +8,7 @@ import time
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from prometheus_client import Counter
 
 from ..access.gate import DECISION, IDENTITY
 from ..errors import RESULT, Handler
@@ -20,9 +21,15 @@ log = logging.getLogger("mirror.access")
 # Route names (see app.py) and the kind they count as.
 KINDS = {"manifest": "manifest", "blob": "blob", "tags": "tags"}
 FROM_CACHE = ("hit", "stale")
+STATUS_CLASSES = [f"{n}xx" for n in range(10)]
 
 
 def observe_middleware(metrics: Metrics) -> Middleware:
+    # The counters' children by labels: looking one up in prometheus_client takes a lock
+    # and more time than the rest of a cached answer's bookkeeping.
+    counted: dict[tuple[str, str, str, str], Counter] = {}
+    served = {source: metrics.served_bytes.labels(source) for source in ("cache", "upstream")}
+
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
@@ -35,15 +42,22 @@ def observe_middleware(metrics: Metrics) -> Middleware:
                 await response.write_eof()
         route_name = request.match_info.route.name or ""
         kind = KINDS.get(route_name, "other")
-        result = request.get(RESULT, "error" if response.status >= 400 else "none")
-        metrics.requests.labels(kind, request.method, f"{response.status // 100}xx", result).inc()
+        status = response.status
+        result = request.get(RESULT, "error" if status >= 400 else "none")
+        labels = (kind, request.method, STATUS_CLASSES[status // 100], result)
+        counter = counted.get(labels)
+        if counter is None:
+            counter = counted[labels] = metrics.requests.labels(*labels)
+        counter.inc()
         sent, complete = _bytes_sent(request, response)
         route = request.get(ROUTE)
         upstream = route.upstream.name if route is not None else ""
-        if kind in ("manifest", "blob") and response.status < 300 and sent:
-            metrics.served_bytes.labels("cache" if result in FROM_CACHE else "upstream").inc(sent)
-        if route is not None and kind in ("manifest", "blob") and response.status < 400:
+        if kind in ("manifest", "blob") and status < 300 and sent:
+            served["cache" if result in FROM_CACHE else "upstream"].inc(sent)
+        if route is not None and kind in ("manifest", "blob") and status < 400:
             metrics.count_repository(upstream, route.repository)
+        if not log.isEnabledFor(logging.INFO):
+            return response
         refused = request.get(DECISION, "").startswith("refused")
         if route_name not in ("metrics", "healthz", "readyz") or refused:
             duration = time.monotonic() - started
@@ -55,7 +69,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
                 request.remote,
                 request.method,
                 printable(request.path),
-                response.status,
+                status,
                 sent,
                 duration,
                 result,
@@ -66,7 +80,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
                     "remote": request.remote,
                     "method": request.method,
                     "path": printable(request.path),
-                    "status": response.status,
+                    "status": status,
                     "bytes": sent,
                     "complete": complete,
                     "duration": round(duration, 6),

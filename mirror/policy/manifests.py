@@ -32,6 +32,7 @@ from .membership import Membership
 log = logging.getLogger("mirror.proxy")
 
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
+ACCEPT_MEMORY = 1024  # distinct (Accept, media type) pairs remembered
 
 
 def _quietly(done: asyncio.Future[Any]) -> None:
@@ -80,6 +81,8 @@ class Manifests:
         self._clock = clock
         self._fetches: SingleFlight[tuple[str, ...], Manifest] = SingleFlight()
         self._evictions: SingleFlight[str, int] = SingleFlight()
+        # What each client Accept admits: clients send the same few lists every time.
+        self._accepted: dict[tuple[str, str], bool] = {}
 
     async def answer(self, route: Route, reference: str, accept: str, *, head: bool) -> Manifest:
         digest = parse_digest(reference)
@@ -90,6 +93,15 @@ class Manifests:
     async def close(self) -> None:
         await self._fetches.close()
         await self._evictions.close()
+
+    def _accepts(self, accept: str, media_type: str) -> bool:
+        key = (accept, media_type)
+        known = self._accepted.get(key)
+        if known is None:
+            if len(self._accepted) >= ACCEPT_MEMORY:
+                self._accepted.clear()
+            known = self._accepted[key] = accepts(accept, media_type)
+        return known
 
     def _cached(self, digest_text: str, *, head: bool, source: str) -> Manifest | None:
         digest = parse_digest(digest_text)
@@ -134,7 +146,7 @@ class Manifests:
     async def _by_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
         upstream = route.upstream
         entry = self._tags.get(upstream.name, route.repository, tag)
-        if entry is not None and not accepts(accept, entry.media_type):
+        if entry is not None and not self._accepts(accept, entry.media_type):
             entry = None  # the client cannot take what we know: ask the upstream
         if entry is not None:
             fresh = entry.age(self._clock()) < upstream.ttl_for(route.repository, tag)

@@ -32,10 +32,12 @@ from .base import (
 )
 from .fill import DiskFills, DiskTempBlob, FollowedFill
 from .lru import Entry, UsageIndex
+from .removals import RemovalMark
 
 log = logging.getLogger("mirror.storage")
 
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024  # manifests also kept in memory, up to this much
+RECHECK_SECONDS = 1.0  # how long a manifest in memory is trusted to be on disk, at most
 EVICTION_GRACE = 1.0  # seconds: content used this recently is not evicted (it is being sent)
 HASH_CHUNK = 1024 * 1024
 ROOM_BYTES = 64 * 1024 * 1024  # free space (or 5% of a small disk) that counts as room again
@@ -60,7 +62,18 @@ class MemoryLru:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._entries: OrderedDict[str, tuple[bytes, str]] = OrderedDict()
+        self._seen: dict[str, float] = {}  # when each was last known to be on disk
         self._lock = threading.Lock()  # stores and evictions run in threads
+
+    def seen(self, key: str) -> float:
+        return self._seen.get(key, 0.0)
+
+    def forget_seen(self) -> None:
+        self._seen.clear()
+
+    def saw(self, key: str, when: float) -> None:
+        if key in self._entries:
+            self._seen[key] = when
 
     def get(self, key: str) -> tuple[bytes, str] | None:
         with self._lock:
@@ -73,9 +86,11 @@ class MemoryLru:
         with self._lock:
             self._drop(key)
             self._entries[key] = value
+            self._seen[key] = time.monotonic()  # it was just read or written
             self._bytes += len(value[0])
             while self._bytes > self._max_bytes and self._entries:
-                _, (data, _) = self._entries.popitem(last=False)
+                dropped, (data, _) = self._entries.popitem(last=False)
+                self._seen.pop(dropped, None)
                 self._bytes -= len(data)
 
     def drop(self, key: str) -> None:
@@ -83,6 +98,7 @@ class MemoryLru:
             self._drop(key)
 
     def _drop(self, key: str) -> None:
+        self._seen.pop(key, None)
         found = self._entries.pop(key, None)
         if found is not None:
             self._bytes -= len(found[0])
@@ -110,9 +126,12 @@ class DiskStore:
         self._clock = clock
         self._blobs = root / "blobs"
         self._manifests = root / "manifests"
+        self._manifests_folder = str(self._manifests)
         self._tmp = root / "tmp"
         for folder in (self._blobs, self._manifests, self._tmp):
             folder.mkdir(parents=True, exist_ok=True)
+        self._removals = RemovalMark(root / "removals")
+        self._removals_seen = self._removals.read()
         self._fills = DiskFills(self._tmp)
         self.index = UsageIndex(root / "lru.sqlite", clock)
         self._manifests_in_memory = MemoryLru(MANIFEST_MEMORY_BYTES)
@@ -124,6 +143,7 @@ class DiskStore:
 
     def close(self) -> None:
         self.index.close()
+        self._removals.close()
 
     # layout
 
@@ -211,13 +231,24 @@ class DiskStore:
 
     def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         key = manifest_key(digest)
-        path = self.manifest_path(digest)
         found = self._manifests_in_memory.get(key)
-        if found is not None and not path.exists():
-            # Evicted by another process (`mirror gc`, a worker): gone for us too.
-            self._manifests_in_memory.drop(key)
-            found = None
+        mark = self._removals.read()
+        if mark != self._removals_seen:
+            self._removals_seen = mark  # something was removed: look at the disk again
+            self._manifests_in_memory.forget_seen()
+        now = time.monotonic()
+        if found is not None and now - self._manifests_in_memory.seen(key) > RECHECK_SECONDS:
+            # Removed by another process (`mirror gc`, a worker): gone for us too. Looked
+            # for again after a removal anywhere, and every RECHECK_SECONDS (a file removed
+            # by hand).
+            where = f"{self._manifests_folder}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+            if os.path.exists(where):
+                self._manifests_in_memory.saw(key, now)
+            else:
+                self._manifests_in_memory.drop(key)
+                found = None
         if found is None:
+            path = self.manifest_path(digest)
             try:
                 found = path.read_bytes(), self._type_path(digest).read_text()
             except FileNotFoundError:
@@ -377,6 +408,8 @@ class DiskStore:
         for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        if kind == "manifest":
+            self._removals.removed()  # after the unlink: whoever looks then finds it gone
 
     # start-up repair and maintenance
 
