@@ -129,7 +129,8 @@ class Transfer:
     Readers share one `ReadBack` of what the writer keeps (for a file: one descriptor
     opened at the start, so the file may be renamed or removed under them). Until the
     writer calls `finish` (after verifying the content), readers never see the last
-    byte: a body that turns out wrong never reaches a client complete. The newest chunks
+    byte of what they asked for (the blob's, or their range's): a body that turns out
+    wrong never reaches a client complete. The newest chunks
     stay in memory too, so readers keeping up with the writer (the usual case) are served
     without reading the file back.
 
@@ -286,10 +287,14 @@ class Transfer:
     def serves_from(self, offset: int) -> bool:
         """Whether a new reader starting at `offset` can still be given every byte."""
         spilled_from = self._spilled_from
-        if spilled_from is None or offset < spilled_from:
+        if spilled_from is None:
             return True
+        if offset < spilled_from and self._back is None:
+            return False
+        # From the file up to the spill, then from memory: the memory must still hold the
+        # bytes from there (a reader joining late finds the window moved on).
         first = self._spilled[0][0] if self._spilled else self.written
-        return offset >= first
+        return max(offset, spilled_from) >= first
 
     def _chunk(self, offset: int, stop: int, regions: bool) -> Piece:
         spilled_from = self._spilled_from
@@ -336,7 +341,9 @@ class Transfer:
                     raise TransferFailed("fell too far behind a transfer that is not being kept")
                 stop = self.written if self.complete else self.written - 1
                 if end is not None:
-                    stop = min(stop, end)
+                    # A range's last byte waits for the verification too: bytes that turn
+                    # out wrong never reach a client as a complete answer.
+                    stop = min(stop, end if self.complete else end - 1)
                 if offset < stop:
                     data = self._chunk(offset, stop, regions)
                     size = data.count if isinstance(data, FileRegion) else len(data)

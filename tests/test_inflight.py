@@ -57,6 +57,7 @@ async def test_readers_follow_the_file_and_never_see_the_last_byte_early(tmp_pat
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
         assert not any(r.done() for r in readers)  # all but the last byte, until verified
+        assert not ranged.done()  # a range's last byte as well
     path.rename(final)
     transfer.finish()
     assert await asyncio.gather(*readers) == [data] * 3
@@ -203,3 +204,24 @@ async def test_outlast_waits_for_the_thread_before_raising_the_cancellation() ->
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert finished == ["committed"]
+
+
+async def test_a_reader_joining_after_the_window_moved_past_the_spill_is_turned_away(
+    tmp_path: Path,
+) -> None:
+    """A full disk at byte 3,000: a client arriving once the memory window has moved past
+    that point could be given neither the spilled bytes nor the rest; it gets a transfer
+    of its own instead of a cut answer."""
+    path = tmp_path / "blob.part"
+    path.write_bytes(b"a" * 3000)
+    transfer = Transfer(FileReadBack(path))
+    transfer.SPILL_WINDOW = 1000
+    transfer.start(10_000)
+    transfer.advance(b"a" * 3000)
+    transfer.spill()
+    transfer.advance(b"b" * 500)
+    assert transfer.serves_from(0)  # the window still holds byte 3,000 on
+    transfer.advance(b"b" * 2000)
+    assert not transfer.serves_from(0)
+    assert not transfer.serves_from(3000)
+    assert transfer.serves_from(4600)

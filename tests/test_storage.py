@@ -340,6 +340,67 @@ async def test_a_follower_of_wrong_bytes_never_gets_the_last_one(tmp_path: Path)
     assert bytes(got) == b"the wrong byte"
 
 
+async def test_a_follower_of_a_failed_fill_fails_even_when_a_new_fill_succeeds_at_once(
+    tmp_path: Path,
+) -> None:
+    """workers: 2. The writer this follower follows fails its check; another fill of the
+    same digest begins and verifies before the follower looks again. The follower must
+    not take that one's word for its own file (it would send the failed fill's bytes as
+    a whole answer)."""
+    data = os.urandom(200_000)
+    digest = digest_of(data)
+    first = DiskStore(tmp_path / "store", 1 << 30)
+    temp = first.begin_blob(digest)
+    assert temp is not None
+    temp.announce(len(data))
+    temp.write(data[:-10] + b"X" * 10)  # wrong bytes
+    follower_side = DiskStore(tmp_path / "store", 1 << 30, repair=False)
+    got = bytearray()
+    reader = asyncio.create_task(_follow_to_the_end(follower_side, digest, got))
+    await asyncio.sleep(0.05)
+    with pytest.raises(DigestMismatch):
+        temp.verify()
+    second = DiskStore(tmp_path / "store", 1 << 30, repair=False)
+    retry = second.begin_blob(digest)  # at once, before the follower polls again
+    assert retry is not None
+    retry.announce(len(data))
+    retry.write(data)
+    retry.verify()
+    with pytest.raises(TransferFailed):
+        await asyncio.wait_for(reader, 2)
+    assert len(got) < len(data)
+    assert retry.commit() is True
+    for store in (first, follower_side, second):
+        store.close()
+
+
+async def test_a_followed_range_gets_its_last_byte_only_once_verified(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "store", 1 << 30)
+    data = os.urandom(100_000)
+    digest = digest_of(data)
+    temp = store.begin_blob(digest)
+    assert temp is not None
+    temp.announce(len(data))
+    temp.write(data)
+    followed = store.follow(digest)
+    assert followed is not None
+    await followed.wait_started(1)
+    got = bytearray()
+
+    async def read_range() -> None:
+        async for chunk in followed.read(1000, 2000):
+            got.extend(chunk)
+
+    reader = asyncio.create_task(read_range())
+    await asyncio.sleep(0.1)
+    assert len(got) == 999 and not reader.done()  # all written, but not yet verified
+    temp.verify()
+    await asyncio.wait_for(reader, 2)
+    assert bytes(got) == data[1000:2000]
+    assert temp.commit() is True
+    store.close()
+
+
 def test_a_short_write_still_stores_the_whole_manifest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

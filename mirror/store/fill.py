@@ -203,27 +203,50 @@ class DiskFills:
 
     def follow(self, digest: Digest, final: Path) -> FollowedFill | None:
         """The fill of `digest` another process is running, to stream as it grows; None
-        when there is none to follow (it finished, failed, or has not created its file)."""
+        when there is none to follow (it finished, failed, or has not created its file).
+
+        The follower stays bound to that one writer: it reads the writer's own lock file
+        through a descriptor, and counts the fill finished only by that lock file's word
+        or by its own file arriving at `final`. A writer that fails and a new fill of the
+        same digest that starts at once must not look like one fill that succeeded."""
+        part = self.temp_path(digest)
         try:
-            fd = os.open(self.temp_path(digest), os.O_RDONLY)
+            fd = os.open(part, os.O_RDONLY)
         except FileNotFoundError:
             return None
-        lock_path = self.lock_path(digest)
+        try:
+            lock_fd = os.open(self.lock_path(digest), os.O_RDONLY)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        inode = os.fstat(fd).st_ino
+        try:
+            # The file is still at its path once the lock is open: the writer removes its
+            # file before its lock, so this lock is that writer's.
+            same = os.stat(part).st_ino == inode
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            os.close(lock_fd)
+            return None
 
         def lock_words() -> list[str]:
             """What the writer said: its size (-1 while unknown), then whether verified."""
-            try:
-                return lock_path.read_text().split()
-            except FileNotFoundError:
-                return []
+            return os.pread(lock_fd, 64, 0).decode(errors="replace").split()
 
         def announced_size() -> int | None:
             words = lock_words()
             return int(words[0]) if words and words[0].isdigit() else None
 
         def finished() -> bool:
-            # The lock file goes only after the rename: one of the two looks sees it done.
-            return VERIFIED in lock_words() or final.exists()
+            # Its lock file goes only after the rename: one of the two looks sees it done.
+            if VERIFIED in lock_words():
+                return True
+            try:
+                return os.stat(final).st_ino == inode
+            except FileNotFoundError:
+                return False
 
         def spilled() -> bool:
             return SPILLED in lock_words()
@@ -231,18 +254,15 @@ class DiskFills:
         def alive() -> bool:
             """Whether the writer still holds its lock."""
             try:
-                probe = os.open(lock_path, os.O_RDONLY)
-            except FileNotFoundError:
-                return False
-            try:
-                fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 return True
-            finally:
-                os.close(probe)  # also drops the shared lock, if we got it
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
             return False
 
-        return FollowedFill(fd, announced_size, finished, alive, spilled)
+        followed = FollowedFill(fd, announced_size, finished, alive, spilled)
+        weakref.finalize(followed, os.close, lock_fd)
+        return followed
 
     def remove_stale(self) -> int:
         """Delete temporaries whose writer is gone; returns how many blobs' worth.
@@ -372,7 +392,7 @@ class FollowedFill:
             while offset < end:
                 finished = self._finished()
                 written = size if finished else min(os.fstat(self._fd).st_size, size) - 1
-                stop = min(written, end)
+                stop = min(written, end if finished else end - 1)  # a range's last byte too
                 if offset < stop:
                     if regions:
                         yield FileRegion(self._fd, offset, stop - offset)
