@@ -86,6 +86,7 @@ class UpstreamConfig:
     serve_stale_on_404: bool = False  # an upstream 404 for a cached tag serves the cached copy
     prefetch: bool = True  # fetch an image's layers as soon as its manifest passes through
     max_transfers: int = DEFAULT_MAX_TRANSFERS  # concurrent blob transfers from this upstream
+    range_connections: int = 4  # connections one large blob may use (free transfer slots)
     ecr: EcrConfig | None = None  # log in with Amazon ECR tokens
     acr: AcrConfig | None = None  # log in with an Azure AD refresh token
     proxy: str | None = None  # outbound proxy URL; None: HTTPS_PROXY/HTTP_PROXY/NO_PROXY
@@ -422,6 +423,7 @@ UPSTREAM_KEYS = {
     "serve_stale_on_404",
     "prefetch",
     "max_transfers",
+    "range_connections",
     "ecr",
     "acr",
     "proxy",
@@ -691,6 +693,13 @@ def _parse_upstream(
     max_transfers = section.get("max_transfers", defaults.max_transfers)
     if isinstance(max_transfers, bool) or not isinstance(max_transfers, int) or max_transfers < 1:
         raise ConfigError(f"{where}.max_transfers: expected a whole number >= 1")
+    range_connections = section.get("range_connections", defaults.range_connections)
+    if (
+        isinstance(range_connections, bool)
+        or not isinstance(range_connections, int)
+        or not 1 <= range_connections <= 4
+    ):
+        raise ConfigError(f"{where}.range_connections: expected a whole number from 1 to 4")
     return UpstreamConfig(
         name=name,
         url=url.rstrip("/"),
@@ -708,6 +717,7 @@ def _parse_upstream(
             section.get("serve_stale_on_404", False), f"{where}.serve_stale_on_404"
         ),
         max_transfers=max_transfers,
+        range_connections=range_connections,
         ecr=ecr,
         acr=acr,
         proxy=proxy,

@@ -27,14 +27,15 @@ from tests.support.registry import Registry, free_port
 CLOSED = f"http://127.0.0.1:{free_port()}"  # an upstream that is not there
 
 
-def _config(path: Path, upstream_url: str, **settings: Any) -> Path:
+def _config(path: Path, upstream_url: str, connections: int = 4, **settings: Any) -> Path:
     config = path / "mirror.yaml"
+    upstream = {"url": upstream_url, "range_connections": connections}
     config.write_text(
         yaml.safe_dump(
             {
                 "listen": f"127.0.0.1:{free_port()}",
                 "storage": {"path": str(path / "cache")},
-                "upstreams": {"docker.io": {"url": upstream_url}, "quay.io": {"url": upstream_url}},
+                "upstreams": {"docker.io": upstream, "quay.io": upstream},
                 **settings,
             }
         )
@@ -42,8 +43,10 @@ def _config(path: Path, upstream_url: str, **settings: Any) -> Path:
     return config
 
 
-async def _serve(path: Path, upstream_url: str, **settings: Any) -> MirrorProcess:
-    raw = yaml.safe_load(_config(path, upstream_url, **settings).read_text())
+async def _serve(
+    path: Path, upstream_url: str, connections: int = 4, **settings: Any
+) -> MirrorProcess:
+    raw = yaml.safe_load(_config(path, upstream_url, connections, **settings).read_text())
     raw.pop("listen")
     return await MirrorProcess(path, raw).start()
 
@@ -116,7 +119,7 @@ async def test_warm_beside_a_serving_mirror_fetches_each_layer_once(
     """A client pulls the 100 MB layer through the server (slowly); warm of the same image
     joins that transfer through the store instead of fetching it again."""
     relay = await make_relay(upstream.url, rate=40_000_000)
-    mirror = await _serve(tmp_path, relay.url)
+    mirror = await _serve(tmp_path, relay.url, connections=1)  # (GETs are counted)
     layer = seeded.big.layers[0]
     mark = upstream.mark()
     try:

@@ -53,7 +53,8 @@ async def test_usage_stays_under_the_bound_and_the_oldest_are_refetched(
         pusher.image(f"bound/img{i}", "1", layer_sizes=(42 * MiB,), compress=False)
         for i in range(10)
     ]  # 420 MiB: more than twice the bound
-    mirror = await make_mirror({"docker.io": upstream.url}, max_size=bound, clock=clock)
+    upstreams = {"docker.io": {"url": upstream.url, "range_connections": 1}}  # GETs counted
+    mirror = await make_mirror(upstreams, max_size=bound, clock=clock)
     store = mirror.app[STORE]
     peak = 0
     for index, image in enumerate(images):

@@ -76,4 +76,6 @@ async def test_big_layer_pull(
     digest = await skopeo_copy_to_dir(f"{mirror.host}/big/layer:1", tmp_path / "big")
     assert digest == seeded.big.digest
     _blob_files_match(tmp_path / "big", seeded.big.blobs)
-    assert len(_blob_gets(upstream, mark)) == len(seeded.big.blobs)
+    # each blob asked for; the 100 MB layer may come over several ranges (each byte once:
+    # tests/test_ranges.py)
+    assert {get.rsplit("/", 1)[1] for get in _blob_gets(upstream, mark)} == set(seeded.big.blobs)

@@ -227,7 +227,8 @@ async def test_cut_or_stalled_transfer_resumes_with_range(
     relay = await make_relay(upstream.url, **{fault: 5 * 1024 * 1024})
     # no prefetch: the fault applies to the first blob body, which must be the layer's
     mirror = await make_mirror(
-        {"docker.io": {"url": relay.url, "prefetch": False}}, timeouts={"read": 1}
+        {"docker.io": {"url": relay.url, "prefetch": False, "range_connections": 1}},
+        timeouts={"read": 1},
     )
     digest = await skopeo_copy_to_dir(f"{mirror.host}/big/layer:1", tmp_path / "out")
     assert digest == seeded.big.digest

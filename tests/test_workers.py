@@ -35,7 +35,7 @@ async def two_workers(
         {
             "workers": 2,
             "storage": {"path": str(tmp_path / "cache")},
-            "upstreams": {"docker.io": {"url": relay.url}},
+            "upstreams": {"docker.io": {"url": relay.url, "range_connections": 1}},
         },
     )
     await mirror.start()
@@ -175,7 +175,7 @@ async def test_a_worker_killed_mid_fill_leaves_no_temporary_behind(
         {
             "workers": 2,
             "storage": {"path": str(tmp_path / "cache")},
-            "upstreams": {"docker.io": {"url": relay.url}},
+            "upstreams": {"docker.io": {"url": relay.url, "range_connections": 1}},
         },
     ).start()
     tmp = tmp_path / "cache" / "tmp"

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from ..config import Config
 from ..errors import RegistryError, UpstreamError, UpstreamTimeout
@@ -19,6 +20,7 @@ from ..routing import Route
 from ..store.base import WRITE_ERRORS, BlobStore, DigestMismatch, PassThroughBlob, TempBlob
 from ..upstream.client import Upstream
 from .appender import Appender
+from .segments import Segments
 
 log = logging.getLogger("mirror.proxy")
 
@@ -134,7 +136,21 @@ class Fills:
         keep (larger than its bound, or the disk is full) is streamed through in a bounded
         window, never buffered whole."""
 
-        def started(size: int | None) -> None:
+        fetched = self._metrics.fetched_bytes.labels(upstream.name)  # looked up once
+        beside = getattr(temp, "path", None)  # a temporary file: ranges can be spooled
+        ahead = Segments(
+            upstream,
+            route.repository,
+            digest,
+            beside if isinstance(beside, Path) else None,
+            deadline,
+            fetched,
+            route.upstream.range_connections,
+        )
+
+        def started(size: int | None, takes_ranges: bool) -> None:
+            if takes_ranges:
+                ahead.allow()
             # Spilled before announced: processes following this fill learn both at once.
             if size is not None and size > self._store.max_size:
                 self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
@@ -145,17 +161,33 @@ class Fills:
                 self._spill(temp, transfer, digest, "the disk is full")
             transfer.start(size)
 
-        fetched = self._metrics.fetched_bytes.labels(upstream.name)  # looked up once
         chunks = upstream.blob_chunks(route.repository, digest, deadline=deadline, started=started)
         appender = Appender(self._store, temp, transfer, digest)
         try:
+            stop: int | None = None  # where this stream ends and the ranges fetched ahead begin
+            received = 0
             async for chunk in chunks:
+                if stop is None:
+                    stop = transfer.size
+                if stop is not None and not transfer.spilled and ahead.could_split(received, stop):
+                    stop = await ahead.split(received, stop)
+                if stop is not None and received + len(chunk) >= stop:
+                    chunk = chunk[: stop - received]
                 fetched.inc(len(chunk))
+                received += len(chunk)
                 await appender.add(chunk)
+                if transfer.spilled:
+                    await transfer.drain(self._config.timeouts.read)
+                if stop is not None and received >= stop:
+                    break
+            await chunks.aclose()  # (when it stopped at the ranges: lets its connection go)
+            async for data in ahead.rest():
+                await appender.add(bytes(data))
                 if transfer.spilled:
                     await transfer.drain(self._config.timeouts.read)
             await appender.flush()
         finally:
+            await ahead.close()
             await appender.settle()  # the thread is done with the file before it goes
 
     def _spill(self, temp: TempBlob, transfer: Transfer, digest: Digest, why: str) -> None:

@@ -14,7 +14,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -134,9 +134,16 @@ class Upstream(Protocol):
         digest: Digest,
         *,
         deadline: float,
-        started: Callable[[int | None], None],
+        started: Callable[[int | None, bool], None],
+        offset: int = 0,
+    ) -> AsyncGenerator[bytes, None]:
+        """A blob's bytes from `offset` as they arrive, resumed when cut, ended by
+        `deadline`; `started(length, takes_ranges)` before the first (from 0 only)."""
+
+    def range_chunks(
+        self, repository: str, digest: Digest, start: int, end: int, *, deadline: float
     ) -> AsyncIterator[bytes]:
-        """A blob's bytes as they arrive, resumed when cut, ended by `deadline`."""
+        """Bytes [start, end) of a blob from one Range request; anything else raises."""
 
 
 def _media_type(response: aiohttp.ClientResponse) -> str:
@@ -306,19 +313,21 @@ class UpstreamClient:
         digest: Digest,
         *,
         deadline: float,
-        started: Callable[[int | None], None],
-    ) -> AsyncIterator[bytes]:
-        """The blob's bytes as they arrive; `started(length)` is called once, before the
-        first. A body cut short is resumed with a Range request (at most MAX_RESUMES times),
-        so the caller sees no break. The whole exchange ends by `deadline` (monotonic), or
-        raises UpstreamTimeout. Never yields more bytes than the upstream said it would send.
+        started: Callable[[int | None, bool], None],
+        offset: int = 0,
+    ) -> AsyncGenerator[bytes, None]:
+        """The blob's bytes as they arrive, from `offset`; `started(length, takes_ranges)`
+        is called once, before the first (when reading from the start). A body cut short
+        is resumed with a Range request (at most MAX_RESUMES times), so the caller sees no
+        break. The whole exchange ends by `deadline` (monotonic), or raises UpstreamTimeout.
+        Never yields more bytes than the upstream said it would send.
         """
         path = f"blobs/{digest}"
-        received = 0
+        received = offset
         size: int | None = None
         headers: dict[str, str] = {}
         for resumes in range(MAX_RESUMES + 1):
-            if resumes:
+            if resumes or received:
                 headers = {"Range": f"bytes={received}-"}
             try:
                 async with self._answer(
@@ -332,17 +341,23 @@ class UpstreamClient:
                 ) as response:
                     await self._raise_for_status(response, BlobUnknown)
                     skip = 0
-                    if not resumes:
+                    if not resumes and not offset:
                         size = response.content_length
-                        started(size)
+                        ranges = response.headers.get("Accept-Ranges", "").lower() == "bytes"
+                        started(size, ranges)
                     elif response.status == 206:
                         content_range = response.headers.get("Content-Range", "")
                         if not content_range.startswith(f"bytes {received}-"):
                             raise ContentMismatch(
                                 f"upstream {self.name} resumed {digest} at the wrong place"
                             )
+                        total = content_range.rpartition("/")[2]
+                        if size is None and total.isdigit():
+                            size = int(total)
                     else:
                         skip = received  # the upstream ignored Range: drop what we have
+                        if size is None:
+                            size = response.content_length
                     # iter_chunks hands over each buffer as received; iter_any joins them.
                     async for chunk, _ in response.content.iter_chunks():
                         if skip:
@@ -378,6 +393,43 @@ class UpstreamClient:
             f"upstream {self.name}: transfer of {digest} kept breaking; gave up after "
             f"{MAX_RESUMES} resumes"
         )
+
+    async def range_chunks(
+        self, repository: str, digest: Digest, start: int, end: int, *, deadline: float
+    ) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob from one Range request, as they arrive. Anything
+        but exactly that range (a 200 for the whole blob, another range, a cut) raises:
+        the caller fetches those bytes another way."""
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        received = 0
+        try:
+            async with self._answer(
+                "GET",
+                repository,
+                f"blobs/{digest}",
+                headers,
+                total=deadline - time.monotonic(),
+                guarded=False,  # a part of a transfer under way: the transfer is the probe
+            ) as response:
+                await self._raise_for_status(response, BlobUnknown)
+                content_range = response.headers.get("Content-Range", "")
+                if response.status != 206 or not content_range.startswith(
+                    f"bytes {start}-{end - 1}/"
+                ):
+                    raise ContentMismatch(
+                        f"upstream {self.name} did not send bytes {start}-{end - 1} of {digest}"
+                    )
+                async for chunk, _ in response.content.iter_chunks():
+                    if received + len(chunk) > end - start:
+                        raise ContentMismatch(
+                            f"upstream {self.name} sent more than the range asked of {digest}"
+                        )
+                    received += len(chunk)
+                    yield chunk
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamError(f"upstream {self.name}: range of {digest} broke") from exc
+        if received != end - start:
+            raise UpstreamError(f"upstream {self.name}: range of {digest} ended early")
 
     # the exchange
 

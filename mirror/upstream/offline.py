@@ -7,7 +7,7 @@ what is not gets an answer that says why, without a byte leaving the machine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 from ..errors import BlobUnknown, NotCached, RegistryError
 from ..reference import Digest
@@ -55,7 +55,14 @@ class OfflineClient:
         digest: Digest,
         *,
         deadline: float,
-        started: Callable[[int | None], None],
+        started: Callable[[int | None, bool], None],
+        offset: int = 0,
+    ) -> AsyncGenerator[bytes, None]:
+        raise BlobUnknown(self._not_cached(str(digest)))
+        yield b""  # pragma: no cover (makes this an async generator)
+
+    async def range_chunks(
+        self, repository: str, digest: Digest, start: int, end: int, *, deadline: float
     ) -> AsyncIterator[bytes]:
         raise BlobUnknown(self._not_cached(str(digest)))
         yield b""  # pragma: no cover (makes this an async generator)

@@ -168,7 +168,8 @@ class Relay:
                 if upstream.content_length is not None:
                     response.headers["Content-Length"] = str(upstream.content_length)
                 return response
-            is_blob = "/blobs/" in path and upstream.status == 200
+            # A range of a blob (206) is a blob body too: capped, and corrupted when asked.
+            is_blob = "/blobs/" in path and upstream.status in (200, 206)
             is_manifest = "/manifests/" in path and upstream.status == 200
             response = web.StreamResponse(status=upstream.status, headers=out_headers)
             if upstream.content_length is not None:
