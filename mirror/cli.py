@@ -102,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CannotServe(Exception):
+    """The config is fine, but this machine will not let the server start (a port held,
+    a folder it cannot write): said as what it is, not as a mistake in the file."""
+
+
 def _can_serve(config: Config) -> None:
     """What would stop the server, said in one line before it starts: a port another
     process holds (another mirror too: its workers' SO_REUSEPORT is not shared with us),
@@ -118,14 +123,14 @@ def _can_serve(config: Config) -> None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise CannotServe(f"{key}: cannot listen on {host}:{port}: {exc.strerror}") from None
     path = config.storage.path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"storage.path: cannot create {path}: {exc.strerror}") from None
+        raise CannotServe(f"storage.path: cannot create {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"storage.path: {path} is not writable by this user")
+        raise CannotServe(f"storage.path: {path} is not writable by this user")
 
 
 def serve(config: Config) -> None:
@@ -385,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"mirror: config error: {error}", file=sys.stderr)
         return 2
+    except CannotServe as error:
+        print(f"mirror: serve: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mirror: {args.command}: interrupted", file=sys.stderr)
         return 130

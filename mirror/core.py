@@ -32,6 +32,7 @@ class Core:
         """Open the store and the upstreams' connections; inside the event loop that will
         use them. `repair_store` only where no other process may be using the store."""
         metrics = Metrics()
+        metrics.start_at_zero(config.upstreams)
         store = DiskStore(
             config.storage.path, config.storage.max_size, repair=repair_store, clock=clock
         )

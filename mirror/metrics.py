@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,6 +196,15 @@ class Metrics:
 
     def upstream(self, name: str) -> UpstreamHealth:
         return self.health.setdefault(name, UpstreamHealth())
+
+    def start_at_zero(self, upstreams: Iterable[str]) -> None:
+        """Give each upstream's counters a sample of 0 from the start: a dashboard or an
+        alert on a rate sees 0, not a series that does not exist yet."""
+        for name in upstreams:
+            for counter in (self.fetched_bytes, self.prefetched, self.prefetch_hits):
+                counter.labels(name)
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
 
     def count_repository(self, upstream: str, repository: str) -> None:
         self.repositories.count(f"{upstream}/{repository}")

@@ -260,3 +260,26 @@ async def test_dashboard_and_scrape_example_use_metrics_that_exist(
     assert used and used <= exposed, used - exposed
     scrape = yaml.safe_load((root / "prometheus" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["metrics_path"] == "/metrics"
+
+
+async def test_each_upstreams_counters_exist_at_zero_from_the_start(
+    make_mirror: MirrorFactory, upstream: Registry, http: aiohttp.ClientSession
+) -> None:
+    """A dashboard's rate() or an alert sees 0 before the first pull, not a missing series."""
+    mirror = await make_mirror({"docker.io": upstream.url, "ghcr.io": upstream.url})
+    async with http.get(f"{mirror.url}/metrics") as response:
+        text = await response.text()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    for upstream_name in ("docker.io", "ghcr.io"):
+        for name in (
+            "mirror_upstream_fetched_bytes_total",
+            "mirror_prefetched_bytes_total",
+            "mirror_prefetch_hits_total",
+        ):
+            assert samples[(name, (("upstream", upstream_name),))] == 0
+    for source in ("cache", "upstream"):
+        assert samples[("mirror_served_bytes_total", (("source", source),))] == 0
