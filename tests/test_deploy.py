@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -69,6 +70,30 @@ def test_kubernetes_manifests() -> None:
     assert service["ports"][0]["port"] == 5000
     assert service["selector"] == spec["selector"]["matchLabels"]
     assert kinds["ServiceMonitor"]["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+@pytest.mark.parametrize("version", ["1.27", "1.30"])
+def test_kubernetes_manifests_match_the_api_schemas(version: str) -> None:
+    """Every object against the Kubernetes API's own schema (bundled: no cluster, no
+    network), strictly: a misspelt field is an error, not ignored. The ServiceMonitor is a
+    CRD of the Prometheus Operator, with no bundled schema: test_kubernetes_manifests
+    checks what it says."""
+    documents = [
+        document
+        for name in ("mirror.yaml", "servicemonitor.yaml")
+        for document in yaml.safe_load_all((DEPLOY / "kubernetes" / name).read_text())
+    ]
+    checked = 0
+    for document in documents:
+        if document["kind"] == "ServiceMonitor":
+            continue
+        kubernetes_validate.validate(document, version, strict=True)
+        checked += 1
+    assert checked == 4  # the ConfigMap, the StatefulSet and its two Services
+    broken = json.loads(json.dumps(next(d for d in documents if d["kind"] == "StatefulSet")))
+    broken["spec"]["template"]["spec"]["containers"][0]["livenessProb"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
 
 
 def test_compose_file() -> None:
