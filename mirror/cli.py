@@ -19,7 +19,7 @@ import uvloop
 from aiohttp import web
 
 from . import logs, maintenance
-from .app import create_app
+from .app import UPSTREAMS, create_app
 from .config import (
     Config,
     ConfigError,
@@ -133,7 +133,7 @@ def _can_serve(config: Config) -> None:
         raise CannotServe(f"storage.path: {path} is not writable by this user")
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, path: Path) -> None:
     logs.configure(config.log_level, config.log_format)
     _can_serve(config)
     # uvloop: a cold fill costs ~10% less CPU than on asyncio's loop (hits do not need
@@ -162,9 +162,9 @@ def serve(config: Config) -> None:
     for warning in warnings:
         logging.getLogger("mirror").warning("%s", warning)
     if config.workers == 1:
-        _run(config, worker=False)
+        _run(config, path, worker=False)
     else:
-        _supervise(config)
+        _supervise(config, path)
 
 
 def _die_with(parent: int) -> None:
@@ -176,7 +176,7 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
-def _run(config: Config, *, worker: bool, parent: int = 0) -> None:
+def _run(config: Config, path: Path, *, worker: bool, parent: int = 0) -> None:
     if worker:
         _die_with(parent)
         # A forked worker inherits the supervisor's handlers: a SIGTERM that came before
@@ -189,9 +189,17 @@ def _run(config: Config, *, worker: bool, parent: int = 0) -> None:
     if config.tls is not None:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(config.tls.cert, config.tls.key)
-    signal.signal(signal.SIGHUP, lambda signum, frame: _reload(config, ssl_context))
+    signal.signal(signal.SIGHUP, lambda signum, frame: _reload(path, config, ssl_context, None))
+
+    async def app_reloading_on_sighup() -> web.Application:
+        app = await create_app(config, repair_store=not worker)
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, _reload, path, config, ssl_context, app
+        )
+        return app
+
     web.run_app(
-        create_app(config, repair_store=not worker),
+        app_reloading_on_sighup(),
         host=config.listen_host,
         port=config.listen_port,
         ssl_context=ssl_context,
@@ -201,23 +209,38 @@ def _run(config: Config, *, worker: bool, parent: int = 0) -> None:
     )
 
 
-def _reload(config: Config, context: ssl.SSLContext | None) -> None:
+def _reload(
+    path: Path, config: Config, context: ssl.SSLContext | None, app: web.Application | None
+) -> None:
     """SIGHUP: the certificate and key read again (renewed by certbot, cert-manager), for
-    the connections that come next; those open go on. The users file needs no signal: it
-    is read again when it changes."""
+    the connections that come next, and the upstreams' usernames and passwords from the
+    config file (a `password_file` rotated, say); connections open go on. The users file
+    needs no signal: it is read again when it changes. Anything else in the file takes a
+    restart."""
     log = logging.getLogger("mirror")
-    if context is None or config.tls is None:
-        log.info("SIGHUP: nothing to reload (no tls)")
+    if context is not None and config.tls is not None:
+        try:
+            context.load_cert_chain(config.tls.cert, config.tls.key)
+        except (ssl.SSLError, OSError) as exc:
+            log.error("SIGHUP: tls.cert, tls.key not reloaded, the old ones stay: %s", exc)
+        else:
+            log.info("SIGHUP: reloaded %s", config.tls.cert)
+    upstreams = app.get(UPSTREAMS) if app is not None else None
+    if upstreams is None:
         return
     try:
-        context.load_cert_chain(config.tls.cert, config.tls.key)
-    except (ssl.SSLError, OSError) as exc:
-        log.error("SIGHUP: tls.cert, tls.key not reloaded, the old ones stay: %s", exc)
+        fresh = load(path)
+    except ConfigError as exc:
+        log.error("SIGHUP: %s not reloaded, the running config stays: %s", path, exc)
         return
-    log.info("SIGHUP: reloaded %s", config.tls.cert)
+    changed = upstreams.renew_logins(fresh)
+    log.info(
+        "SIGHUP: upstream logins %s",
+        f"renewed for {', '.join(changed)}" if changed else "unchanged",
+    )
 
 
-def _supervise(config: Config) -> None:
+def _supervise(config: Config, path: Path) -> None:
     """Run `workers` processes on one port (SO_REUSEPORT) over one store; restart any
     that dies; stop them all on SIGTERM or SIGINT."""
     log = logging.getLogger("mirror.workers")
@@ -227,7 +250,7 @@ def _supervise(config: Config) -> None:
 
     def start(number: int) -> multiprocessing.process.BaseProcess:
         process = context.Process(
-            target=_run, args=(config,), kwargs={"worker": True, "parent": os.getpid()}
+            target=_run, args=(config, path), kwargs={"worker": True, "parent": os.getpid()}
         )
         process.name = f"mirror-worker-{number}"
         process.start()
@@ -250,7 +273,7 @@ def _supervise(config: Config) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, forward)  # the workers reload their certificates
+    signal.signal(signal.SIGHUP, forward)  # the workers reload certificates and logins
     while workers:
         for number, process in list(workers.items()):
             process.join(timeout=0.2)
@@ -380,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         if args.command == "serve":
-            serve(config)
+            serve(config, args.config)
             return 0
         if args.command == "check-config":
             return check_config(args.config, config)

@@ -5,6 +5,8 @@ moto's server on loopback, with renewal), and Azure's refresh-token exchange."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import MirrorFactory, RelayFactory
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.images import Pusher
+from tests.support.process import MirrorProcess
 from tests.support.registry import Registry, free_port
 from tests.support.tokens import AAD_REFRESH_TOKEN, ACR_USER, TokenServer
+from tests.support.waiting import until
 
 ECR_PASSWORD = "123456789012-auth-token"  # what moto's GetAuthorizationToken hands out
 
@@ -77,6 +81,44 @@ async def test_basic_challenge_with_credentials(
     )
     status, body = await _status(http, f"{wrong.url}/v2/harbor/project/manifests/1")
     assert status == 502 and "docker.io" in body and "nope" not in body
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sighup_takes_a_rotated_password_without_a_restart(
+    basic_upstream: tuple[Registry, Pusher],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    workers: int,
+) -> None:
+    """The secret in `password_file` is rotated (a Kubernetes secret, a vault agent):
+    SIGHUP makes every worker log in with the new one; the server is not restarted."""
+    registry, pusher = basic_upstream
+    pusher.image("rotated/app", "1")
+    secret = tmp_path / "secret"
+    secret.write_text("the-old-one\n")
+    upstream = {"url": registry.url, "username": "robot", "password_file": str(secret)}
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": workers,
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": upstream},
+        },
+    ).start()
+    try:
+        url = f"{mirror.url}/v2/rotated/app/manifests/1"
+        status, body = await _status(http, url)
+        assert status == 502 and "the-old-one" not in body
+        secret.write_text("robot-secret\n")
+        os.kill(mirror.pid, signal.SIGHUP)
+        log_lines = "SIGHUP: upstream logins renewed for docker.io"
+        await until(
+            lambda: mirror.log.read_text().count(log_lines) == workers, "every worker reloaded"
+        )
+        status, body = await _status(http, url)
+        assert status == 200, body
+    finally:
+        await mirror.stop()
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ from .bodies import (
     unavailable,
 )
 from .breaker import Breaker
-from .credentials import credentials_for
+from .credentials import StaticCredentials, credentials_for
 from .network import Network
 
 log = logging.getLogger("mirror.upstream")
@@ -104,6 +104,10 @@ class Upstream(Protocol):
 
     def down(self) -> bool:
         """Whether it failed a moment ago (its answers would come late, or not at all)."""
+
+    def renew_login(self, config: UpstreamConfig) -> bool:
+        """Take `config`'s username and password (read again on SIGHUP); whether they
+        changed."""
 
     async def head_manifest(
         self, repository: str, reference: str, accept: str, budget: float | None = None
@@ -229,6 +233,17 @@ class UpstreamClient:
 
     def down(self) -> bool:
         return self.breaker.down
+
+    def renew_login(self, config: UpstreamConfig) -> bool:
+        login = self._login
+        if not isinstance(login, StaticCredentials):
+            return False  # ECR and ACR logins renew themselves
+        pair = (config.username, config.password)
+        if pair == login.configured:
+            return False
+        login.replace(*pair)
+        self._challenge = None  # the next 401 says again how to log in
+        return True
 
     def answer_timeout(self, total: float | None = None) -> aiohttp.ClientTimeout:
         """Connect and silence limits; `total` bounds the whole exchange (default: both)."""

@@ -49,6 +49,14 @@ class StaticCredentials:
     """`username`/`password` (or `password_file`) from the config; none is anonymous."""
 
     def __init__(self, username: str | None, password: str | None) -> None:
+        self._pair: tuple[str, str] | None = None
+        self.identity = ""
+        self.configured: tuple[str | None, str | None] = (None, None)
+        self.replace(username, password)
+
+    def replace(self, username: str | None, password: str | None) -> None:
+        """New ones (SIGHUP after a rotation): the next login uses them."""
+        self.configured = (username, password)
         self._pair = (username, password) if username and password is not None else None
         self.identity = username or ""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
+from ..config import UpstreamConfig
 from ..errors import BlobUnknown, NotCached, RegistryError
 from ..reference import Digest
 from .client import FetchedManifest, ManifestHead, Page
@@ -23,6 +24,9 @@ class OfflineClient:
 
     def down(self) -> bool:
         return False  # never asked, so never late
+
+    def renew_login(self, config: UpstreamConfig) -> bool:
+        return False  # never logs in
 
     def _not_cached(self, what: str) -> str:
         return f"{what} is not cached and the mirror is offline for {self.name}"

@@ -56,5 +56,15 @@ class Upstreams:
             for name, upstream in config.upstreams.items()
         }
 
+    def renew_logins(self, config: Config) -> list[str]:
+        """Each upstream's username and password from `config` (the file read again on
+        SIGHUP); the names of those that changed. Upstreams added or removed need a
+        restart."""
+        return [
+            name
+            for name, upstream in config.upstreams.items()
+            if name in self.by_name and self.by_name[name].renew_login(upstream)
+        ]
+
     async def close(self) -> None:
         await self._session.close()
