@@ -6,11 +6,13 @@ All state lives on the app (typed AppKeys); nothing is kept in module globals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from . import snapshots
 from .access.gate import Gate
 from .access.tokens import TokenSigner, signing_key
 from .clock import Clock, system_clock
@@ -21,7 +23,7 @@ from .http.handlers import RegistryHandlers
 from .http.observe import observe_middleware
 from .http.status import status_handler
 from .images.warm import keep_warm
-from .metrics import LiveState, Metrics
+from .metrics import LiveState, Metrics, shared_folder
 from .policy.proxy import Proxy
 from .store.base import BlobStore
 from .store.disk import DiskStore
@@ -99,7 +101,7 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
-    housekeeping = asyncio.create_task(_note_uses(app[STORE]))
+    housekeeping = asyncio.create_task(_housekeeping(app[STORE], app[METRICS]))
     config = app[CONFIG]
     warming = None
     if config.warm is not None:
@@ -121,12 +123,17 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     logging.getLogger("mirror").info("stopped: connections closed, the store and index flushed")
 
 
-async def _note_uses(store: BlobStore) -> None:
-    """Write the store's noted uses (for its LRU) now and then, in a thread: a hit never
-    waits for the index."""
+async def _housekeeping(store: BlobStore, metrics: Metrics) -> None:
+    """Now and then, in a thread: write the store's noted uses (for its LRU; a hit never
+    waits for the index) and, with worker processes, this worker's snapshot for the
+    status page."""
+    folder = shared_folder()
     while True:
         await asyncio.sleep(USE_FLUSH_SECONDS)
         await asyncio.to_thread(store.flush_uses)
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(snapshots.write, folder, metrics)
 
 
 async def create_app(

@@ -240,6 +240,12 @@ class Metrics:
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def shared_folder() -> Path | None:
+    """Where the worker processes share their counters (and snapshots), if they do."""
+    directory = os.environ.get(MULTIPROCESS_ENV)
+    return Path(directory) if directory else None
+
+
 def share_between_workers(directory: Path) -> None:
     """Before worker processes start: counters and histograms are kept in files under
     `directory`, one per process, and every scrape adds them all up. Clears what an

@@ -13,10 +13,12 @@ from html import escape
 
 from aiohttp import web
 
+from .. import snapshots
 from ..config import Config
 from ..errors import Handler
 from ..maintenance import human
-from ..metrics import Metrics
+from ..metrics import Metrics, shared_folder
+from ..snapshots import Health, View
 from ..store.base import BlobStore
 from ..version import VERSION
 
@@ -82,6 +84,7 @@ def render(
     metrics: Metrics,
     store: BlobStore,
     usage_by: list[tuple[str, str, int, int]],
+    view: View,
 ) -> str:
     content = {"kind": "blob"}, {"kind": "manifest"}
     hits = sum(
@@ -100,8 +103,8 @@ def render(
     used, entries = store.usage()
     share = min(used / store.max_size, 1.0) if store.max_size else 0.0
     bar = f'<div class="bar"><i style="width:{share * 100:.1f}%"></i></div>'
-    in_flight = metrics.live.transfers_in_flight()
-    waiting = metrics.live.waiting_clients()
+    in_flight, waiting = view.transfers, view.waiting
+    now = time.time()
 
     cards = "".join(
         [
@@ -110,14 +113,17 @@ def render(
             _card(human(fetched), "fetched from upstreams"),
             _card(f"{human(used)} / {human(store.max_size)}", f"cache use, {entries} entries", bar),
             _card(str(in_flight), f"transfers in flight, {waiting} clients on them"),
-            _card(_duration(time.time() - metrics.started), "up for (this process)"),
+            _card(
+                _duration(now - metrics.started),
+                "up for" + (f" ({view.workers} workers)" if view.workers > 1 else ""),
+            ),
         ]
     )
 
     upstream_rows = []
     styles = []
     for name, upstream in sorted(config.upstreams.items()):
-        health = metrics.upstream(name)
+        health = view.upstreams.get(name, Health())
         style = ""
         if upstream.offline:
             state = "offline (by configuration)"
@@ -126,13 +132,13 @@ def render(
         elif health.reachable:
             state, style = "up", "up"
         else:
-            retry = health.retry_in()
+            retry = max(0.0, health.retry_at - now)
             style = "down"
             state = f"down: {health.last_error}" + (
                 f" (asked again in {retry:.0f}s)" if retry else ""
             )
         if health.last_answer is not None and style:
-            state += f"; last answer {_duration(time.time() - health.last_answer)} ago"
+            state += f"; last answer {_duration(now - health.last_answer)} ago"
         styles.append(style)
         limit = (
             f"{health.ratelimit_remaining:.0f} of {health.ratelimit_limit:.0f}"
@@ -143,7 +149,7 @@ def render(
         fetched_here = metrics.total("mirror_upstream_fetched_bytes_total", upstream=name)
         upstream_rows.append((name, state, f"{requests:.0f}", human(fetched_here), limit))
 
-    popular = [(name, f"{count}") for name, count in metrics.repositories.most_common(10)]
+    popular = [(name, f"{count}") for name, count in view.popular]
     largest = [
         (f"{upstream}/{repository}" if upstream else repository or "-", human(size), str(count))
         for upstream, repository, size, count in usage_by[:10]
@@ -172,7 +178,11 @@ def status_handler(config: Config, metrics: Metrics, store: BlobStore) -> Handle
     async def status_page(request: web.Request) -> web.StreamResponse:
         """GET /: the status page (the usage by repository is a scan: off the loop)."""
         usage_by = await asyncio.to_thread(store.usage_by)
-        page = render(config, metrics, store, usage_by)
+        now = time.time()
+        folder = shared_folder()
+        rest = await asyncio.to_thread(snapshots.others, folder, now) if folder else []
+        view = snapshots.merged(snapshots.snapshot(metrics, now), rest, now)
+        page = render(config, metrics, store, usage_by, view)
         return web.Response(text=page, content_type="text/html")
 
     return status_page

@@ -272,7 +272,7 @@ class DiskFills:
         removed = 0
         for entry in os.scandir(self.folder):
             if entry.name.endswith(".tmp"):
-                if not _alive(_writer_pid(entry.name)):
+                if not process_alive(_writer_pid(entry.name)):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
                         removed += 1
@@ -306,7 +306,7 @@ def _writer_pid(name: str) -> int:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid <= 0:
         return False
     try:

@@ -1,0 +1,93 @@
+"""The status page with worker processes: each worker's live state (upstream health, most
+requested repositories, transfers) shown whichever worker answers the page."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mirror.snapshots import merged
+from tests.conftest import Seeded
+from tests.support.process import MirrorProcess
+from tests.support.registry import Registry
+
+
+def _state(**upstream: Any) -> dict[str, Any]:
+    health = {
+        "reachable": None,
+        "last_error": "",
+        "retry_at": 0.0,
+        "last_answer": None,
+        "ratelimit_limit": None,
+        "ratelimit_remaining": None,
+        **upstream,
+    }
+    return {
+        "pid": 1,
+        "written": 100.0,
+        "upstreams": {"docker.io": health},
+        "popular": [["docker.io/library/alpine", 3], ["docker.io/team/app", 1]],
+        "transfers": 1,
+        "waiting": 2,
+    }
+
+
+def test_workers_states_add_up_and_a_worker_backing_off_shows_down() -> None:
+    up = _state(reachable=True, last_answer=90.0, ratelimit_limit=100, ratelimit_remaining=7)
+    down = _state(reachable=False, last_error="no answer", retry_at=130.0, last_answer=80.0)
+    view = merged(up, [down], now=100.0)
+    health = view.upstreams["docker.io"]
+    assert (health.reachable, health.last_error, health.retry_at) == (False, "no answer", 130.0)
+    assert (health.last_answer, health.ratelimit_remaining) == (90.0, 7)  # the latest answer
+    assert view.popular == [("docker.io/library/alpine", 6), ("docker.io/team/app", 2)]
+    assert (view.transfers, view.waiting, view.workers) == (2, 4, 2)
+    # once the back-off is over, a worker that found it up since is believed
+    later = merged(up, [down], now=200.0)
+    assert later.upstreams["docker.io"].reachable is True
+    assert merged(down, [up], now=200.0).upstreams["docker.io"].reachable is True
+
+
+async def test_the_status_page_counts_every_workers_requests(
+    tmp_path: Path, upstream: Registry, seeded: Seeded
+) -> None:
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": 2,
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": {"url": upstream.url}},
+        },
+    ).start()
+    pulls = 24
+    try:
+        for _ in range(pulls):  # a new connection each: the kernel spreads them
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{mirror.url}/v2/team/app/manifests/{seeded.docker.digest}") as r,
+            ):
+                assert r.status == 200
+
+        async def counts() -> list[int]:
+            shown = []
+            for _ in range(6):
+                async with aiohttp.ClientSession() as http, http.get(f"{mirror.url}/") as r:
+                    page = await r.text()
+                found = re.search(r"docker\.io/team/app</td><td[^>]*>(\d+)<", page)
+                shown.append(int(found[1]) if found and "(2 workers)" in page else 0)
+            return shown
+
+        # each worker writes its snapshot every second: within a few, any worker's page
+        # counts them all
+        seen: list[list[int]] = []
+        for _ in range(20):
+            seen.append(await counts())
+            if seen[-1] == [pulls] * 6:
+                break
+            await asyncio.sleep(0.5)
+        assert seen[-1] == [pulls] * 6, seen
+    finally:
+        await mirror.stop()
