@@ -80,7 +80,7 @@ class Service:
         return found
 
 
-def start_mirror(root: Path, upstream: str, workers: int) -> Service:
+def start_mirror(root: Path, upstream: str, workers: int, connections: int = 4) -> Service:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     config = root / "mirror.yaml"
@@ -91,7 +91,7 @@ def start_mirror(root: Path, upstream: str, workers: int) -> Service:
                 "workers": workers,
                 "log_level": "warning",
                 "storage": {"path": str(root / "cache"), "max_size": "50GiB"},
-                "upstreams": {"docker.io": {"url": upstream}},
+                "upstreams": {"docker.io": {"url": upstream, "range_connections": connections}},
             }
         )
     )
@@ -467,12 +467,13 @@ def main() -> None:
                 herd = coalesce_image.layers[0]
                 single, crowd, upstream_gets = [], [], []
                 for number in range(args.herd_rounds):
-                    alone = start_mirror(work / f"m-one{number}", limited.url, args.workers)
+                    # one connection per blob: this row is about clients sharing a transfer
+                    alone = start_mirror(work / f"m-one{number}", limited.url, args.workers, 1)
                     at_second_start()
                     single.append(curl_many([f"{alone.url}/v2/bench/herd/blobs/{herd}"]))
                     alone.stop()
                     shutil.rmtree(alone.root)
-                    many = start_mirror(work / f"m-herd{number}", limited.url, args.workers)
+                    many = start_mirror(work / f"m-herd{number}", limited.url, args.workers, 1)
                     mark = upstream.mark()
                     at_second_start()
                     crowd.append(curl_many([f"{many.url}/v2/bench/herd/blobs/{herd}"] * 16))

@@ -43,7 +43,7 @@ async def test_a_large_blob_comes_over_several_connections_each_byte_once(
     seeded: Seeded,
     http: aiohttp.ClientSession,
 ) -> None:
-    relay = await make_relay(upstream.url, rate=100 * 1024 * 1024)  # a CDN's cap per connection
+    relay = await make_relay(upstream.url, rate=40_000_000)  # a CDN's cap per connection
     mirror = await make_mirror({"docker.io": {"url": relay.url, "prefetch": False}})
     layer = seeded.big.layers[0]
     data = seeded.big.blobs[layer]
@@ -67,8 +67,9 @@ async def test_a_range_that_breaks_is_fetched_again_in_order(
     seeded: Seeded,
     http: aiohttp.ClientSession,
 ) -> None:
-    # The first two blob bodies break after 1 MB: the fill's own (resumed) and a range.
-    relay = await make_relay(upstream.url, cut_after=1_000_000, faulty_bodies=2)
+    # The first two blob bodies break after 4 MB: the fill's own (resumed) and its first
+    # range (begun once the own stream's first MiB showed it slow).
+    relay = await make_relay(upstream.url, rate=40_000_000, cut_after=4_000_000, faulty_bodies=2)
     mirror = await make_mirror({"docker.io": {"url": relay.url, "prefetch": False}})
     layer = seeded.big.layers[0]
     async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
@@ -76,6 +77,9 @@ async def test_a_range_that_breaks_is_fetched_again_in_order(
         body = await response.read()
     assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
     assert (mirror.storage / "blobs" / "sha256" / layer[7:9] / layer[7:]).read_bytes() == body
+    asked = [value for path, value in relay.ranges if layer in path]
+    # the broken range was fetched again from where it broke, to the end of the blob
+    assert any(value.endswith("-") and value != "bytes=4000000-" for value in asked), asked
     assert not list((mirror.storage / "tmp").glob("*.tmp"))
 
 
@@ -107,3 +111,20 @@ async def test_one_connection_when_told(
     async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
         assert hashlib.sha256(await response.read()).hexdigest() == layer[7:]
     assert relay.count("GET", layer) == 1 and not relay.ranges
+
+
+async def test_no_ranges_when_one_connection_is_fast(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Near the upstream (here: loopback, no cap) the blob would come sooner over its one
+    connection than ranges could help: none are asked (they would only add the spools'
+    writes)."""
+    mirror = await make_mirror({"docker.io": {"url": upstream.url, "prefetch": False}})
+    layer = seeded.big.layers[0]
+    mark = upstream.mark()
+    async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
+        assert hashlib.sha256(await response.read()).hexdigest() == layer[7:]
+    assert len([h for h in upstream.hits(mark) if h.method == "GET" and layer in h.path]) == 1

@@ -22,7 +22,7 @@ from ..store.base import BlobStore, TempBlob
 log = logging.getLogger("mirror.proxy")
 
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write refused for want of space
-MAX_PENDING = 8 * 1024 * 1024  # bytes waiting for the thread before reading waits too
+MAX_PENDING = 2 * 1024 * 1024  # bytes waiting for the thread before reading waits too
 
 
 @dataclass

@@ -166,11 +166,14 @@ class Fills:
         try:
             stop: int | None = None  # where this stream ends and the ranges fetched ahead begin
             received = 0
+            began = time.monotonic()
             async for chunk in chunks:
                 if stop is None:
                     stop = transfer.size
-                if stop is not None and not transfer.spilled and ahead.could_split(received, stop):
-                    stop = await ahead.split(received, stop)
+                if stop is not None and not transfer.spilled:
+                    seconds = time.monotonic() - began
+                    if ahead.could_split(received, stop, seconds):
+                        stop = await ahead.split(received, stop, seconds)
                 if stop is not None and received + len(chunk) >= stop:
                     chunk = chunk[: stop - received]
                 fetched.inc(len(chunk))

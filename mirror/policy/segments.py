@@ -30,6 +30,8 @@ from ..upstream.client import Upstream
 log = logging.getLogger("mirror.proxy")
 
 SEGMENT_MIN = 8 * 1024 * 1024  # no range is smaller than this
+SAMPLE = 1024 * 1024  # bytes of the fill's own stream read before its speed is judged
+WORTH_SECONDS = 1.0  # ranges only when the own stream would need longer than this
 MOST_SEGMENTS = 4  # connections for one blob, the fill's own included
 BATCH = 1024 * 1024  # bytes a range gathers before one write to its spool (in a thread)
 
@@ -72,23 +74,28 @@ class Segments:
     def allow(self) -> None:
         self._allowed = True
 
-    def could_split(self, position: int, stop: int) -> bool:
-        """Whether `split` would start a range now (cheap: asked at every chunk)."""
+    def could_split(self, position: int, stop: int, seconds: float) -> bool:
+        """Whether `split` would start a range now (cheap: asked at every chunk), having
+        read `position` bytes in `seconds`: only when the rest would take the stream
+        itself more than WORTH_SECONDS (near the upstream, one connection is fastest:
+        ranges would only add the spools' writes)."""
         return (
-            self._allowed
+            position >= SAMPLE
+            and (stop - position) * seconds > WORTH_SECONDS * position
+            and self._allowed
             and self._beside is not None
             and stop - position >= 2 * SEGMENT_MIN
             and not self._upstream.transfer_slots.locked()
             and self._running() + 1 < self._connections
         )
 
-    async def split(self, position: int, stop: int) -> int:
+    async def split(self, position: int, stop: int, seconds: float) -> int:
         """Fetch the later part of what the fill's own stream still has to read, [position,
         stop), on the upstream's free transfer slots; where the stream should stop now.
 
         Asked when the size is known, and again whenever a slot frees (another transfer
         ended): a fill that began alone gains connections as others finish."""
-        if not self.could_split(position, stop):
+        if not self.could_split(position, stop, seconds):
             return stop
         assert self._beside is not None
         slots = self._upstream.transfer_slots
