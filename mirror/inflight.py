@@ -142,11 +142,6 @@ class Transfer:
 
     RECENT_BYTES = 1024 * 1024
     SPILL_WINDOW = 8 * 1024 * 1024  # bytes held for readers once spilled
-    # Readers are woken once this much has arrived, or this long after the first byte
-    # they have not been told of: a herd following a fill is woken per batch, not per
-    # socket read (sixteen readers woken for every 64 KiB cost more than the copies).
-    WAKE_BYTES = 1024 * 1024
-    WAKE_DELAY = 0.005
 
     def __init__(self, back: ReadBack | None) -> None:
         self._back = back
@@ -166,8 +161,6 @@ class Transfer:
         self._dropped_file = False
         self._started = asyncio.Event()
         self._changed = asyncio.Event()
-        self._told = 0  # `written` when readers were last woken
-        self._wake_timer: asyncio.TimerHandle | None = None
         # Set when the fill is over (kept, not kept, or failed): after the last byte,
         # the fsync and rename still run; a reader that needs the blob stored waits here.
         self.settled = asyncio.Event()
@@ -204,10 +197,7 @@ class Transfer:
                 self._recent_bytes -= len(self._recent.popleft()[1])
         self.written += len(data)
         self._trim()
-        if self.written - self._told >= self.WAKE_BYTES or self._spilled_from is not None:
-            self._notify()
-        elif self._wake_timer is None:
-            self._wake_timer = asyncio.get_running_loop().call_later(self.WAKE_DELAY, self._notify)
+        self._notify()
 
     async def drain(self, timeout: float) -> None:
         """Once spilled: wait until no reader is more than SPILL_WINDOW behind the writer;
@@ -269,10 +259,6 @@ class Transfer:
             self._closer()
 
     def _notify(self) -> None:
-        if self._wake_timer is not None:
-            self._wake_timer.cancel()
-            self._wake_timer = None
-        self._told = self.written
         self._changed.set()
         self._changed = asyncio.Event()
 

@@ -12,8 +12,6 @@ import pytest
 from mirror.inflight import FileRegion, SingleFlight, Transfer, TransferFailed, outlast
 from mirror.store.fill import FileReadBack
 
-from .support.waiting import until
-
 
 async def test_single_flight_runs_once_and_survives_a_cancelled_caller() -> None:
     flight: SingleFlight[str, int] = SingleFlight()
@@ -149,39 +147,6 @@ async def test_a_reader_behind_the_writer_gets_what_is_written_as_one_file_regio
     assert isinstance(last, FileRegion) and (last.offset, last.count) == (len(data) - 1, 1)
     with pytest.raises(StopAsyncIteration):
         await anext(pieces)
-
-
-async def test_readers_are_woken_per_batch_not_per_chunk(tmp_path: Path) -> None:
-    """Sixteen readers woken for every small chunk cost more than the copies: they are
-    woken once WAKE_BYTES have come, or WAKE_DELAY after the first byte not told of."""
-    path = tmp_path / "blob.part"
-    path.touch()
-    transfer = Transfer(FileReadBack(path))
-    transfer.WAKE_BYTES = 10_000
-    transfer.WAKE_DELAY = 3600.0  # only the byte count wakes them here
-    transfer.start(100_000)
-    wakes = 0
-
-    async def count_wakes() -> None:
-        nonlocal wakes
-        async for _ in transfer.pieces():
-            wakes += 1
-
-    reader = asyncio.create_task(count_wakes())
-    await asyncio.sleep(0)
-    with path.open("wb") as out:
-        for _ in range(50):  # 50 chunks of 1,000 bytes: 5 batches
-            out.write(b"x" * 1000)
-            out.flush()
-            transfer.advance(b"x" * 1000)
-            await asyncio.sleep(0)
-    assert wakes == 5
-    transfer.WAKE_DELAY = 0.001
-    with path.open("ab") as out:
-        out.write(b"y" * 10)
-    transfer.advance(b"y" * 10)  # a trickle is not held back for long
-    await until(lambda: wakes == 6, "a trickle's reader woken after WAKE_DELAY")
-    reader.cancel()
 
 
 async def test_outlast_waits_for_the_thread_before_raising_the_cancellation() -> None:

@@ -148,21 +148,22 @@ class Fills:
             route.upstream.range_connections,
         )
 
+        appender = Appender(self._store, temp, transfer, digest)
+
         def started(size: int | None, takes_ranges: bool) -> None:
             if takes_ranges:
                 ahead.allow()
             # Spilled before announced: processes following this fill learn both at once.
             if size is not None and size > self._store.max_size:
-                self._spill(temp, transfer, digest, f"{size} bytes, over the store's bound")
+                appender.spill(f"{size} bytes, over the store's bound")
             try:
                 temp.announce(size)
             except WRITE_ERRORS as exc:
                 self._store.counters.write_failed(f"announcing {digest}", exc)
-                self._spill(temp, transfer, digest, "the disk is full")
+                appender.spill("the disk is full")
             transfer.start(size)
 
         chunks = upstream.blob_chunks(route.repository, digest, deadline=deadline, started=started)
-        appender = Appender(self._store, temp, transfer, digest)
         try:
             stop: int | None = None  # where this stream ends and the ranges fetched ahead begin
             received = 0
@@ -178,26 +179,18 @@ class Fills:
                     chunk = chunk[: stop - received]
                 fetched.inc(len(chunk))
                 received += len(chunk)
-                await appender.add(chunk)
+                appender.add(chunk)
                 if transfer.spilled:
                     await transfer.drain(self._config.timeouts.read)
                 if stop is not None and received >= stop:
                     break
             await chunks.aclose()  # (when it stopped at the ranges: lets its connection go)
             async for data in ahead.rest():
-                await appender.add(bytes(data))
+                appender.add(bytes(data))
                 if transfer.spilled:
                     await transfer.drain(self._config.timeouts.read)
-            await appender.flush()
         finally:
             await ahead.close()
-            await appender.settle()  # the thread is done with the file before it goes
-
-    def _spill(self, temp: TempBlob, transfer: Transfer, digest: Digest, why: str) -> None:
-        if not temp.spilled:
-            log.warning("streaming %s through without keeping it: %s", digest, why)
-        temp.spill()
-        transfer.spill()
 
 
 def _keep(temp: TempBlob) -> bool:

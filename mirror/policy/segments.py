@@ -33,7 +33,6 @@ SEGMENT_MIN = 8 * 1024 * 1024  # no range is smaller than this
 SAMPLE = 1024 * 1024  # bytes of the fill's own stream read before its speed is judged
 WORTH_SECONDS = 1.0  # ranges only when the own stream would need longer than this
 MOST_SEGMENTS = 4  # connections for one blob, the fill's own included
-BATCH = 1024 * 1024  # bytes a range gathers before one write to its spool (in a thread)
 
 
 @dataclass
@@ -116,6 +115,8 @@ class Segments:
                 fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
                 try:
                     ahead.transfer = Transfer(FileReadBack(path))
+                    # the fill reads a range later, from its spool: no copy kept in memory
+                    ahead.transfer.RECENT_BYTES = 0
                 except BaseException:
                     os.close(fd)
                     raise
@@ -177,18 +178,14 @@ class Segments:
     async def _fetch(self, ahead: Ahead, fd: int) -> None:
         slots = self._upstream.transfer_slots
         try:
-            batch: list[bytes] = []
-            size = 0
             async for chunk in self._upstream.range_chunks(
                 self._repository, self._digest, ahead.start, ahead.end, deadline=self._deadline
             ):
                 self._fetched.inc(len(chunk))
-                batch.append(chunk)
-                size += len(chunk)
-                if size >= BATCH:
-                    await self._write(fd, ahead, batch)
-                    batch, size = [], 0
-            await self._write(fd, ahead, batch)
+                view = memoryview(chunk)
+                while view:  # to the page cache, as the fill's own bytes are
+                    view = view[os.write(fd, view) :]
+                ahead.transfer.advance(chunk)
             ahead.transfer.finish()
         except asyncio.CancelledError:
             ahead.transfer.fail(TransferFailed("stopped"))
@@ -198,17 +195,3 @@ class Segments:
         finally:
             os.close(fd)
             slots.release()
-
-    @staticmethod
-    async def _write(fd: int, ahead: Ahead, batch: list[bytes]) -> None:
-        if batch:
-            await asyncio.to_thread(_write_all, fd, batch)
-            for chunk in batch:
-                ahead.transfer.advance(chunk)
-
-
-def _write_all(fd: int, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
