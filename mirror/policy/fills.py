@@ -167,11 +167,13 @@ class Fills:
         try:
             stop: int | None = None  # where this stream ends and the ranges fetched ahead begin
             received = 0
-            began = time.monotonic()
+            began: float | None = None  # when the first bytes came: the speed is from there
             async for chunk in chunks:
                 if stop is None:
                     stop = transfer.size
-                if stop is not None and not transfer.spilled:
+                if began is None:
+                    began = time.monotonic()
+                elif stop is not None and not transfer.spilled:
                     seconds = time.monotonic() - began
                     if ahead.could_split(received, stop, seconds):
                         stop = await ahead.split(received, stop, seconds)

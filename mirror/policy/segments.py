@@ -30,7 +30,7 @@ from ..upstream.client import Upstream
 log = logging.getLogger("mirror.proxy")
 
 SEGMENT_MIN = 8 * 1024 * 1024  # no range is smaller than this
-SAMPLE = 1024 * 1024  # bytes of the fill's own stream read before its speed is judged
+SAMPLE = 4 * 1024 * 1024  # bytes of the fill's own stream read before its speed is judged
 WORTH_SECONDS = 1.0  # ranges only when the own stream would need longer than this
 MOST_SEGMENTS = 4  # connections for one blob, the fill's own included
 
