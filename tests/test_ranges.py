@@ -68,7 +68,7 @@ async def test_a_range_that_breaks_is_fetched_again_in_order(
     http: aiohttp.ClientSession,
 ) -> None:
     # The first two blob bodies break after 8 MB: the fill's own (resumed) and its first
-    # range (begun once the own stream's first 4 MiB showed it slow).
+    # range (begun once the own stream's first 0.1 s showed it slow).
     relay = await make_relay(upstream.url, rate=40_000_000, cut_after=8_000_000, faulty_bodies=2)
     mirror = await make_mirror({"docker.io": {"url": relay.url, "prefetch": False}})
     layer = seeded.big.layers[0]

@@ -30,7 +30,7 @@ from ..upstream.client import Upstream
 log = logging.getLogger("mirror.proxy")
 
 SEGMENT_MIN = 8 * 1024 * 1024  # no range is smaller than this
-SAMPLE = 4 * 1024 * 1024  # bytes of the fill's own stream read before its speed is judged
+SAMPLE_SECONDS = 0.1  # how long the fill's own stream runs before its speed is judged
 WORTH_SECONDS = 1.0  # ranges only when the own stream would need longer than this
 MOST_SEGMENTS = 4  # connections for one blob, the fill's own included
 
@@ -75,11 +75,12 @@ class Segments:
 
     def could_split(self, position: int, stop: int, seconds: float) -> bool:
         """Whether `split` would start a range now (cheap: asked at every chunk), having
-        read `position` bytes in `seconds`: only when the rest would take the stream
-        itself more than WORTH_SECONDS (near the upstream, one connection is fastest:
-        ranges would only add the spools' writes)."""
+        read `position` bytes in the `seconds` since its first: only when, judged over
+        SAMPLE_SECONDS at least, the rest would take the stream itself more than
+        WORTH_SECONDS (near the upstream, one connection is fastest: ranges would only
+        add the spools' writes)."""
         return (
-            position >= SAMPLE
+            seconds >= SAMPLE_SECONDS
             and (stop - position) * seconds > WORTH_SECONDS * position
             and self._allowed
             and self._beside is not None
