@@ -498,6 +498,7 @@ def main() -> None:
                 cold_s, warm_s = [], []
                 for number in range(args.herd_rounds):
                     fresh = start_mirror(work / f"m-crowd{number}", upstream.url, args.workers)
+                    services.append(fresh)
                     urls = [f"{fresh.url}/v2/bench/crowd/blobs/{blob}"] * 16
                     os.sync()  # no write-back left from the round before
                     cold_s.append(curl_many(urls))
@@ -518,6 +519,7 @@ def main() -> None:
             if want("memory"):
                 # 5. peak memory while 8 clients pull different blobs cold
                 memory = start_mirror(work / "m-memory", upstream.url, args.workers)
+                services.append(memory)  # stopped even when a figure fails
                 with peak_memory(memory) as peak:
                     curl_many(
                         [
