@@ -94,7 +94,7 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
     ops.router.add_get("/healthz", health, name="healthz")
     ops.router.add_get("/readyz", ready, name="readyz")
     ops.router.add_get("/metrics", _operations(gate, metrics_page, ops_port=True), name="metrics")
-    status = status_handler(config, metrics, store)
+    status = status_handler(config, metrics, store, app[TAGS])
     ops.router.add_get("/", _operations(gate, status, ops_port=True), name="status")
     ops.on_response_prepare.append(inert_content)
     return ops
@@ -184,7 +184,9 @@ async def create_app(
     router.add_route("*", "/v2/{tail:.*}", handlers.other, name="other")
     if config.access is not None:  # the token endpoint of the mirror's own clients
         router.add_get("/token", gate.token, name="token")
-    router.add_get("/", _operations(gate, status_handler(config, metrics, store)), name="status")
+    router.add_get(
+        "/", _operations(gate, status_handler(config, metrics, store, tags)), name="status"
+    )
     router.add_get("/healthz", health, name="healthz")
     router.add_get("/readyz", ready, name="readyz")
     router.add_get("/metrics", _operations(gate, metrics_page), name="metrics")

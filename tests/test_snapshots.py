@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from mirror.app import STORE
 from mirror.snapshots import merged
-from tests.conftest import Seeded
+from tests.conftest import MirrorFactory, Seeded
 from tests.support.process import MirrorProcess
 from tests.support.registry import Registry
 
@@ -91,3 +93,25 @@ async def test_the_status_page_counts_every_workers_requests(
         assert seen[-1] == [pulls] * 6, seen
     finally:
         await mirror.stop()
+
+
+@pytest.mark.in_process  # reads the server's store
+async def test_the_status_page_lists_cached_images_without_making_them_used(
+    make_mirror: MirrorFactory, upstream: Registry, seeded: Seeded, http: aiohttp.ClientSession
+) -> None:
+    """The cached images, most recently used first, as `mirror ls` has them; looking at
+    the page is not a use (it would make every image recently used, and the LRU blind)."""
+    mirror = await make_mirror({"docker.io": upstream.url})
+    accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
+    async with http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers=accept) as r:
+        assert r.status == 200
+    store = mirror.app[STORE]
+    store.flush_uses()
+    before = {entry.key: entry.atime for entry in store.oldest(100, used_before=1e12)}
+    async with http.get(f"{mirror.url}/") as response:
+        page = await response.text()
+    assert "Cached images, most recently used first" in page
+    assert "docker.io/team/app:v1" in page
+    store.flush_uses()
+    after = {entry.key: entry.atime for entry in store.oldest(100, used_before=1e12)}
+    assert after == before

@@ -16,10 +16,13 @@ from aiohttp import web
 from .. import snapshots
 from ..config import Config
 from ..errors import Handler
+from ..images.catalog import CachedImage, cached_images
 from ..maintenance import human
 from ..metrics import Metrics, shared_folder
 from ..snapshots import Health, View
 from ..store.base import BlobStore
+from ..store.disk import DiskStore
+from ..store.tags import TagIndex
 from ..version import VERSION
 
 STYLE = """
@@ -35,6 +38,9 @@ td.n{text-align:right;white-space:nowrap}.up{color:#17803d}.down{color:#b42318}
 .bar i{display:block;height:100%;border-radius:4px;background:#2f6fde}
 footer{margin-top:1.5rem;color:#56606b;font-size:.8rem}
 """
+
+
+IMAGES_SHOWN = 20  # the status page lists the most recently used cached images
 
 
 def _card(value: str, label: str, extra: str = "") -> str:
@@ -85,6 +91,7 @@ def render(
     store: BlobStore,
     usage_by: list[tuple[str, str, int, int]],
     view: View,
+    images: list[CachedImage],
 ) -> str:
     content = {"kind": "blob"}, {"kind": "manifest"}
     hits = sum(
@@ -150,6 +157,27 @@ def render(
         upstream_rows.append((name, state, f"{requests:.0f}", human(fetched_here), limit))
 
     popular = [(name, f"{count}") for name, count in view.popular]
+    recent = sorted(images, key=lambda image: image.last_used, reverse=True)[:IMAGES_SHOWN]
+    image_rows = [
+        (
+            image.reference,
+            ", ".join(image.platforms) or "-",
+            human(image.size),
+            f"{_duration(now - image.last_used)} ago" if image.last_used else "-",
+            ", ".join(
+                word
+                for word, applies in (("pinned", image.pinned), ("incomplete", not image.complete))
+                if applies
+            )
+            or "-",
+        )
+        for image in recent
+    ]
+    more = (
+        f"<p>{len(images) - len(recent)} more: <code>mirror ls</code> lists them all.</p>"
+        if len(images) > len(recent)
+        else ""
+    )
     largest = [
         (f"{upstream}/{repository}" if upstream else repository or "-", human(size), str(count))
         for upstream, repository, size, count in usage_by[:10]
@@ -168,21 +196,26 @@ def render(
 {_table(("repository", "requests"), popular)}
 <h2>Largest cached repositories</h2>
 {_table(("repository", "size", "entries"), largest, numeric=2)}
+<h2>Cached images, most recently used first</h2>
+{_table(("image", "platforms", "size", "last used", "state"), image_rows, numeric=2)}
+{more}
 <footer>Default upstream: {escape(config.default_upstream)}.
 Metrics for Prometheus at <a href="/metrics">/metrics</a>.</footer>
 </body></html>
 """
 
 
-def status_handler(config: Config, metrics: Metrics, store: BlobStore) -> Handler:
+def status_handler(config: Config, metrics: Metrics, store: DiskStore, tags: TagIndex) -> Handler:
     async def status_page(request: web.Request) -> web.StreamResponse:
-        """GET /: the status page (the usage by repository is a scan: off the loop)."""
+        """GET /: the status page (the usage by repository and the cached images are
+        scans: off the loop)."""
         usage_by = await asyncio.to_thread(store.usage_by)
+        images = await asyncio.to_thread(cached_images, store, tags)
         now = time.time()
         folder = shared_folder()
         rest = await asyncio.to_thread(snapshots.others, folder, now) if folder else []
         view = snapshots.merged(snapshots.snapshot(metrics, now), rest, now)
-        page = render(config, metrics, store, usage_by, view)
+        page = render(config, metrics, store, usage_by, view, images)
         return web.Response(text=page, content_type="text/html")
 
     return status_page

@@ -39,7 +39,7 @@ def image_keys(store: DiskStore, digest: Digest) -> tuple[set[str], list[str], b
 
     def walk(digest: Digest) -> None:
         nonlocal complete
-        found = store.get_manifest(digest)
+        found = store.get_manifest(digest, use=False)
         if found is None:
             return
         keys.add(manifest_key(digest))
@@ -47,7 +47,7 @@ def image_keys(store: DiskStore, digest: Digest) -> tuple[set[str], list[str], b
         try:
             if is_index(media_type, data):
                 for child in children(data):
-                    if store.get_manifest(child.digest) is not None:
+                    if store.get_manifest(child.digest, use=False) is not None:
                         p = child.platform
                         platforms.append(
                             "/".join(
@@ -66,7 +66,7 @@ def image_keys(store: DiskStore, digest: Digest) -> tuple[set[str], list[str], b
 
     walk(digest)
     if not platforms:  # one image manifest: its platform is in its config
-        found = store.get_manifest(digest)
+        found = store.get_manifest(digest, use=False)
         platform = _config_platform(store, found[0]) if found is not None else ""
         platforms = [platform] if platform else []
     return keys, platforms, complete
@@ -79,7 +79,7 @@ def _config_platform(store: DiskStore, manifest: bytes) -> str:
         config = parse_digest(str(document.get("config", {}).get("digest", "")))
     except (ValueError, AttributeError):
         return ""
-    blob = store.open_blob(config) if config is not None else None
+    blob = store.open_blob(config, use=False) if config is not None else None
     if blob is None or blob.size > CONFIG_LIMIT:
         if blob is not None:
             blob.close()
@@ -106,13 +106,13 @@ def cached_images(store: DiskStore, tags: TagIndex) -> list[CachedImage]:
     for ref in sorted(pinned):
         if "@" in ref:
             found = parse_digest(ref.partition("@")[2])
-            kept = store.get_manifest(found) if found is not None else None
+            kept = store.get_manifest(found, use=False) if found is not None else None
             if kept is not None:
                 named.append((ref, str(found), kept[1]))
     images = []
     for reference, digest_text, media_type in named:
         digest = parse_digest(digest_text)
-        if digest is None or store.get_manifest(digest) is None:
+        if digest is None or store.get_manifest(digest, use=False) is None:
             continue  # its manifest was evicted: nothing of it to list
         keys, platforms, complete = image_keys(store, digest)
         used = [e.atime for key in keys if (e := store.index.get(key)) is not None]
@@ -144,7 +144,7 @@ def remove_image(
     by_digest = parse_digest(reference)
     if by_digest is not None:
         name = f"{upstream}/{repository}@{reference}"
-        if not store.index.unpin(name) and store.get_manifest(by_digest) is None:
+        if not store.index.unpin(name) and store.get_manifest(by_digest, use=False) is None:
             return None
         digest: Digest | None = by_digest
     else:

@@ -174,13 +174,16 @@ class DiskStore:
         except FileNotFoundError:
             return None
 
-    def open_blob(self, digest: Digest) -> FileBlob | None:
+    def open_blob(self, digest: Digest, *, use: bool = True) -> FileBlob | None:
+        """The blob's file, open; `use=False` for a look that is not a use (listing the
+        cached images must not make them all recently used)."""
         try:
             fd = os.open(self.final_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             self._forget_missing(blob_key(digest))
             return None
-        self.index.touch(blob_key(digest))
+        if use:
+            self.index.touch(blob_key(digest))
         return FileBlob(fd, os.fstat(fd).st_size)
 
     def _forget_missing(self, key: str) -> None:
@@ -229,7 +232,7 @@ class DiskStore:
 
     # manifests
 
-    def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
+    def get_manifest(self, digest: Digest, *, use: bool = True) -> tuple[bytes, str] | None:
         key = manifest_key(digest)
         found = self._manifests_in_memory.get(key)
         mark = self._removals.read()
@@ -254,8 +257,10 @@ class DiskStore:
             except FileNotFoundError:
                 self._forget_missing(key)
                 return None
-            self._manifests_in_memory.put(key, found)
-        self.index.touch(key)
+            if use:  # a look (a listing) does not push hot manifests out of memory
+                self._manifests_in_memory.put(key, found)
+        if use:
+            self.index.touch(key)
         return found
 
     def put_manifest(
