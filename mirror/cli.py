@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                 "--max-size", help="evict down to this size (default: storage.max_size)"
             )
             command.add_argument(
+                "--dry-run", action="store_true", help="say what would be evicted; evict nothing"
+            )
+            command.add_argument(
                 "--older-than",
                 metavar="DURATION",
                 help="evict everything not used for this long (seconds, or 30m, 12h, 7d)",
@@ -366,7 +369,7 @@ def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
                 if older_than is not None
                 else config.storage.max_size
             )
-            maintenance.gc(store, sys.stdout, size, older_than)
+            maintenance.gc(store, sys.stdout, size, older_than, dry_run=args.dry_run)
             return 0
         maintenance.du(store, sys.stdout)
         return 0

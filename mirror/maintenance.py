@@ -103,9 +103,19 @@ def verify(store: DiskStore, out: TextIO) -> VerifyReport:
     return report
 
 
-def gc(store: BlobStore, out: TextIO, max_size: int | None, older_than: float | None) -> int:
+def gc(
+    store: BlobStore,
+    out: TextIO,
+    max_size: int | None,
+    older_than: float | None,
+    *,
+    dry_run: bool = False,
+) -> int:
     """Evict unused content: everything unused for `older_than` seconds, then down to
-    `max_size` bytes by least recent use. Returns the bytes freed."""
+    `max_size` bytes by least recent use. Returns the bytes freed (or, with `dry_run`,
+    that would be: nothing is evicted)."""
+    if dry_run:
+        return _gc_plan(store, out, max_size, older_than)
     freed = 0
     count = 0
     progress = Progress(store.usage()[0], "gc")  # the share of the cache evicted so far
@@ -136,6 +146,28 @@ def gc(store: BlobStore, out: TextIO, max_size: int | None, older_than: float | 
     out.write(
         f"evicted {_count(count, 'entry', 'entries')}, {human(freed)}; "
         f"now {human(used)} in {_count(entries, 'entry', 'entries')}\n"
+    )
+    return freed
+
+
+def _gc_plan(store: BlobStore, out: TextIO, max_size: int | None, older_than: float | None) -> int:
+    """What `gc` would evict, in the same order, evicting nothing."""
+    used, entries = store.usage()
+    now = time.time()
+    oldest = store.oldest(max(entries, 1), used_before=now)  # least recently used first
+    chosen = 0
+    freed = 0
+    for entry in oldest:
+        too_old = older_than is not None and entry.atime < now - older_than
+        too_big = max_size is not None and used - freed > max_size
+        if not (too_old or too_big):
+            break  # the rest is newer still, and the bound is kept
+        chosen += 1
+        freed += entry.size
+    out.write(
+        f"would evict {_count(chosen, 'entry', 'entries')}, {human(freed)}; "
+        f"would leave {human(used - freed)} in {_count(entries - chosen, 'entry', 'entries')} "
+        "(dry run: nothing evicted)\n"
     )
     return freed
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mirror import maintenance
 from mirror.inflight import TransferFailed
 from mirror.reference import Digest, digest_of
 from mirror.store import disk
@@ -431,4 +433,24 @@ def test_one_manifest_kept_by_many_threads_at_once(tmp_path: Path) -> None:
             kept = [job.result() for job in jobs]
         assert all(kept) and store.get_manifest(digest) is not None
     assert store.counters.disk_full == 0
+    store.close()
+
+
+def test_gc_dry_run_says_what_gc_would_evict_and_evicts_nothing(tmp_path: Path) -> None:
+    now = [time.time() - 3600]  # written an hour ago, a second apart
+    store = DiskStore(tmp_path / "store", 1 << 30, clock=lambda: now[0])
+    for n in range(5):
+        _put_blob(store, bytes([n]) * 1000)
+        now[0] += 1
+    store.flush_uses()
+    out = io.StringIO()
+    assert maintenance.gc(store, out, 2500, None, dry_run=True) == 3000
+    assert out.getvalue().startswith("would evict 3 entries, ")
+    assert "nothing evicted" in out.getvalue()
+    assert store.usage() == (5000, 5)
+    assert maintenance.gc(store, io.StringIO(), 2500, None) == 3000  # the same three
+    assert store.usage() == (2000, 2)
+    out = io.StringIO()
+    assert maintenance.gc(store, out, None, 10.0, dry_run=True) == 2000  # by age: the rest
+    assert store.usage() == (2000, 2)
     store.close()
