@@ -646,6 +646,7 @@ async def test_a_transfer_under_way_resumes_while_its_upstream_is_down(
     assert fake.count("GET", "/blobs/") == 2
 
 
+@pytest.mark.in_process  # a breaker is per worker: with two, the next request may meet the other
 async def test_one_broken_repository_does_not_cut_the_others_off(
     make_mirror: MirrorFactory, fake: FakeUpstream, http: aiohttp.ClientSession
 ) -> None:
