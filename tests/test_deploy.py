@@ -151,6 +151,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     # the store's place is in the config file the commands read, not in the unit's env
     assert "MIRROR_STORAGE_PATH" not in unit
     assert "Environment=MIRROR_WORKERS=auto" in unit  # one worker per core
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit  # systemctl reload sends SIGHUP
     install = next(line for line in unit.splitlines() if line.startswith("#          sed "))
     command = install.removeprefix("#          ").split(" > ")[0]
     root = DEPLOY.parent
