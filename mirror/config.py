@@ -736,21 +736,24 @@ def _parse_upstream(
     )
 
 
+# The environment variables that override a key of the file.
+ENV_KEYS = {
+    "MIRROR_LISTEN": ("listen",),
+    "MIRROR_STORAGE_PATH": ("storage", "path"),
+    "MIRROR_STORAGE_MAX_SIZE": ("storage", "max_size"),
+    "MIRROR_MANIFEST_TTL": ("manifest_ttl",),
+    "MIRROR_DEFAULT_UPSTREAM": ("default_upstream",),
+    "MIRROR_LOG_LEVEL": ("log_level",),
+    "MIRROR_LOG_FORMAT": ("log_format",),
+    "MIRROR_WORKERS": ("workers",),
+    "MIRROR_OPS_LISTEN": ("ops_listen",),
+}
+
+
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """MIRROR_LISTEN, MIRROR_STORAGE_PATH, ... as a nested dict over the file's values."""
     overrides: dict[str, Any] = {}
-    simple = {
-        "MIRROR_LISTEN": ("listen",),
-        "MIRROR_STORAGE_PATH": ("storage", "path"),
-        "MIRROR_STORAGE_MAX_SIZE": ("storage", "max_size"),
-        "MIRROR_MANIFEST_TTL": ("manifest_ttl",),
-        "MIRROR_DEFAULT_UPSTREAM": ("default_upstream",),
-        "MIRROR_LOG_LEVEL": ("log_level",),
-        "MIRROR_LOG_FORMAT": ("log_format",),
-        "MIRROR_WORKERS": ("workers",),
-        "MIRROR_OPS_LISTEN": ("ops_listen",),
-    }
-    for var, path in simple.items():
+    for var, path in ENV_KEYS.items():
         if var in env:
             target = overrides
             for part in path[:-1]:
@@ -770,8 +773,21 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def from_mapping(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed YAML document (after env overrides) into a Config."""
+    """Validate a parsed YAML document (after env overrides) into a Config. A mistake in
+    a value an environment variable set names that variable: the file is not where to
+    look."""
     env = os.environ if env is None else env
+    try:
+        return _from_mapping(raw, env)
+    except ConfigError as exc:
+        for var, path in ENV_KEYS.items():
+            key = ".".join(path)
+            if var in env and str(exc).startswith(f"{key}:"):
+                raise ConfigError(f"{var} (for {key}){str(exc)[len(key) :]}") from None
+        raise
+
+
+def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     data = _merge(_expand_vars(dict(raw), env), _env_overrides(env))
     unset = sorted(
         {

@@ -401,3 +401,12 @@ def test_workers_auto_respects_a_container_cpu_limit(
     cores = len(os.sched_getaffinity(0))
     assert usable_cores(cgroup) == (cores if expected is None else min(cores, expected))
     assert usable_cores(tmp_path / "absent") == cores
+
+
+def test_a_bad_value_from_the_environment_names_the_variable() -> None:
+    """The file says 50GiB; MIRROR_STORAGE_MAX_SIZE says huge: the line points there."""
+    with pytest.raises(ConfigError) as caught:
+        from_mapping({"storage": {"max_size": "50GiB"}}, {"MIRROR_STORAGE_MAX_SIZE": "huge"})
+    assert str(caught.value).startswith("MIRROR_STORAGE_MAX_SIZE (for storage.max_size): ")
+    with pytest.raises(ConfigError, match=r"^storage\.max_size: "):
+        from_mapping({"storage": {"max_size": "huge"}}, {})
