@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ from .version import VERSION
 RESULTS = ("hit", "miss", "coalesced", "stale", "negative", "error")
 
 
+ERRORS_KEPT = 10  # failures remembered per upstream, for the status page
+
+
 @dataclass
 class UpstreamHealth:
     """What the last answers of one upstream said, for /readyz and the status page."""
@@ -34,6 +38,9 @@ class UpstreamHealth:
     ratelimit_remaining: float | None = None
     retry_in: Callable[[], float] = lambda: 0.0  # seconds until a down upstream is asked again
     last_answer: float | None = None  # wall-clock time of its last useful answer
+    down_since: float | None = None  # wall-clock time it went down (None while up)
+    # its latest failures, newest last: (wall-clock time, what happened)
+    errors: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=ERRORS_KEPT))
 
 
 @dataclass

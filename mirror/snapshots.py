@@ -23,6 +23,7 @@ from .store.fill import process_alive
 
 STALE_SECONDS = 30.0
 POPULAR = 50  # repositories each worker reports
+ERRORS_SHOWN = 10  # the latest upstream failures, across workers and upstreams
 
 
 @dataclass
@@ -32,6 +33,7 @@ class Health:
     reachable: bool | None = None
     last_error: str = ""
     retry_at: float = 0.0  # wall-clock time a down upstream is asked again
+    down_since: float | None = None
     last_answer: float | None = None
     ratelimit_limit: float | None = None
     ratelimit_remaining: float | None = None
@@ -43,6 +45,7 @@ class View:
 
     upstreams: dict[str, Health] = field(default_factory=dict)
     popular: list[tuple[str, int]] = field(default_factory=list)
+    errors: list[tuple[float, str, str]] = field(default_factory=list)  # (when, upstream, what)
     transfers: int = 0
     waiting: int = 0
     workers: int = 1
@@ -58,6 +61,8 @@ def snapshot(metrics: Metrics, now: float) -> dict[str, Any]:
                 "reachable": health.reachable,
                 "last_error": health.last_error,
                 "retry_at": now + health.retry_in() if health.reachable is False else 0.0,
+                "down_since": health.down_since,
+                "errors": list(health.errors),
                 "last_answer": health.last_answer,
                 "ratelimit_limit": health.ratelimit_limit,
                 "ratelimit_remaining": health.ratelimit_remaining,
@@ -101,12 +106,14 @@ def merged(own: dict[str, Any], rest: list[dict[str, Any]], now: float) -> View:
     are added."""
     view = View(workers=1 + len(rest))
     popular: Counter[str] = Counter()
+    errors: set[tuple[float, str, str]] = set()
     for state in (own, *rest):
         view.transfers += int(state["transfers"])
         view.waiting += int(state["waiting"])
         popular.update({name: int(count) for name, count in state["popular"]})
         for name, seen in state["upstreams"].items():
             health = view.upstreams.setdefault(name, Health())
+            errors.update((float(when), name, str(what)) for when, what in seen.get("errors", []))
             latest = health.last_answer is None or (
                 seen["last_answer"] is not None and seen["last_answer"] > health.last_answer
             )
@@ -118,10 +125,17 @@ def merged(own: dict[str, Any], rest: list[dict[str, Any]], now: float) -> View:
             if seen["reachable"] is False and seen["retry_at"] > now:  # down there now
                 if not backing_off or seen["retry_at"] > health.retry_at:
                     health.last_error, health.retry_at = seen["last_error"], seen["retry_at"]
+                since = seen.get("down_since")
+                if since is not None and (health.down_since is None or since < health.down_since):
+                    health.down_since = since  # the earliest any worker saw it go
                 health.reachable = False
             elif seen["reachable"] is True and not backing_off:
                 health.reachable = True
             elif seen["reachable"] is False and health.reachable is None:
                 health.reachable, health.last_error = False, seen["last_error"]
     view.popular = popular.most_common(10)
+    view.errors = sorted(errors, reverse=True)[:ERRORS_SHOWN]
+    for health in view.upstreams.values():
+        if health.reachable is not False:
+            health.down_since = None
     return view

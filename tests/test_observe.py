@@ -169,6 +169,8 @@ async def test_status_page_in_headless_chromium(scripted: dict[str, object]) -> 
     assert "observed/app" in text  # most requested and largest repositories
     assert "up for" in text and "last answer" in text
     assert '<td class="up">up; last answer' in dom  # the state in its colour
+    # the 503 of the scripted sequence, among the latest upstream errors
+    assert "Latest upstream errors" in text and "answered 503" in text
     shot = ARTIFACTS / "status-page.png"
     shot.unlink(missing_ok=True)
     await run(browser, *flags, f"--screenshot={shot}", "--window-size=420,1300", url, timeout=120)
@@ -189,6 +191,9 @@ async def test_health_and_readiness_with_the_upstream_down(
         body = await response.json()
     assert body["store"] == "ok"
     assert body["upstreams"]["docker.io"]["reachable"] is False
+    async with http.get(f"{mirror.url}/") as response:
+        page = await response.text()
+    assert '<td class="down">down: ' in page and re.search(r"; down since \d+s ago", page)
 
 
 async def test_json_logs_parse_and_hold_no_secret(

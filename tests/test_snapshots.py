@@ -40,16 +40,26 @@ def _state(**upstream: Any) -> dict[str, Any]:
 
 def test_workers_states_add_up_and_a_worker_backing_off_shows_down() -> None:
     up = _state(reachable=True, last_answer=90.0, ratelimit_limit=100, ratelimit_remaining=7)
-    down = _state(reachable=False, last_error="no answer", retry_at=130.0, last_answer=80.0)
+    down = _state(
+        reachable=False,
+        last_error="no answer",
+        retry_at=130.0,
+        last_answer=80.0,
+        down_since=85.0,
+        errors=[[85.0, "answered 503"], [95.0, "no answer"]],
+    )
     view = merged(up, [down], now=100.0)
     health = view.upstreams["docker.io"]
     assert (health.reachable, health.last_error, health.retry_at) == (False, "no answer", 130.0)
+    assert health.down_since == 85.0
+    assert view.errors == [(95.0, "docker.io", "no answer"), (85.0, "docker.io", "answered 503")]
     assert (health.last_answer, health.ratelimit_remaining) == (90.0, 7)  # the latest answer
     assert view.popular == [("docker.io/library/alpine", 6), ("docker.io/team/app", 2)]
     assert (view.transfers, view.waiting, view.workers) == (2, 4, 2)
     # once the back-off is over, a worker that found it up since is believed
     later = merged(up, [down], now=200.0)
     assert later.upstreams["docker.io"].reachable is True
+    assert later.upstreams["docker.io"].down_since is None
     assert merged(down, [up], now=200.0).upstreams["docker.io"].reachable is True
 
 
@@ -101,7 +111,8 @@ async def test_the_status_page_lists_cached_images_without_making_them_used(
 ) -> None:
     """The cached images, most recently used first, as `mirror ls` has them; looking at
     the page is not a use (it would make every image recently used, and the LRU blind)."""
-    mirror = await make_mirror({"docker.io": upstream.url})
+    # (no prefetch: its layers would land in the store while the test looks)
+    mirror = await make_mirror({"docker.io": {"url": upstream.url, "prefetch": False}})
     accept = {"Accept": "application/vnd.docker.distribution.manifest.v2+json"}
     async with http.get(f"{mirror.url}/v2/team/app/manifests/v1", headers=accept) as r:
         assert r.status == 200

@@ -144,6 +144,8 @@ def render(
             state = f"down: {health.last_error}" + (
                 f" (asked again in {retry:.0f}s)" if retry else ""
             )
+            if health.down_since is not None:
+                state += f"; down since {_duration(now - health.down_since)} ago"
         if health.last_answer is not None and style:
             state += f"; last answer {_duration(now - health.last_answer)} ago"
         styles.append(style)
@@ -157,6 +159,7 @@ def render(
         upstream_rows.append((name, state, f"{requests:.0f}", human(fetched_here), limit))
 
     popular = [(name, f"{count}") for name, count in view.popular]
+    error_rows = [(f"{_duration(now - when)} ago", name, what) for when, name, what in view.errors]
     recent = sorted(images, key=lambda image: image.last_used, reverse=True)[:IMAGES_SHOWN]
     image_rows = [
         (
@@ -192,6 +195,8 @@ def render(
 <div class="cards">{cards}</div>
 <h2>Upstreams</h2>
 {_table(("upstream", "state", "requests", "fetched", "pulls left"), upstream_rows, 3, styles)}
+<h2>Latest upstream errors</h2>
+{_table(("when", "upstream", "what"), error_rows, numeric=0)}
 <h2>Most requested repositories</h2>
 {_table(("repository", "requests"), popular)}
 <h2>Largest cached repositories</h2>

@@ -646,6 +646,7 @@ class UpstreamClient:
             self.health.reachable = True
             self.health.last_error = ""
             self.health.last_answer = time.time()
+            self.health.down_since = None
             self.breaker.succeeded()
         health = self.health
         for header, attribute in RATELIMIT_HEADERS.items():
@@ -661,8 +662,12 @@ class UpstreamClient:
     def _down(self, why: str) -> None:
         """The upstream (or its token server, or the proxy to it) failed: not asked again
         until its back-off is over."""
+        now = time.time()
+        if self.health.reachable is not False or self.health.down_since is None:
+            self.health.down_since = now
         self.health.reachable = False
         self.health.last_error = why
+        self.health.errors.append((now, why))
         self.breaker.failed(why)
 
     async def _raise_for_status(
