@@ -140,6 +140,19 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        self.answers = Counter(
+            "mirror_upstream_answers",
+            "Manifest and blob answers under each upstream, by where they came from.",
+            ["upstream", "source"],
+            registry=registry,
+        )
+        self.answered_bytes = Counter(
+            "mirror_upstream_answered_bytes",
+            "Bytes of those answers, by where they came from (cache: what the upstream was "
+            "spared).",
+            ["upstream", "source"],
+            registry=registry,
+        )
         self.fetched_bytes = Counter(
             "mirror_upstream_fetched_bytes",
             "Blob bytes fetched from each upstream.",
@@ -210,6 +223,9 @@ class Metrics:
         for name in upstreams:
             for counter in (self.fetched_bytes, self.prefetched, self.prefetch_hits):
                 counter.labels(name)
+            for source in ("cache", "upstream"):
+                self.answers.labels(name, source)
+                self.answered_bytes.labels(name, source)
         for source in ("cache", "upstream"):
             self.served_bytes.labels(source)
 

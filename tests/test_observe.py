@@ -288,3 +288,7 @@ async def test_each_upstreams_counters_exist_at_zero_from_the_start(
             assert samples[(name, (("upstream", upstream_name),))] == 0
     for source in ("cache", "upstream"):
         assert samples[("mirror_served_bytes_total", (("source", source),))] == 0
+        for upstream_name in ("docker.io", "ghcr.io"):
+            labels = (("source", source), ("upstream", upstream_name))
+            assert samples[("mirror_upstream_answers_total", labels)] == 0
+            assert samples[("mirror_upstream_answered_bytes_total", labels)] == 0

@@ -126,3 +126,20 @@ async def test_the_status_page_lists_cached_images_without_making_them_used(
     store.flush_uses()
     after = {entry.key: entry.atime for entry in store.oldest(100, used_before=1e12)}
     assert after == before
+
+
+async def test_each_upstream_has_its_hit_ratio_and_bytes_from_the_cache(
+    make_mirror: MirrorFactory, upstream: Registry, seeded: Seeded, http: aiohttp.ClientSession
+) -> None:
+    mirror = await make_mirror({"docker.io": {"url": upstream.url, "prefetch": False}})
+    url = f"{mirror.url}/v2/team/app/manifests/{seeded.docker.digest}"
+    for expected in ("miss", "hit", "hit", "hit"):
+        async with http.get(url) as response:
+            assert response.headers["X-Mirror-Cache"] == expected
+    async with http.get(f"{mirror.url}/") as response:
+        page = await response.text()
+    row = re.search(r"<tr><td>docker\.io</td>.*?</tr>", page)
+    assert row is not None, page
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", row[0])
+    size = len(seeded.docker.manifest)
+    assert cells[2:4] == ["75%", f"{3 * size / 1024:.1f} KiB"], cells

@@ -29,6 +29,7 @@ def observe_middleware(metrics: Metrics) -> Middleware:
     # and more time than the rest of a cached answer's bookkeeping.
     counted: dict[tuple[str, str, str, str], Counter] = {}
     served = {source: metrics.served_bytes.labels(source) for source in ("cache", "upstream")}
+    answered: dict[tuple[str, str], tuple[Counter, Counter]] = {}
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -52,8 +53,20 @@ def observe_middleware(metrics: Metrics) -> Middleware:
         sent, complete = _bytes_sent(request, response)
         route = request.get(ROUTE)
         upstream = route.upstream.name if route is not None else ""
-        if kind in ("manifest", "blob") and status < 300 and sent:
-            served["cache" if result in FROM_CACHE else "upstream"].inc(sent)
+        if kind in ("manifest", "blob") and status < 300:
+            source = "cache" if result in FROM_CACHE else "upstream"
+            if sent:
+                served[source].inc(sent)
+            if route is not None:
+                by_upstream = (upstream, source)
+                children = answered.get(by_upstream)
+                if children is None:
+                    children = answered[by_upstream] = (
+                        metrics.answers.labels(*by_upstream),
+                        metrics.answered_bytes.labels(*by_upstream),
+                    )
+                children[0].inc()
+                children[1].inc(sent)
         if route is not None and kind in ("manifest", "blob") and status < 400:
             metrics.count_repository(upstream, route.repository)
         if not log.isEnabledFor(logging.INFO):

@@ -156,7 +156,22 @@ def render(
         )
         requests = metrics.total("mirror_upstream_requests_total", upstream=name)
         fetched_here = metrics.total("mirror_upstream_fetched_bytes_total", upstream=name)
-        upstream_rows.append((name, state, f"{requests:.0f}", human(fetched_here), limit))
+        cached = metrics.total("mirror_upstream_answers_total", upstream=name, source="cache")
+        answered = metrics.total("mirror_upstream_answers_total", upstream=name)
+        spared = metrics.total(
+            "mirror_upstream_answered_bytes_total", upstream=name, source="cache"
+        )
+        upstream_rows.append(
+            (
+                name,
+                state,
+                f"{cached / answered:.0%}" if answered else "-",
+                human(spared),
+                f"{requests:.0f}",
+                human(fetched_here),
+                limit,
+            )
+        )
 
     popular = [(name, f"{count}") for name, count in view.popular]
     error_rows = [(f"{_duration(now - when)} ago", name, what) for when, name, what in view.errors]
@@ -194,7 +209,22 @@ def render(
 <h1>Registry mirror <small>{escape(VERSION)}</small></h1>
 <div class="cards">{cards}</div>
 <h2>Upstreams</h2>
-{_table(("upstream", "state", "requests", "fetched", "pulls left"), upstream_rows, 3, styles)}
+{
+        _table(
+            (
+                "upstream",
+                "state",
+                "hit ratio",
+                "from the cache",
+                "requests",
+                "fetched",
+                "pulls left",
+            ),
+            upstream_rows,
+            5,
+            styles,
+        )
+    }
 <h2>Latest upstream errors</h2>
 {_table(("when", "upstream", "what"), error_rows, numeric=0)}
 <h2>Most requested repositories</h2>
