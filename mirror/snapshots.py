@@ -91,12 +91,13 @@ def others(folder: Path, now: float) -> list[dict[str, Any]]:
         with contextlib.suppress(OSError, ValueError):
             state = json.loads(path.read_text())
             pid = int(state["pid"])
-            if pid == os.getpid() or now - float(state["written"]) > STALE_SECONDS:
+            if pid == os.getpid():
                 continue
-            if not process_alive(pid):
+            if not process_alive(pid):  # a worker gone (a restart): its file goes too
                 path.unlink(missing_ok=True)
                 continue
-            found.append(state)
+            if now - float(state["written"]) <= STALE_SECONDS:
+                found.append(state)
     return found
 
 

@@ -36,6 +36,15 @@ async def _fetched_bytes(http: aiohttp.ClientSession, url: str) -> float:
     )
 
 
+async def _big_layer(http: aiohttp.ClientSession, url: str, layer: str) -> bytes:
+    """The big layer through the mirror at `url`: a 200 with exactly its bytes."""
+    async with http.get(f"{url}/v2/big/layer/blobs/{layer}") as response:
+        assert response.status == 200
+        body = await response.read()
+    assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    return body
+
+
 async def test_a_large_blob_comes_over_several_connections_each_byte_once(
     make_mirror: MirrorFactory,
     make_relay: RelayFactory,
@@ -47,10 +56,7 @@ async def test_a_large_blob_comes_over_several_connections_each_byte_once(
     mirror = await make_mirror({"docker.io": {"url": relay.url, "prefetch": False}})
     layer = seeded.big.layers[0]
     data = seeded.big.blobs[layer]
-    async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
-        assert response.status == 200
-        body = await response.read()
-    assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    await _big_layer(http, mirror.url, layer)
     spans = _tiles([value for path, value in relay.ranges if layer in path], len(data))
     assert relay.count("GET", layer) == 1 + len(spans) >= 2  # the fill's own, and ranges
     # the ranges tile the blob from where the fill's own stream stopped to the end
@@ -72,10 +78,7 @@ async def test_a_range_that_breaks_is_fetched_again_in_order(
     relay = await make_relay(upstream.url, rate=40_000_000, cut_after=8_000_000, faulty_bodies=2)
     mirror = await make_mirror({"docker.io": {"url": relay.url, "prefetch": False}})
     layer = seeded.big.layers[0]
-    async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
-        assert response.status == 200
-        body = await response.read()
-    assert hashlib.sha256(body).hexdigest() == layer.removeprefix("sha256:")
+    body = await _big_layer(http, mirror.url, layer)
     assert (mirror.storage / "blobs" / "sha256" / layer[7:9] / layer[7:]).read_bytes() == body
     asked = [value for path, value in relay.ranges if layer in path]
     # the broken range was fetched again from where it broke, to the end of the blob
@@ -108,8 +111,7 @@ async def test_one_connection_when_told(
         {"docker.io": {"url": relay.url, "prefetch": False, "range_connections": 1}}
     )
     layer = seeded.big.layers[0]
-    async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
-        assert hashlib.sha256(await response.read()).hexdigest() == layer[7:]
+    await _big_layer(http, mirror.url, layer)
     assert relay.count("GET", layer) == 1 and not relay.ranges
 
 
@@ -125,6 +127,5 @@ async def test_no_ranges_when_one_connection_is_fast(
     mirror = await make_mirror({"docker.io": {"url": upstream.url, "prefetch": False}})
     layer = seeded.big.layers[0]
     mark = upstream.mark()
-    async with http.get(f"{mirror.url}/v2/big/layer/blobs/{layer}") as response:
-        assert hashlib.sha256(await response.read()).hexdigest() == layer[7:]
+    await _big_layer(http, mirror.url, layer)
     assert len([h for h in upstream.hits(mark) if h.method == "GET" and layer in h.path]) == 1

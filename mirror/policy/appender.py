@@ -2,9 +2,8 @@
 the store cannot take them (over its bound, or the disk is full), streamed on without
 keeping.
 
-Written on the loop: to the page cache, each chunk is a copy. (Writing in a thread, a batch
-at a time, was tried: with eight cold blobs at once it doubled peak memory, for no gain
-the benchmarks could see.)
+Written on the loop: into the page cache, each chunk is one copy (a thread, a batch at a
+time, doubled peak memory for no gain: docs/performance.md).
 """
 
 from __future__ import annotations

@@ -169,14 +169,14 @@ class Fills:
             received = 0
             began: float | None = None  # when the first bytes came: the speed is from there
             async for chunk in chunks:
-                if stop is None:
-                    stop = transfer.size
-                if began is None:
-                    began = time.monotonic()
-                elif stop is not None and not transfer.spilled:
-                    seconds = time.monotonic() - began
-                    if ahead.could_split(received, stop, seconds):
-                        stop = await ahead.split(received, stop, seconds)
+                if began is None:  # (the length is known from here: `started` ran)
+                    began, stop = time.monotonic(), transfer.size
+                elif (
+                    stop is not None
+                    and not transfer.spilled
+                    and ahead.could_split(received, stop, began)
+                ):
+                    stop = await ahead.split(received, stop, began)
                 if stop is not None and received + len(chunk) >= stop:
                     chunk = chunk[: stop - received]
                 fetched.inc(len(chunk))

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,29 +74,34 @@ class Segments:
     def allow(self) -> None:
         self._allowed = True
 
-    def could_split(self, position: int, stop: int, seconds: float) -> bool:
-        """Whether `split` would start a range now (cheap: asked at every chunk), having
-        read `position` bytes in the `seconds` since its first: only when, judged over
-        SAMPLE_SECONDS at least, the rest would take the stream itself more than
-        WORTH_SECONDS (near the upstream, one connection is fastest: ranges would only
-        add the spools' writes)."""
+    def could_split(self, position: int, stop: int, began: float) -> bool:
+        """Whether `split` would start a range now, having read `position` bytes since
+        `began` (monotonic, its first byte): only when, judged over SAMPLE_SECONDS at
+        least, the rest would take the stream itself more than WORTH_SECONDS (near the
+        upstream, one connection is fastest: ranges would only add the spools' writes).
+        Asked at every chunk: what rules a split out for good is looked at first."""
+        if not (
+            self._allowed
+            and self._connections > 1
+            and self._beside is not None
+            and stop - position >= 2 * SEGMENT_MIN
+        ):
+            return False
+        seconds = time.monotonic() - began
         return (
             seconds >= SAMPLE_SECONDS
             and (stop - position) * seconds > WORTH_SECONDS * position
-            and self._allowed
-            and self._beside is not None
-            and stop - position >= 2 * SEGMENT_MIN
             and not self._upstream.transfer_slots.locked()
             and self._running() + 1 < self._connections
         )
 
-    async def split(self, position: int, stop: int, seconds: float) -> int:
+    async def split(self, position: int, stop: int, began: float) -> int:
         """Fetch the later part of what the fill's own stream still has to read, [position,
         stop), on the upstream's free transfer slots; where the stream should stop now.
 
         Asked when the size is known, and again whenever a slot frees (another transfer
         ended): a fill that began alone gains connections as others finish."""
-        if not self.could_split(position, stop, seconds):
+        if not self.could_split(position, stop, began):
             return stop
         assert self._beside is not None
         slots = self._upstream.transfer_slots
