@@ -16,6 +16,7 @@ from . import snapshots
 from .access.gate import Gate
 from .access.tokens import TokenSigner, signing_key
 from .clock import Clock, system_clock
+from .cluster.health import share_health
 from .config import Config
 from .core import Core
 from .errors import Handler, error_middleware
@@ -60,7 +61,14 @@ async def ready(request: web.Request) -> web.Response:
         }
         for name in request.app[CONFIG].upstreams
     }
-    body = {"store": state, "upstreams": upstreams}
+    body: dict[str, object] = {"store": state, "upstreams": upstreams}
+    cluster = request.app[CORE].cluster
+    if cluster.shared is not None or cluster.tier is not None:
+        # Reported, not required: replicas serve without either.
+        body["cluster"] = {
+            "redis": None if cluster.shared is None else cluster.shared.reachable,
+            "s3": None if cluster.tier is None else cluster.tier.reachable,
+        }
     return web.json_response(body, status=503 if state == "unavailable" else 200)
 
 
@@ -90,7 +98,7 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
     status page, so probes and Prometheus work whatever the main port serves."""
     config, metrics, store = app[CONFIG], app[METRICS], app[STORE]
     ops = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
-    ops[CONFIG], ops[METRICS], ops[STORE] = config, metrics, store
+    ops[CONFIG], ops[METRICS], ops[STORE], ops[CORE] = config, metrics, store, app[CORE]
     ops.router.add_get("/healthz", health, name="healthz")
     ops.router.add_get("/readyz", ready, name="readyz")
     ops.router.add_get("/metrics", _operations(gate, metrics_page, ops_port=True), name="metrics")
@@ -103,6 +111,10 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     housekeeping = asyncio.create_task(_housekeeping(app[STORE], app[METRICS]))
     config = app[CONFIG]
+    sharing = None
+    shared = app[CORE].cluster.shared
+    if shared is not None:
+        sharing = asyncio.create_task(share_health(shared, app[UPSTREAMS].by_name))
     warming = None
     if config.warm is not None:
         warming = asyncio.create_task(keep_warm(app[CORE], config.warm))
@@ -115,7 +127,7 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     yield
     if ops_runner is not None:
         await ops_runner.cleanup()
-    background = [task for task in (housekeeping, warming) if task is not None]
+    background = [task for task in (housekeeping, warming, sharing) if task is not None]
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

@@ -111,9 +111,31 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """A shared blob tier in an S3-compatible object store, behind each replica's disk:
+    looked in before an upstream, and given every blob and manifest fetched."""
+
+    bucket: str
+    endpoint: str | None = None  # e.g. http://seaweedfs:8333; None: AWS S3 itself
+    region: str = "us-east-1"
+    prefix: str = ""  # object keys begin with this (e.g. mirror/)
+    access_key: str | None = None  # None: the standard AWS environment and files
+    secret_key: str | None = None
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     path: Path = Path("./cache")  # everything the mirror keeps lives below this folder
     max_size: int = 50 * 1024**3  # LRU bound on cached content, bytes (default 50 GiB)
+    s3: S3Config | None = None  # None: no shared tier, the disk only
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several replicas sharing what they learn through Redis."""
+
+    redis: str  # redis://host:port/db
+    lease: float = 10.0  # seconds a replica's claim on a fetch lasts unless it renews it
 
 
 @dataclass(frozen=True)
@@ -223,6 +245,7 @@ class Config:
     # Plain-HTTP address for /healthz, /readyz, /metrics and the status page; None: none.
     ops_listen: tuple[str, int] | None = None
     warm: WarmConfig | None = None  # images the server keeps fetched and fresh
+    cluster: ClusterConfig | None = None  # None: one machine, all state in-process
     unset_variables: tuple[str, ...] = ()  # ${VAR}s the file names that the environment lacks
 
     def upstream_named(self, name: str) -> UpstreamConfig | None:
@@ -636,6 +659,53 @@ def _parse_acr(raw: Any, where: str) -> AcrConfig:
     )
 
 
+def _parse_s3(raw: Any) -> S3Config:
+    where = "storage.s3"
+    section = _mapping(raw, where)
+    _check_keys(
+        section, {"endpoint", "bucket", "region", "prefix", "access_key", "secret_key"}, where
+    )
+    bucket = _optional_text(section, "bucket", where)
+    if bucket is None:
+        raise ConfigError(f"{where}.bucket: required, the bucket the shared tier lives in")
+    endpoint = _optional_text(section, "endpoint", where)
+    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise ConfigError(f"{where}.endpoint: expected an http(s):// URL, got {endpoint!r}")
+    access_key = _optional_text(section, "access_key", where)
+    secret_key = _optional_text(section, "secret_key", where)
+    if (access_key is None) != (secret_key is None):
+        raise ConfigError(f"{where}: access_key and secret_key go together (or neither)")
+    prefix = _optional_text(section, "prefix", where) or ""
+    return S3Config(
+        bucket=bucket,
+        endpoint=endpoint,
+        region=_optional_text(section, "region", where) or "us-east-1",
+        prefix=prefix if not prefix or prefix.endswith("/") else prefix + "/",
+        access_key=access_key,
+        secret_key=secret_key,
+    )
+
+
+def _parse_cluster(raw: Any) -> ClusterConfig:
+    section = _mapping(raw, "cluster")
+    _check_keys(section, {"redis", "lease"}, "cluster")
+    url = _optional_text(section, "redis", "cluster")
+    if url is None:
+        raise ConfigError("cluster.redis: required, e.g. redis://redis:6379/0")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"cluster.redis: expected redis://host:port/db, got {url!r}")
+    try:
+        parts.port  # noqa: B018 (a bad port raises here)
+        int(parts.path.strip("/") or 0)
+    except ValueError:
+        raise ConfigError(f"cluster.redis: expected redis://host:port/db, got {url!r}") from None
+    lease = parse_duration(section.get("lease", 10.0), "cluster.lease")
+    if lease < 1:
+        raise ConfigError(f"cluster.lease: at least 1s, got {lease:g}")
+    return ClusterConfig(redis=url, lease=lease)
+
+
 def usable_cores(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """The cores this process may use: those it is pinned to, fewer under a container's
     CPU quota (cgroup v2 `cpu.max`, what a Kubernetes CPU limit sets)."""
@@ -747,6 +817,7 @@ ENV_KEYS = {
     "MIRROR_LOG_FORMAT": ("log_format",),
     "MIRROR_WORKERS": ("workers",),
     "MIRROR_OPS_LISTEN": ("ops_listen",),
+    "MIRROR_CLUSTER_REDIS": ("cluster", "redis"),
 }
 
 
@@ -814,6 +885,7 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         "ops_listen",
         "warm",
         "prefetch",
+        "cluster",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -824,12 +896,13 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
 
     storage_raw = _mapping(data.get("storage"), "storage")
-    _check_keys(storage_raw, {"path", "max_size"}, "storage")
+    _check_keys(storage_raw, {"path", "max_size", "s3"}, "storage")
     storage = StorageConfig(
         path=Path(str(storage_raw.get("path", defaults.storage.path))),
         max_size=parse_size(
             storage_raw.get("max_size", defaults.storage.max_size), "storage.max_size"
         ),
+        s3=_parse_s3(storage_raw["s3"]) if storage_raw.get("s3") is not None else None,
     )
 
     timeouts_raw = _mapping(data.get("timeouts"), "timeouts")
@@ -934,6 +1007,7 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         workers=workers,
         access=_parse_access(data["access"]) if data.get("access") is not None else None,
         warm=_parse_warm(data["warm"]) if data.get("warm") is not None else None,
+        cluster=_parse_cluster(data["cluster"]) if data.get("cluster") is not None else None,
         unset_variables=tuple(unset),
         ops_listen=_parse_listen(data["ops_listen"], "ops_listen")
         if data.get("ops_listen") is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .clock import Clock, system_clock
+from .cluster.parts import Cluster
 from .config import Config
 from .metrics import Metrics
 from .policy.proxy import Proxy
@@ -24,6 +25,7 @@ class Core:
     tags: TagIndex
     upstreams: Upstreams
     proxy: Proxy
+    cluster: Cluster
 
     @classmethod
     def open(
@@ -38,11 +40,13 @@ class Core:
         )
         tags = TagIndex(config.storage.path / "index", store.counters.write_failed, clock)
         upstreams = Upstreams(config, metrics, clock)
-        proxy = Proxy(config, store, tags, upstreams.by_name, metrics, clock)
-        return cls(config, metrics, store, tags, upstreams, proxy)
+        cluster = Cluster.open(config, clock)
+        proxy = Proxy(config, store, tags, upstreams.by_name, metrics, clock, cluster)
+        return cls(config, metrics, store, tags, upstreams, proxy, cluster)
 
     async def close(self) -> None:
         await self.proxy.close()
+        await self.cluster.close()
         await self.upstreams.close()
         self.tags.close()
         self.store.close()

@@ -198,6 +198,21 @@ class Metrics:
             ["upstream"],
             registry=registry,
         )
+        self.shared_tier_bytes = Counter(
+            "mirror_shared_tier_bytes",
+            "Blob bytes read from the shared S3 tier instead of an upstream (read), and "
+            "uploaded to it (written).",
+            ["direction"],
+            registry=registry,
+        )
+        self.cluster_waits = Counter(
+            "mirror_cluster_waits",
+            "Fetches left to another replica that held the cluster's claim on them, by what "
+            "the wait ended with: tier (its copy arrived in the shared tier), claimed (the "
+            "claim came free, this replica fetched it).",
+            ["outcome"],
+            registry=registry,
+        )
         self.access_refused = Counter(
             "mirror_access_refused",
             "Client requests refused by the access rules, by reason: credentials (wrong "

@@ -13,6 +13,7 @@ from ..inflight import BlobStream, NotKept, TransferFailed
 from ..reference import Digest
 from ..routing import Route
 from ..store.base import BlobStore, StoredBlob, blob_key
+from ..store.s3 import S3Tier
 from ..upstream.client import Upstream
 from .answers import COALESCED, HIT, MISS
 from .fills import Fills
@@ -32,7 +33,9 @@ class Blobs:
         upstream_of: Callable[[Route], Upstream],
         membership: Membership,
         answered: Callable[[Digest], None] = lambda digest: None,
+        tier: S3Tier | None = None,
     ) -> None:
+        self._tier = tier
         self._answered = answered  # told of each request answered without a new transfer
         self._config = config
         self._store = store
@@ -50,8 +53,8 @@ class Blobs:
         )
 
     async def size(self, route: Route, digest: Digest) -> tuple[int, str]:
-        """Length of a blob, for HEAD: from the store, a running transfer, or an upstream
-        HEAD; with where the answer came from."""
+        """Length of a blob, for HEAD: from the store, a running transfer, the shared tier,
+        or an upstream HEAD; with where the answer came from."""
         size = self._store.blob_size(digest)
         if size is not None:
             await self._check(route, digest)
@@ -64,6 +67,11 @@ class Blobs:
         if followed is not None and followed.size_if_known() is not None:
             await self._check(route, digest)
             return followed.size_if_known() or 0, COALESCED
+        if self._tier is not None:
+            size = await self._tier.blob_size(digest)
+            if size is not None:
+                await self._check(route, digest)
+                return size, HIT
         return await self._upstream_of(route).head_blob(route.repository, digest), MISS
 
     async def open(self, route: Route, digest: Digest) -> tuple[StoredBlob | BlobStream, str]:

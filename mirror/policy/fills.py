@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
+from ..cluster.parts import Cluster
+from ..cluster.shared import Claim
 from ..config import Config
 from ..errors import RegistryError, UpstreamError, UpstreamTimeout
 from ..inflight import Transfer, outlast
@@ -18,11 +21,15 @@ from ..metrics import Metrics
 from ..reference import Digest
 from ..routing import Route
 from ..store.base import WRITE_ERRORS, BlobStore, DigestMismatch, PassThroughBlob, TempBlob
+from ..store.s3 import TierUnavailable
 from ..upstream.client import Upstream
 from .appender import Appender
 from .segments import Segments
 
 log = logging.getLogger("mirror.proxy")
+
+FROM_TIER = "tier"  # a fill's source: the shared tier, not an upstream
+CLAIM_POLL = 0.1  # seconds between looks while another replica fetches a blob
 
 
 class Fills:
@@ -34,11 +41,13 @@ class Fills:
         store: BlobStore,
         metrics: Metrics,
         upstream_of: Callable[[Route], Upstream],
+        cluster: Cluster | None = None,
     ) -> None:
         self._config = config
         self._store = store
         self._metrics = metrics
         self._upstream_of = upstream_of
+        self._cluster = cluster or Cluster()
         self._transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -86,13 +95,22 @@ class Fills:
 
     async def _fill(self, route: Route, digest: Digest, temp: TempBlob, transfer: Transfer) -> None:
         """Fetch one blob into the store, feeding `transfer`'s readers as bytes arrive. The
-        whole of it, waiting for a transfer slot included, ends within `timeouts.transfer`."""
+        whole of it, waiting for a transfer slot (or another replica) included, ends within
+        `timeouts.transfer`."""
         upstream = self._upstream_of(route)
         deadline = time.monotonic() + self._config.timeouts.transfer
+        source: Claim | str | None = None  # the shared tier, or the cluster's claim held
         try:
             try:
-                async with asyncio.timeout_at(deadline), upstream.transfer_slots:
-                    await self._download(upstream, route, digest, temp, transfer, deadline)
+                async with asyncio.timeout_at(deadline):
+                    source = await self._source(digest)
+                    if source == FROM_TIER:
+                        await self._download(
+                            upstream, route, digest, temp, transfer, deadline, True
+                        )
+                    else:
+                        async with upstream.transfer_slots:
+                            await self._download(upstream, route, digest, temp, transfer, deadline)
             except TimeoutError:
                 raise UpstreamTimeout(
                     f"upstream {upstream.name}: transfer of {digest} took longer than "
@@ -103,12 +121,23 @@ class Fills:
             # fsync, rename, index and eviction: off the loop, so other clients go on.
             keeping = asyncio.ensure_future(asyncio.to_thread(_keep, temp))
             if await outlast(keeping):  # a server stopping waits for the commit
-                log.info("stored %s (%d bytes) from %s", digest, temp.written, upstream.name)
+                log.info(
+                    "stored %s (%d bytes) from %s",
+                    digest,
+                    temp.written,
+                    "the shared tier" if source == FROM_TIER else upstream.name,
+                )
+                if source != FROM_TIER and self._cluster.tier is not None:
+                    self._spawn(self._share(digest, source))  # it releases the claim
+                    source = None
             else:
                 transfer.not_kept()
                 log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
-        except (RegistryError, DigestMismatch, OSError) as exc:
+        except (RegistryError, DigestMismatch, OSError, TierUnavailable) as exc:
             temp.discard()
+            tier = self._cluster.tier
+            if source == FROM_TIER and tier is not None and isinstance(exc, DigestMismatch):
+                self._spawn(tier.remove_blob(digest))  # the next reader goes to the upstream
             error = _as_registry_error(exc, upstream.name, digest)
             log.warning("fetch of %s from %s failed: %s", digest, upstream.name, error.message)
             transfer.fail(error)
@@ -119,9 +148,57 @@ class Fills:
                 raise
             log.exception("fetch of %s from %s failed", digest, upstream.name)
         finally:
+            if isinstance(source, Claim):
+                self._spawn(source.release())
             if self._transfers.get(str(digest)) is transfer:
                 del self._transfers[str(digest)]
             transfer.settled.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _source(self, digest: Digest) -> Claim | str | None:
+        """Where a fill reads from: the shared tier when it has the blob (FROM_TIER); else
+        the upstream, under the cluster's claim on the blob (None: no cluster, or no
+        shared tier to wait for). While another replica holds the claim, this one waits
+        for the blob to arrive in the tier, or for the claim to come free."""
+        tier, shared = self._cluster.tier, self._cluster.shared
+        if tier is None:
+            return None
+        waited = False
+        while True:
+            if await tier.blob_size(digest) is not None:
+                if waited:
+                    self._metrics.cluster_waits.labels("tier").inc()
+                return FROM_TIER
+            if shared is None:
+                return None
+            claim = await shared.claim(f"blob:{digest}")
+            if claim is not None:
+                if waited:
+                    self._metrics.cluster_waits.labels("claimed").inc()
+                return claim
+            waited = True
+            await asyncio.sleep(CLAIM_POLL)
+
+    async def _share(self, digest: Digest, claim: Claim | str | None) -> None:
+        """Upload a blob just kept to the shared tier, then let the cluster's claim go:
+        replicas waiting on it find it in the tier. Clients were served already."""
+        tier = self._cluster.tier
+        try:
+            stored = self._store.open_blob(digest)
+            fd = stored.fileno() if stored is not None else None
+            if tier is not None and stored is not None and fd is not None:
+                try:
+                    if await tier.put_blob(digest, fd, stored.size):
+                        self._metrics.shared_tier_bytes.labels("written").inc(stored.size)
+                finally:
+                    stored.close()
+        finally:
+            if isinstance(claim, Claim):
+                await claim.release()
 
     async def _download(
         self,
@@ -131,12 +208,17 @@ class Fills:
         temp: TempBlob,
         transfer: Transfer,
         deadline: float,
+        from_tier: bool = False,
     ) -> None:
-        """Stream the blob into `temp` and to `transfer`'s readers. What the store cannot
-        keep (larger than its bound, or the disk is full) is streamed through in a bounded
-        window, never buffered whole."""
+        """Stream the blob (from the upstream, or the shared tier) into `temp` and to
+        `transfer`'s readers. What the store cannot keep (larger than its bound, or the
+        disk is full) is streamed through in a bounded window, never buffered whole."""
 
-        fetched = self._metrics.fetched_bytes.labels(upstream.name)  # looked up once
+        fetched = (  # looked up once
+            self._metrics.shared_tier_bytes.labels("read")
+            if from_tier
+            else self._metrics.fetched_bytes.labels(upstream.name)
+        )
         beside = getattr(temp, "path", None)  # a temporary file: ranges can be spooled
         ahead = Segments(
             upstream,
@@ -163,7 +245,12 @@ class Fills:
                 appender.spill("the disk is full")
             transfer.start(size)
 
-        chunks = upstream.blob_chunks(route.repository, digest, deadline=deadline, started=started)
+        tier = self._cluster.tier
+        chunks = (
+            tier.blob_chunks(digest, started=started)
+            if from_tier and tier is not None
+            else upstream.blob_chunks(route.repository, digest, deadline=deadline, started=started)
+        )
         try:
             stop: int | None = None  # where this stream ends and the ranges fetched ahead begin
             received = 0
@@ -206,6 +293,8 @@ def _keep(temp: TempBlob) -> bool:
 def _as_registry_error(exc: BaseException, upstream: str, digest: Digest) -> RegistryError:
     if isinstance(exc, RegistryError):
         return exc
+    if isinstance(exc, TierUnavailable):
+        return UpstreamError(f"the shared tier failed sending {digest}: {exc}")
     if isinstance(exc, DigestMismatch):
         return UpstreamError(f"upstream {upstream} sent content that does not match {digest}")
     if isinstance(exc, TimeoutError):

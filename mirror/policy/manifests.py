@@ -5,11 +5,14 @@ TTL, then revalidated with a HEAD; the last known answer served when the upstrea
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..clock import Clock
+from ..cluster.parts import Cluster
+from ..cluster.shared import Claim
 from ..config import Config
 from ..errors import (
     Denied,
@@ -33,6 +36,7 @@ log = logging.getLogger("mirror.proxy")
 
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
 ACCEPT_MEMORY = 1024  # distinct (Accept, media type) pairs remembered
+CLAIM_POLL = 0.05  # seconds between looks while another replica revalidates a tag
 
 
 def _quietly(done: asyncio.Future[Any]) -> None:
@@ -71,7 +75,9 @@ class Manifests:
         clock: Clock,
         membership: Membership,
         fetched: Callable[[Route, str, bytes], None] = lambda route, media_type, data: None,
+        cluster: Cluster | None = None,
     ) -> None:
+        self._cluster = cluster or Cluster()
         self._membership = membership
         self._fetched = fetched  # told of each manifest fetched from an upstream (prefetch)
         self._config = config
@@ -134,14 +140,27 @@ class Manifests:
         self._refuse_known_missing(route, str(digest))
         key = (route.upstream.name, route.repository, str(digest))
         try:
-            return await self._fetches.run(
-                key, lambda: self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
-            )
+            return await self._fetches.run(key, lambda: self._by_digest_missing(route, digest))
         except NotCached:
             raise
         except (ManifestUnknown, NameUnknown):
             await self._remember_missing(route, str(digest))
             raise
+
+    async def _by_digest_missing(self, route: Route, digest: Digest) -> Manifest:
+        await self._refuse_cluster_missing(route, str(digest))
+        return await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+
+    async def _refuse_cluster_missing(self, route: Route, reference: str) -> None:
+        """Answer a 404 another replica got a moment ago without asking again."""
+        shared = self._cluster.shared
+        if shared is None:
+            return
+        if await shared.known_missing(route.upstream.name, route.repository, reference):
+            raise KnownMissing(
+                f"manifest unknown to upstream {route.upstream.name} (answer cached)",
+                detail={"reference": reference},
+            )
 
     async def _by_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
         upstream = route.upstream
@@ -188,6 +207,10 @@ class Manifests:
             raise
 
     async def _remember_missing(self, route: Route, reference: str) -> None:
+        if self._cluster.shared is not None:
+            await self._cluster.shared.put_missing(
+                route.upstream.name, route.repository, reference, self._config.negative_ttl
+            )
         await asyncio.to_thread(  # a database write: off the loop
             self._tags.remember_missing,
             route.upstream.name,
@@ -219,7 +242,77 @@ class Manifests:
         self, route: Route, tag: str, accept: str, *, head: bool, revalidate: bool
     ) -> Manifest:
         """Ask the upstream what the tag points to: HEAD first (when revalidating), GET only
-        for what is missing."""
+        for what is missing. In a cluster, first what another replica confirmed within the
+        TTL, and only one replica asks the upstream."""
+        claim: Claim | None = None
+        if self._cluster.shared is not None:
+            await self._refuse_cluster_missing(route, tag)
+            answer, claim, known = await self._cluster_answer(route, tag, accept, head=head)
+            if answer is not None:
+                return answer
+            revalidate = revalidate or known
+        try:
+            return await self._ask_upstream(route, tag, accept, head=head, revalidate=revalidate)
+        finally:
+            if claim is not None:
+                await claim.release()
+
+    async def _cluster_answer(
+        self, route: Route, tag: str, accept: str, *, head: bool
+    ) -> tuple[Manifest | None, Claim | None, bool]:
+        """The tag's answer as another replica confirmed it within its TTL (adopted here);
+        else the cluster's claim on revalidating it, after waiting (up to
+        timeouts.revalidate) for the replica that holds it. Also whether any answer for the
+        tag is known (a HEAD then revalidates it)."""
+        shared = self._cluster.shared
+        assert shared is not None
+        upstream = route.upstream
+        ttl = upstream.ttl_for(route.repository, tag)
+        give_up = asyncio.get_running_loop().time() + self._config.timeouts.revalidate
+        known = self._tags.get(upstream.name, route.repository, tag)
+        while True:
+            found = await shared.tag(upstream.name, route.repository, tag)
+            if found is not None and (known is None or found.confirmed_at > known.confirmed_at):
+                known = found
+                await asyncio.to_thread(self._tags.put, upstream.name, route.repository, tag, found)
+            if (
+                known is not None
+                and known.age(self._clock()) < ttl
+                and self._accepts(accept, known.media_type)
+            ):
+                answer = self._cached(known.digest, head=head, source=HIT)
+                digest = parse_digest(known.digest)
+                if answer is None and digest is not None:
+                    # Not here yet: from the shared tier, else by digest from the upstream.
+                    fetched = await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+                    answer = dataclasses.replace(fetched, data=None) if head else fetched
+                if answer is not None:
+                    return answer, None, True
+            claim = await shared.claim(f"tag:{upstream.name}/{route.repository}:{tag}")
+            if claim is not None or asyncio.get_running_loop().time() > give_up:
+                return None, claim, known is not None
+            await asyncio.sleep(CLAIM_POLL)
+
+    async def _from_tier(self, route: Route, digest: Digest, *, head: bool) -> Manifest | None:
+        """A manifest from the shared tier, kept here too (None: the tier lacks it)."""
+        tier = self._cluster.tier
+        found = await tier.get_manifest(digest) if tier is not None else None
+        if found is None:
+            return None
+        data, media_type = found
+        await asyncio.to_thread(
+            self._store.put_manifest,
+            digest,
+            data,
+            media_type,
+            route.upstream.name,
+            route.repository,
+        )
+        return Manifest(str(digest), media_type, len(data), None if head else data, HIT)
+
+    async def _ask_upstream(
+        self, route: Route, tag: str, accept: str, *, head: bool, revalidate: bool
+    ) -> Manifest:
         send_accept = upstream_accept(accept)
         if revalidate:
             # Its own short budget: past it (or with the upstream down) the last known
@@ -231,6 +324,8 @@ class Manifests:
                 digest_text = str(answer.digest)
                 await self._remember_tag(route, tag, digest_text, answer.media_type)
                 cached = self._cached(digest_text, head=head, source=HIT)
+                if cached is None:
+                    cached = await self._from_tier(route, answer.digest, head=head)
                 if cached is not None:
                     return cached
                 if head and answer.size is not None:
@@ -241,6 +336,8 @@ class Manifests:
 
     async def _remember_tag(self, route: Route, tag: str, digest: str, media_type: str) -> None:
         entry = TagEntry(digest, media_type, self._clock())
+        if self._cluster.shared is not None:
+            await self._cluster.shared.put_tag(route.upstream.name, route.repository, tag, entry)
         # A database write: off the loop.
         await asyncio.to_thread(self._tags.put, route.upstream.name, route.repository, tag, entry)
 
@@ -248,7 +345,12 @@ class Manifests:
         self, route: Route, reference: str, accept: str, expected: Digest | None
     ) -> Manifest:
         """GET a manifest (checked by the upstream client) and keep it when the store can;
-        when it cannot, the exact bytes are served all the same."""
+        when it cannot, the exact bytes are served all the same. By digest, the shared tier
+        is asked first."""
+        if expected is not None:
+            from_tier = await self._from_tier(route, expected, head=False)
+            if from_tier is not None:
+                return from_tier
         upstream = self._upstream_of(route)
         fetched = await upstream.get_manifest(route.repository, reference, accept, expected)
         digest, media_type, data = fetched.digest, fetched.media_type, fetched.data
@@ -266,6 +368,9 @@ class Manifests:
                 f"upstream {upstream.name} sent a manifest that does not match {digest}"
             ) from None
         self._make_room_soon()
+        if self._cluster.tier is not None:  # for the other replicas; no client waits for it
+            work = self._cluster.tier.put_manifest(digest, data, media_type)
+            asyncio.ensure_future(work).add_done_callback(_quietly)
         self._fetched(route, media_type, data)
         return Manifest(str(digest), media_type, len(data), data, MISS)
 

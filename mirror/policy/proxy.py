@@ -7,6 +7,7 @@ import asyncio
 import json
 
 from ..clock import Clock, system_clock
+from ..cluster.parts import Cluster
 from ..config import Config
 from ..errors import RegistryError, UpstreamError
 from ..inflight import BlobStream
@@ -35,17 +36,32 @@ class Proxy:
         upstreams: dict[str, Upstream],
         metrics: Metrics,
         clock: Clock = system_clock,
+        cluster: Cluster | None = None,
     ) -> None:
         self._upstreams = upstreams
         self._tags = tags
+        cluster = cluster or Cluster()
         membership = Membership(store, enabled=config.access is not None)
-        self._fills = Fills(config, store, metrics, self._upstream_of)
+        self._fills = Fills(config, store, metrics, self._upstream_of, cluster)
         prefetcher = Prefetcher(store, self._fills, metrics)
         self._manifests = Manifests(
-            config, store, tags, self._upstream_of, clock, membership, prefetcher.manifest_fetched
+            config,
+            store,
+            tags,
+            self._upstream_of,
+            clock,
+            membership,
+            prefetcher.manifest_fetched,
+            cluster,
         )
         self._blobs = Blobs(
-            config, store, self._fills, self._upstream_of, membership, prefetcher.answered
+            config,
+            store,
+            self._fills,
+            self._upstream_of,
+            membership,
+            prefetcher.answered,
+            cluster.tier,
         )
 
     def _upstream_of(self, route: Route) -> Upstream:

@@ -33,10 +33,33 @@ class Breaker:
         self._retry_at = 0.0
         self._probing = False
         self.why = ""
+        self.learned = False  # down because another replica said so, not by its own failure
 
     @property
     def down(self) -> bool:
         return self._backoff > 0
+
+    @property
+    def retry_at(self) -> float:
+        return self._retry_at
+
+    def learn(self, retry_at: float, why: str) -> None:
+        """Another replica of the cluster found the upstream down: this one does not ask it
+        either until that back-off ends, at `retry_at` (wall clock; then one probe, as
+        after its own failure)."""
+        retry_in = retry_at - self._clock()
+        if self.down or retry_in <= 0:
+            return
+        self._backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, retry_in))
+        self._retry_at = self._clock() + retry_in
+        self.why = why
+        self.learned = True
+        log.warning(
+            "upstream %s is down, another replica says (%s): asked again in %.0fs",
+            self._name,
+            why,
+            retry_in,
+        )
 
     def retry_in(self) -> float:
         return max(0.0, self._retry_at - self._clock())
@@ -67,6 +90,7 @@ class Breaker:
         self._backoff = 0.0
         self._probing = False
         self.why = ""
+        self.learned = False
 
     def failed(self, why: str) -> None:
         """A failure: it trips the breaker, or (the probe's) doubles the back-off. Requests
@@ -84,3 +108,4 @@ class Breaker:
         )
         self._probing = False
         self.why = why
+        self.learned = False

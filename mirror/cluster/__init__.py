@@ -1,0 +1,1 @@
+"""More than one machine: what replicas share through Redis, and the shared S3 tier."""

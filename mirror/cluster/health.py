@@ -1,0 +1,43 @@
+"""Upstream back-off, shared: a replica that finds an upstream down says so in Redis, and
+the others stop asking it too until the back-off ends, so a failing upstream costs the
+cluster one timeout, not one per replica."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from ..upstream.breaker import Breaker
+from ..upstream.client import Upstream
+from .shared import Shared
+
+HEALTH_EVERY = 1.0  # seconds between exchanges of upstream health with the cluster
+
+
+async def share_health(shared: Shared, upstreams: Mapping[str, Upstream]) -> None:
+    """Publish this replica's own findings and learn the others', every HEALTH_EVERY."""
+    published: dict[str, float] = {}  # upstream -> the retry time said to the cluster
+    while True:
+        await asyncio.sleep(HEALTH_EVERY)
+        for name, upstream in upstreams.items():
+            breaker = getattr(upstream, "breaker", None)
+            if isinstance(breaker, Breaker):  # (an offline upstream has none)
+                await _exchange(shared, name, breaker, published)
+
+
+async def _exchange(
+    shared: Shared, name: str, breaker: Breaker, published: dict[str, float]
+) -> None:
+    if breaker.down and not breaker.learned:
+        if published.get(name) != breaker.retry_at:
+            await shared.put_down(name, breaker.retry_in(), breaker.why)
+            published[name] = breaker.retry_at
+        return
+    if not breaker.down and name in published:
+        await shared.put_up(name)
+        del published[name]
+        return
+    if not breaker.down:
+        down = await shared.down(name)
+        if down is not None:
+            breaker.learn(down.retry_at, down.why)
