@@ -164,6 +164,14 @@ default_upstream: gcr.io
         ("warm: {images: []}\n", "warm.images: required"),
         ("warm: {images: [alpine], platforms: [amd64]}\n", "warm.platforms: 'amd64' is not"),
         ("warm: {images: [alpine], every: 1s}\n", "warm.every: must be at least 10"),
+        ("cluster: {}\n", "cluster.redis: required"),
+        ("cluster: {redis: 'http://r:6379'}\n", "cluster.redis: expected redis://host:port/db"),
+        ("cluster: {redis: 'redis://r:port/0'}\n", "cluster.redis: expected redis://host:port/db"),
+        ("cluster: {redis: 'redis://r/0', lease: 0.5}\n", "cluster.lease: at least 1s"),
+        ("cluster: {redis: 'redis://r/0', leases: 5}\n", "cluster.leases: unknown key"),
+        ("storage: {s3: {endpoint: 'http://s3:8333'}}\n", "storage.s3.bucket: required"),
+        ("storage: {s3: {bucket: b, endpoint: 's3:8333'}}\n", "storage.s3.endpoint: expected"),
+        ("storage: {s3: {bucket: b, access_key: k}}\n", "access_key and secret_key go together"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -410,3 +418,19 @@ def test_a_bad_value_from_the_environment_names_the_variable() -> None:
     assert str(caught.value).startswith("MIRROR_STORAGE_MAX_SIZE (for storage.max_size): ")
     with pytest.raises(ConfigError, match=r"^storage\.max_size: "):
         from_mapping({"storage": {"max_size": "huge"}}, {})
+
+
+def test_cluster_and_shared_tier_keys(tmp_path: Path) -> None:
+    text = (
+        "cluster: {redis: 'redis://:pw@redis:6380/2', lease: 30s}\n"
+        "storage: {s3: {bucket: cache, endpoint: 'http://s3:8333', prefix: mirror,"
+        " access_key: k, secret_key: s}}\n"
+    )
+    config = load(_write(tmp_path, text), env={})
+    assert config.cluster is not None and config.cluster.lease == 30
+    assert config.cluster.redis == "redis://:pw@redis:6380/2"
+    s3 = config.storage.s3
+    assert s3 is not None and (s3.bucket, s3.prefix, s3.region) == ("cache", "mirror/", "us-east-1")
+    assert load(_write(tmp_path, "{}\n"), env={}).cluster is None
+    from_env = load(_write(tmp_path, "{}\n"), env={"MIRROR_CLUSTER_REDIS": "redis://r:1/0"})
+    assert from_env.cluster is not None and from_env.cluster.redis == "redis://r:1/0"

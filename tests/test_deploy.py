@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from mirror.config import from_mapping, load, usable_cores
+from tests.support.engines import haproxy_check
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -180,3 +181,36 @@ def test_grafana_dashboard_is_per_instance() -> None:
                 assert 'instance=~"$instance"' in metric, (panel["title"], target["expr"])
         exprs = " ".join(t["expr"] for t in panel.get("targets", []))
         assert "disk_full" not in exprs or "token" not in exprs, panel["title"]
+
+
+def test_cluster_files(tmp_path: Path) -> None:
+    """deploy/cluster: HAProxy's config is valid to HAProxy itself with the compose names
+    as its defaults; the compose file runs three replicas on the replica config, which
+    loads; the S3 server's key is the one the replicas use."""
+    cluster = DEPLOY / "cluster"
+    config = (cluster / "haproxy.cfg").read_text()
+    env = {f"MIRROR_{n}": f"127.0.0.1:{5000 + n}" for n in (1, 2, 3)}
+    checked = haproxy_check(tmp_path, config, env={"LISTEN": "127.0.0.1:5000", **env})
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    for name in ("mirror1", "mirror2", "mirror3"):
+        assert f'"${{MIRROR_{name[-1]}-{name}:5000}}"' in config  # the compose names by default
+    assert "balance hash var(txn.spread)" in config and "hash-type consistent" in config
+    assert "http-check send meth GET uri /readyz" in config
+
+    compose = yaml.safe_load((cluster / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"haproxy", "mirror1", "mirror2", "mirror3", "redis", "s3"}
+    for name in ("mirror1", "mirror2", "mirror3"):
+        mounts = services[name]["volumes"]
+        assert "./mirror.yaml:/etc/mirror/mirror.yaml:ro" in mounts
+        assert any(m.endswith(":/var/lib/mirror") for m in mounts)
+    assert services["haproxy"]["ports"] == ["5000:5000"]
+    replica_env = services["mirror1"]["environment"]
+    s3_keys = json.loads((cluster / "s3.json").read_text())["identities"][0]["credentials"][0]
+    assert replica_env["S3_ACCESS_KEY"] == s3_keys["accessKey"]
+    replica = load(
+        cluster / "mirror.yaml", env={"S3_ACCESS_KEY": "mirror", "S3_SECRET_KEY": "secret"}
+    )
+    assert replica.cluster is not None and replica.cluster.redis == "redis://redis:6379/0"
+    assert replica.storage.s3 is not None and replica.storage.s3.endpoint == "http://s3:8333"
+    assert replica.ops_listen == ("0.0.0.0", 9000)

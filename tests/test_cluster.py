@@ -1,0 +1,350 @@
+"""Several replicas: real mirror processes behind HAProxy (deploy/cluster/haproxy.cfg),
+sharing a real Redis and a real S3 server (SeaweedFS), over the real registry behind a
+relay that counts what reaches it. Each replica has its own disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from mirror.app import create_app
+from mirror.config import from_mapping
+from tests.support.clock import ManualClock
+from tests.support.engines import (
+    RedisServer,
+    SeaweedS3,
+    free_port,
+    haproxy,
+    redis_server,
+    seaweed_s3,
+)
+from tests.support.images import Pusher, sha256
+from tests.support.process import MirrorProcess
+from tests.support.registry import Registry
+from tests.support.relay import Relay
+from tests.support.waiting import until
+
+pytestmark = pytest.mark.in_process  # it starts its own processes: once is enough
+
+HAPROXY_CONFIG = Path(__file__).parent.parent / "deploy" / "cluster" / "haproxy.cfg"
+LEASE = 2  # seconds a claim lasts unrenewed: how long a killed replica's claim holds others
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    with seaweed_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+Replicas = Callable[..., Awaitable[list[MirrorProcess]]]
+
+
+@pytest.fixture
+async def relay(make_relay: Callable[..., Awaitable[Relay]], upstream: Registry) -> Relay:
+    return await make_relay(upstream.url)
+
+
+@pytest.fixture
+async def replicas(
+    tmp_path: Path, redis: RedisServer, s3: SeaweedS3, relay: Relay
+) -> AsyncIterator[Replicas]:
+    """Start n replicas of one cluster (a prefix in the bucket of its own)."""
+    prefix = f"test-{secrets.token_hex(4)}/"
+    started: list[MirrorProcess] = []
+
+    async def start(count: int, **settings: Any) -> list[MirrorProcess]:
+        batch = []
+        for _ in range(count):
+            storage = tmp_path / f"replica{len(started)}"
+            config = {
+                "storage": {
+                    "path": str(storage),
+                    "max_size": "2GiB",
+                    "s3": {
+                        "endpoint": s3.endpoint,
+                        "bucket": s3.bucket,
+                        "prefix": prefix,
+                        "access_key": s3.access_key,
+                        "secret_key": s3.secret_key,
+                    },
+                },
+                "cluster": {"redis": redis.url, "lease": LEASE},
+                "default_upstream": "registry",
+                "upstreams": {"registry": {"url": relay.url, "range_connections": 1}},
+                "prefetch": False,
+                **settings,
+            }
+            replica = MirrorProcess(tmp_path, config)
+            started.append(replica)
+            batch.append(replica)
+        await asyncio.gather(*(replica.start() for replica in batch))
+        return batch
+
+    yield start
+    for replica in started:
+        await replica.stop()
+
+
+def _push_blob(upstream: Registry, repository: str, size: int) -> tuple[str, bytes]:
+    data = os.urandom(size)
+    return Pusher(upstream.url).push_blob(repository, data), data
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
+    """Status and sha256 of the body, read whole."""
+    async with session.get(url) as response:
+        hasher = hashlib.sha256()
+        async for chunk in response.content.iter_chunked(1 << 20):
+            hasher.update(chunk)
+        return response.status, "sha256:" + hasher.hexdigest()
+
+
+def _balancer(tmp_path: Path, replicas: list[MirrorProcess]) -> Any:
+    port = free_port()
+    env = {"LISTEN": f"127.0.0.1:{port}"}
+    env |= {f"MIRROR_{n}": replica.host for n, replica in enumerate(replicas, start=1)}
+    return haproxy(tmp_path, HAPROXY_CONFIG.read_text(), env=env, port=port)
+
+
+async def test_three_replicas_fetch_a_cold_blob_once_however_clients_are_spread(
+    tmp_path: Path, replicas: Replicas, upstream: Registry, relay: Relay
+) -> None:
+    """16 clients, half through HAProxy and half straight at each replica: one upstream
+    GET in all, and every client gets the right bytes."""
+    digest, _ = _push_blob(upstream, "cluster/herd", 24 * 1024 * 1024)
+    group = await replicas(3)
+    path = f"/v2/cluster/herd/blobs/{digest}"
+    with _balancer(tmp_path, group) as balancer:
+        urls = [balancer.url + path] * 8 + [group[n % 3].url + path for n in range(8)]
+        async with aiohttp.ClientSession() as session:
+            answers = await asyncio.gather(*(_get(session, url) for url in urls))
+    assert answers == [(200, digest)] * 16
+    assert relay.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_a_fresh_replica_pulls_a_whole_image_from_redis_and_s3_without_the_upstream(
+    replicas: Replicas, upstream: Registry, relay: Relay, s3: SeaweedS3
+) -> None:
+    image = Pusher(upstream.url).image("cluster/fresh", "v1", layer_sizes=(3 << 20, 40 << 20))
+    (first,) = await replicas(1)
+    async with aiohttp.ClientSession() as session:
+        await _pull(session, first.url, image.repository, image.reference, image.all_blobs())
+        # Uploaded once kept (clients do not wait for it): both layers in the bucket.
+        bucket = s3.client()
+        await until(
+            lambda: all(_in_bucket(bucket, s3.bucket, d) for d in image.layers),
+            "the layers are in the shared tier",
+            30,
+        )
+        asked = len(relay.requests)
+        (fresh,) = await replicas(1)  # an empty disk of its own
+        await _pull(session, fresh.url, image.repository, image.reference, image.all_blobs())
+    assert relay.requests[asked:] == []  # tag from Redis, manifest and blobs from S3
+
+
+def _in_bucket(client: Any, bucket: str, digest: str) -> bool:
+    algorithm, hex_digest = digest.split(":")
+    listing = client.list_objects_v2(Bucket=bucket, Prefix="test-")
+    return any(
+        item["Key"].endswith(f"blobs/{algorithm}/{hex_digest}")
+        for item in listing.get("Contents", [])
+    )
+
+
+async def _pull(
+    session: aiohttp.ClientSession,
+    base: str,
+    repository: str,
+    tag: str,
+    blobs: dict[str, bytes],
+) -> None:
+    """What a client pulling `repository:tag` does, checking every byte."""
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    url = f"{base}/v2/{repository}/manifests/{tag}"
+    async with session.get(url, headers={"Accept": accept}) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["Docker-Content-Digest"] == sha256(await response.read())
+    for digest in blobs:
+        status, got = await _get(session, f"{base}/v2/{repository}/blobs/{digest}")
+        assert (status, got) == (200, digest)
+
+
+async def test_a_replica_killed_mid_transfer_costs_a_retrying_client_nothing_wrong(
+    tmp_path: Path,
+    replicas: Replicas,
+    upstream: Registry,
+    make_relay: Callable[..., Awaitable[Relay]],
+) -> None:
+    """SIGKILL the replica that is fetching; the client retries through HAProxy and gets
+    the right bytes from another replica, with at most one more upstream GET."""
+    slow = await make_relay(upstream.url, rate=8 * 1024 * 1024)
+    digest, _ = _push_blob(upstream, "cluster/killed", 32 * 1024 * 1024)
+    group = await replicas(3, upstreams={"registry": {"url": slow.url, "range_connections": 1}})
+    path = f"/v2/cluster/killed/blobs/{digest}"
+    with _balancer(tmp_path, group) as balancer:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(balancer.url + path) as response:
+                assert response.status == 200
+                await response.content.readexactly(1 << 20)  # under way
+                busy = [r for r in group if await _transfers(session, r) > 0]
+                assert len(busy) == 1
+                await busy[0].kill()
+                with pytest.raises(aiohttp.ClientError):
+                    await response.read()  # cut: never taken for the whole blob
+            status, got = await _get(session, balancer.url + path)  # the retry
+    assert (status, got) == (200, digest)
+    assert 1 <= slow.count("GET", f"/blobs/{digest}") <= 2
+
+
+async def _transfers(session: aiohttp.ClientSession, replica: MirrorProcess) -> float:
+    async with session.get(f"{replica.url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("mirror_transfers_in_flight "):
+            return float(line.split()[1])
+    raise AssertionError("mirror_transfers_in_flight is not in /metrics")
+
+
+async def test_pulls_go_on_while_redis_is_stopped_and_sharing_resumes_after(
+    replicas: Replicas, upstream: Registry, relay: Relay, redis: RedisServer
+) -> None:
+    group = await replicas(2)
+    before = Pusher(upstream.url).image("cluster/noredis", "a", layer_sizes=(1 << 20,))
+    redis.stop()
+    try:
+        during = Pusher(upstream.url).image("cluster/noredis", "b", layer_sizes=(2 << 20,))
+        async with aiohttp.ClientSession() as session:
+            for replica in group:
+                for image in (before, during):
+                    await asyncio.wait_for(
+                        _pull(
+                            session,
+                            replica.url,
+                            image.repository,
+                            image.reference,
+                            image.all_blobs(),
+                        ),
+                        10,  # a lost Redis costs a short wait at most, not a hang
+                    )
+    finally:
+        redis.start()
+    after = Pusher(upstream.url).image("cluster/noredis", "c", layer_sizes=(2 << 20,))
+    layer = after.layers[0]
+    async with aiohttp.ClientSession() as session:
+        await _until_redis_is_back(session, group)
+        answers = await asyncio.gather(
+            *(_get(session, f"{r.url}/v2/cluster/noredis/blobs/{layer}") for r in group * 4)
+        )
+    assert answers == [(200, layer)] * 8
+    assert relay.count("GET", f"/blobs/{layer}") == 1  # shared again: one fetch
+
+
+async def _until_redis_is_back(session: aiohttp.ClientSession, group: list[MirrorProcess]) -> None:
+    """Wait until each replica talks to Redis again: it leaves a Redis that failed alone
+    for a few seconds. Asking for a tag it does not know makes it look."""
+    for replica in group:
+        for attempt in range(100):
+            url = f"{replica.url}/v2/cluster/noredis/manifests/unknown-{attempt}"
+            async with session.get(url) as response:
+                await response.read()
+            async with session.get(f"{replica.url}/readyz") as response:
+                if (await response.json())["cluster"]["redis"] is True:
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"replica {replica.url} did not find Redis again")
+
+
+async def test_with_s3_stopped_replicas_serve_from_disk_and_the_upstream(
+    replicas: Replicas, upstream: Registry, relay: Relay, s3: SeaweedS3
+) -> None:
+    (replica,) = await replicas(1)
+    cached = Pusher(upstream.url).image("cluster/nos3", "a", layer_sizes=(1 << 20,))
+    async with aiohttp.ClientSession() as session:
+        await _pull(session, replica.url, cached.repository, cached.reference, cached.all_blobs())
+        s3.stop()
+        try:
+            fresh = Pusher(upstream.url).image("cluster/nos3", "b", layer_sizes=(2 << 20,))
+            for image in (cached, fresh):
+                await asyncio.wait_for(
+                    _pull(
+                        session, replica.url, image.repository, image.reference, image.all_blobs()
+                    ),
+                    30,
+                )
+            async with session.get(f"{replica.url}/readyz") as response:
+                ready = await response.json()
+            assert response.status == 200 and ready["cluster"]["s3"] is False
+        finally:
+            s3.start()
+    assert relay.count("GET", f"/blobs/{cached.layers[0]}") == 1  # the disk served it again
+
+
+@pytest.mark.parametrize("replica_count", [3])
+async def test_a_tag_is_revalidated_once_per_ttl_for_the_whole_cluster(
+    tmp_path: Path,
+    redis: RedisServer,
+    upstream: Registry,
+    relay: Relay,
+    clock: ManualClock,
+    replica_count: int,
+) -> None:
+    """Replicas in this process on one moved clock: the first asks the upstream, the others
+    take its answer from Redis; past the TTL, one HEAD for all of them."""
+    image = Pusher(upstream.url).image("cluster/ttl", "v1", layer_sizes=(1024,))
+    servers = []
+    for n in range(replica_count):
+        config = from_mapping(
+            {
+                "listen": "127.0.0.1:0",
+                "storage": {"path": str(tmp_path / f"r{n}")},
+                "cluster": {"redis": redis.url},
+                "manifest_ttl": 60,
+                "default_upstream": "registry",
+                "upstreams": {"registry": {"url": relay.url}},
+                "prefetch": False,
+            },
+            env={},
+        )
+        server = TestServer(await create_app(config, clock=clock))
+        await server.start_server()
+        servers.append(server)
+    path = f"/v2/{image.repository}/manifests/{image.reference}"
+    headers = {"Accept": image.media_type}
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ask_all() -> list[str]:
+                digests = []
+                for server in servers:
+                    async with session.get(server.make_url(path), headers=headers) as response:
+                        assert response.status == 200
+                        digests.append(response.headers["Docker-Content-Digest"])
+                return digests
+
+            assert await ask_all() == [image.digest] * replica_count
+            tag_requests = [r for r in relay.requests if r[1].endswith("/manifests/v1")]
+            assert tag_requests == [("GET", path)]
+            clock.advance(61)
+            assert await ask_all() == [image.digest] * replica_count
+            tag_requests = [r for r in relay.requests if r[1].endswith("/manifests/v1")]
+            assert tag_requests == [("GET", path), ("HEAD", path)]
+    finally:
+        for server in servers:
+            await server.close()
