@@ -18,7 +18,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from mirror.app import create_app
-from mirror.config import from_mapping
+from mirror.cluster.health import exchange
+from mirror.cluster.shared import Shared
+from mirror.config import ClusterConfig, from_mapping
+from mirror.upstream.breaker import Breaker, UpstreamDown
 from tests.support.clock import ManualClock
 from tests.support.engines import (
     RedisServer,
@@ -348,3 +351,56 @@ async def test_a_tag_is_revalidated_once_per_ttl_for_the_whole_cluster(
     finally:
         for server in servers:
             await server.close()
+
+
+async def test_a_corrupt_copy_in_the_tier_is_never_served_as_whole_and_is_replaced(
+    replicas: Replicas, upstream: Registry, relay: Relay, s3: SeaweedS3
+) -> None:
+    digest, data = _push_blob(upstream, "cluster/corrupt", 3 * 1024 * 1024)
+    (first,) = await replicas(1)
+    path = f"/v2/cluster/corrupt/blobs/{digest}"
+    bucket = s3.client()
+    async with aiohttp.ClientSession() as session:
+        assert await _get(session, first.url + path) == (200, digest)
+        await until(lambda: _in_bucket(bucket, s3.bucket, digest), "the blob is in the tier", 30)
+        key = next(
+            item["Key"]
+            for item in bucket.list_objects_v2(Bucket=s3.bucket, Prefix="test-")["Contents"]
+            if item["Key"].endswith(digest.split(":")[1])
+        )
+        bucket.put_object(Bucket=s3.bucket, Key=key, Body=data[:-1] + bytes([data[-1] ^ 1]))
+        (fresh,) = await replicas(1)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await _get(session, fresh.url + path)  # cut before its last byte, never whole
+        assert relay.count("GET", f"/blobs/{digest}") == 1
+        await until(lambda: not _in_bucket(bucket, s3.bucket, digest), "the copy is dropped", 10)
+        assert await _get(session, fresh.url + path) == (200, digest)  # from the upstream
+    assert relay.count("GET", f"/blobs/{digest}") == 2
+
+
+async def test_an_upstream_one_replica_finds_down_is_not_asked_by_the_others(
+    redis: RedisServer, clock: ManualClock
+) -> None:
+    """Through the real Redis, on a clock moved by hand: what one replica's breaker finds
+    reaches the other's, and goes when the back-off ends."""
+    name = f"upstream-{secrets.token_hex(4)}"
+    first, second = Shared(ClusterConfig(redis.url), clock), Shared(ClusterConfig(redis.url), clock)
+    finder, other = Breaker(name, clock), Breaker(name, clock)
+    said: dict[str, float] = {}
+    try:
+        finder.failed("answered 503")
+        await exchange(first, name, finder, said)
+        await exchange(second, name, other, {})
+        assert other.down and other.learned
+        with pytest.raises(UpstreamDown):
+            other.admit()
+        finder.succeeded()  # up again: said once, and a replica starting now learns nothing
+        await exchange(first, name, finder, said)
+        late = Breaker(name, clock)
+        await exchange(second, name, late, {})
+        assert not late.down
+        clock.advance(1.5)  # past the back-off: one probe, as after its own failure
+        assert other.admit() is True
+    finally:
+        await first.close()
+        await second.close()

@@ -22,12 +22,14 @@ async def share_health(shared: Shared, upstreams: Mapping[str, Upstream]) -> Non
         for name, upstream in upstreams.items():
             breaker = getattr(upstream, "breaker", None)
             if isinstance(breaker, Breaker):  # (an offline upstream has none)
-                await _exchange(shared, name, breaker, published)
+                await exchange(shared, name, breaker, published)
 
 
-async def _exchange(
+async def exchange(
     shared: Shared, name: str, breaker: Breaker, published: dict[str, float]
 ) -> None:
+    """Say what this replica found of one upstream (once per finding), or learn what
+    another found."""
     if breaker.down and not breaker.learned:
         if published.get(name) != breaker.retry_at:
             await shared.put_down(name, breaker.retry_in(), breaker.why)
