@@ -300,6 +300,11 @@ class Manifests:
         if found is None:
             return None
         data, media_type = found
+        await self._keep(route, digest, data, media_type)  # (checked by the tier already)
+        return Manifest(str(digest), media_type, len(data), None if head else data, HIT)
+
+    async def _keep(self, route: Route, digest: Digest, data: bytes, media_type: str) -> None:
+        """Keep a manifest in the store (two fsyncs and the index: off the loop)."""
         await asyncio.to_thread(
             self._store.put_manifest,
             digest,
@@ -308,7 +313,6 @@ class Manifests:
             route.upstream.name,
             route.repository,
         )
-        return Manifest(str(digest), media_type, len(data), None if head else data, HIT)
 
     async def _ask_upstream(
         self, route: Route, tag: str, accept: str, *, head: bool, revalidate: bool
@@ -355,14 +359,7 @@ class Manifests:
         fetched = await upstream.get_manifest(route.repository, reference, accept, expected)
         digest, media_type, data = fetched.digest, fetched.media_type, fetched.data
         try:
-            await asyncio.to_thread(  # two fsyncs and the index: off the loop
-                self._store.put_manifest,
-                digest,
-                data,
-                media_type,
-                route.upstream.name,
-                route.repository,
-            )
+            await self._keep(route, digest, data, media_type)
         except DigestMismatch:  # checked already; the store checks again, being the store
             raise UpstreamError(
                 f"upstream {upstream.name} sent a manifest that does not match {digest}"

@@ -33,6 +33,9 @@ log = logging.getLogger("mirror.s3")
 
 TIER_REST = 5.0  # seconds the tier is left alone after it failed
 CONNECT_TIMEOUT = 3.0  # seconds to reach the object store
+# Seconds an answer may take to begin (a HEAD, a GET's headers, a manifest): a store that
+# hangs costs a pull this once, then is rested, not timeouts.read per request.
+ANSWER_TIMEOUT = 3.0
 READ_CHUNK = 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024  # multipart upload part (S3's minimum is 5 MiB); read one at a time
 SINGLE_PUT_MAX = 2 * PART_SIZE  # blobs up to this go up in one PUT
@@ -110,7 +113,7 @@ class S3Tier:
                 "upstreams",
                 self._config.bucket,
                 what,
-                exc,
+                str(exc) or type(exc).__name__,
             )
         self.reachable = False
         return TierUnavailable(str(exc))
@@ -127,9 +130,10 @@ class S3Tier:
     async def blob_size(self, digest: Digest) -> int | None:
         """The blob's length when the tier has it; None when it does not or is away."""
         try:
-            head = await (await self._s3()).head_object(
-                Bucket=self._config.bucket, Key=self._key("blobs", digest)
-            )
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                head = await (await self._s3()).head_object(
+                    Bucket=self._config.bucket, Key=self._key("blobs", digest)
+                )
         except TierUnavailable:
             return None
         except ClientError as exc:
@@ -150,9 +154,10 @@ class S3Tier:
         """The blob's bytes; `started(length, False)` before the first. Raises
         TierUnavailable when the tier fails (also part-way: the caller's fill then fails)."""
         try:
-            answer = await (await self._s3()).get_object(
-                Bucket=self._config.bucket, Key=self._key("blobs", digest)
-            )
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                answer = await (await self._s3()).get_object(
+                    Bucket=self._config.bucket, Key=self._key("blobs", digest)
+                )
         except TierUnavailable:
             raise
         except Exception as exc:
@@ -223,11 +228,12 @@ class S3Tier:
     async def get_manifest(self, digest: Digest) -> tuple[bytes, str] | None:
         """A manifest's exact bytes and media type, when the tier has them and they match."""
         try:
-            answer = await (await self._s3()).get_object(
-                Bucket=self._config.bucket, Key=self._key("manifests", digest)
-            )
-            async with answer["Body"] as body:
-                data = await body.read()
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                answer = await (await self._s3()).get_object(
+                    Bucket=self._config.bucket, Key=self._key("manifests", digest)
+                )
+                async with answer["Body"] as body:
+                    data = await body.read()
         except TierUnavailable:
             return None
         except ClientError as exc:
