@@ -404,3 +404,33 @@ async def test_an_upstream_one_replica_finds_down_is_not_asked_by_the_others(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_cold_manifest_is_fetched_once_for_the_cluster_by_tag_and_by_digest(
+    replicas: Replicas, upstream: Registry, relay: Relay
+) -> None:
+    pusher = Pusher(upstream.url)
+    by_tag = pusher.image("cluster/manifests", "v1", layer_sizes=(1024,))
+    by_digest = pusher.image("cluster/manifests", "v2", layer_sizes=(2048,))
+    group = await replicas(3)
+    headers = {"Accept": by_tag.media_type}
+
+    async def digest_of_answer(session: aiohttp.ClientSession, url: str) -> str:
+        async with session.get(url, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            return sha256(await response.read())
+
+    async with aiohttp.ClientSession() as session:
+        for image, reference in ((by_tag, "v1"), (by_digest, by_digest.digest)):
+            path = f"/v2/cluster/manifests/manifests/{reference}"
+            answers = await asyncio.gather(
+                *(digest_of_answer(session, replica.url + path) for replica in group * 4)
+            )
+            assert answers == [image.digest] * 12
+    manifest_gets = [p for m, p in relay.requests if m == "GET" and "/manifests/" in p]
+    assert sorted(manifest_gets) == sorted(
+        [
+            "/v2/cluster/manifests/manifests/v1",
+            f"/v2/cluster/manifests/manifests/{by_digest.digest}",
+        ]
+    )

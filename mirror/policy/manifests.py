@@ -148,8 +148,25 @@ class Manifests:
             raise
 
     async def _by_digest_missing(self, route: Route, digest: Digest) -> Manifest:
+        """A manifest by digest not kept here: in a cluster with a shared tier, fetched by
+        one replica (the claim's holder) while the others wait for its copy in the tier."""
         await self._refuse_cluster_missing(route, str(digest))
-        return await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+        shared, tier = self._cluster.shared, self._cluster.tier
+        if shared is None or tier is None:
+            return await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+        give_up = asyncio.get_running_loop().time() + self._config.timeouts.revalidate
+        while True:
+            claim = await shared.claim(f"manifest:{digest}")
+            if claim is not None or asyncio.get_running_loop().time() > give_up:
+                try:
+                    return await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+                finally:
+                    if claim is not None:
+                        await claim.release()
+            await asyncio.sleep(CLAIM_POLL)
+            found = await self._from_tier(route, digest, head=False)
+            if found is not None:
+                return found
 
     async def _refuse_cluster_missing(self, route: Route, reference: str) -> None:
         """Answer a 404 another replica got a moment ago without asking again."""
@@ -365,9 +382,10 @@ class Manifests:
                 f"upstream {upstream.name} sent a manifest that does not match {digest}"
             ) from None
         self._make_room_soon()
-        if self._cluster.tier is not None:  # for the other replicas; no client waits for it
-            work = self._cluster.tier.put_manifest(digest, data, media_type)
-            asyncio.ensure_future(work).add_done_callback(_quietly)
+        if self._cluster.tier is not None:
+            # For the other replicas, before the cluster's claim on it goes: they find it
+            # there (small, and bounded by the tier's answer time).
+            await self._cluster.tier.put_manifest(digest, data, media_type)
         self._fetched(route, media_type, data)
         return Manifest(str(digest), media_type, len(data), data, MISS)
 

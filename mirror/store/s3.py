@@ -253,12 +253,13 @@ class S3Tier:
 
     async def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> None:
         try:
-            await (await self._s3()).put_object(
-                Bucket=self._config.bucket,
-                Key=self._key("manifests", digest),
-                Body=data,
-                ContentType=media_type,
-            )
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await (await self._s3()).put_object(
+                    Bucket=self._config.bucket,
+                    Key=self._key("manifests", digest),
+                    Body=data,
+                    ContentType=media_type,
+                )
         except TierUnavailable:
             return
         except Exception as exc:
