@@ -29,6 +29,7 @@ DOCKER_HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 _SIZE_UNITS |= {"kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -668,6 +669,11 @@ def _parse_s3(raw: Any) -> S3Config:
     bucket = _optional_text(section, "bucket", where)
     if bucket is None:
         raise ConfigError(f"{where}.bucket: required, the bucket the shared tier lives in")
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise ConfigError(
+            f"{where}.bucket: {bucket!r} is not a bucket name (3 to 63 of a-z, 0-9, '.' and "
+            "'-', beginning and ending with a letter or digit)"
+        )
     endpoint = _optional_text(section, "endpoint", where)
     if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
         raise ConfigError(f"{where}.endpoint: expected an http(s):// URL, got {endpoint!r}")

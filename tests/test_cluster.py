@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import os
 import secrets
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -434,3 +435,68 @@ async def test_a_cold_manifest_is_fetched_once_for_the_cluster_by_tag_and_by_dig
             f"/v2/cluster/manifests/manifests/{by_digest.digest}",
         ]
     )
+
+
+async def test_a_hanging_s3_costs_a_cold_pull_seconds_not_timeouts(
+    replicas: Replicas, upstream: Registry, s3: SeaweedS3
+) -> None:
+    """S3 accepts connections and never answers (SIGSTOP): a cold pull falls back to the
+    upstream after the tier's short answer time, and the next ones do not ask the tier."""
+    (replica,) = await replicas(1)
+    images = [
+        Pusher(upstream.url).image("cluster/hang", f"v{n}", layer_sizes=(1 << 20,))
+        for n in range(3)
+    ]
+    assert s3.pid is not None
+    os.kill(s3.pid, signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for image in images:
+                pull = _pull(
+                    session, replica.url, image.repository, image.reference, image.all_blobs()
+                )
+                await asyncio.wait_for(pull, 12)  # the tier's 3 s answer time, then rested
+    finally:
+        os.kill(s3.pid, signal.SIGCONT)
+
+
+async def test_with_s3_down_no_replica_waits_for_another(
+    replicas: Replicas, upstream: Registry, relay: Relay, s3: SeaweedS3
+) -> None:
+    """Without the tier to share through, waiting on another replica's fetch is waiting
+    for nothing: each fetches for itself at once."""
+    group = await replicas(3)
+    digest, _ = _push_blob(upstream, "cluster/nos3herd", 4 * 1024 * 1024)
+    s3.stop()
+    try:
+        async with aiohttp.ClientSession() as session:
+            path = f"/v2/cluster/nos3herd/blobs/{digest}"
+            answers = await asyncio.gather(*(_get(session, r.url + path) for r in group))
+            assert answers == [(200, digest)] * 3
+            for replica in group:
+                assert await _metric(session, replica, "mirror_cluster_waits_total") == 0
+    finally:
+        s3.start()
+
+
+async def _metric(session: aiohttp.ClientSession, replica: MirrorProcess, name: str) -> float:
+    """The sum of a metric's samples on one replica (0 when it has none)."""
+    async with session.get(f"{replica.url}/metrics") as response:
+        text = await response.text()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_a_missing_tag_asked_everywhere_at_once_is_asked_upstream_once(
+    replicas: Replicas, relay: Relay
+) -> None:
+    group = await replicas(3)
+    path = "/v2/cluster/absent/manifests/nope"
+    async with aiohttp.ClientSession() as session:
+
+        async def status(url: str) -> int:
+            async with session.get(url) as response:
+                return response.status
+
+        statuses = await asyncio.gather(*(status(r.url + path) for r in group * 4))
+    assert statuses == [404] * 12
+    assert [r for r in relay.requests if r[1] == path] == [("GET", path)]

@@ -170,8 +170,9 @@ default_upstream: gcr.io
         ("cluster: {redis: 'redis://r/0', lease: 0.5}\n", "cluster.lease: at least 1s"),
         ("cluster: {redis: 'redis://r/0', leases: 5}\n", "cluster.leases: unknown key"),
         ("storage: {s3: {endpoint: 'http://s3:8333'}}\n", "storage.s3.bucket: required"),
-        ("storage: {s3: {bucket: b, endpoint: 's3:8333'}}\n", "storage.s3.endpoint: expected"),
-        ("storage: {s3: {bucket: b, access_key: k}}\n", "access_key and secret_key go together"),
+        ("storage: {s3: {bucket: bkt, endpoint: 's3:8333'}}\n", "storage.s3.endpoint: expected"),
+        ("storage: {s3: {bucket: bkt, access_key: k}}\n", "access_key and secret_key go together"),
+        ("storage: {s3: {bucket: 'Bad_Bucket!'}}\n", "storage.s3.bucket: 'Bad_Bucket!' is not"),
     ],
 )
 def test_mistakes_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -11,7 +11,7 @@ from ..upstream.breaker import Breaker
 from ..upstream.client import Upstream
 from .shared import Shared
 
-HEALTH_EVERY = 1.0  # seconds between exchanges of upstream health with the cluster
+HEALTH_EVERY = 0.25  # seconds between exchanges of upstream health with the cluster
 
 
 async def share_health(shared: Shared, upstreams: Mapping[str, Upstream]) -> None:
@@ -30,16 +30,13 @@ async def exchange(
 ) -> None:
     """Say what this replica found of one upstream (once per finding), or learn what
     another found."""
-    if breaker.down and not breaker.learned:
-        if published.get(name) != breaker.retry_at:
-            await shared.put_down(name, breaker.retry_in(), breaker.why)
-            published[name] = breaker.retry_at
-        return
-    if not breaker.down and name in published:
+    if breaker.down and not breaker.learned and published.get(name) != breaker.retry_at:
+        await shared.put_down(name, breaker.retry_in(), breaker.why)
+        published[name] = breaker.retry_at
+    elif not breaker.down and name in published:
         await shared.put_up(name)
         del published[name]
         return
-    if not breaker.down:
-        down = await shared.down(name)
-        if down is not None:
-            breaker.learn(down.retry_at, down.why)
+    down = await shared.down(name)
+    if down is not None:
+        breaker.learn(down.retry_at, down.why)

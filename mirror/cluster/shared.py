@@ -88,8 +88,10 @@ class Shared:
         self._clock = clock
         self._resting_until = 0.0  # monotonic: Redis is not asked before then
         self.reachable = True
+        self._closing = False
 
     async def close(self) -> None:
+        self._closing = True  # what fails from here on is the closing, not Redis
         with contextlib.suppress(Exception):  # a Redis that is gone
             await self._cache.close()
 
@@ -105,7 +107,7 @@ class Shared:
             raise
         except Exception as exc:
             self._resting_until = time.monotonic() + REDIS_REST
-            if self.reachable:
+            if self.reachable and not self._closing:
                 log.warning(
                     "redis at %s does not answer (%s): going on with this replica's own state",
                     self._where,

@@ -15,7 +15,7 @@ from typing import Any
 from ..cluster.parts import Cluster
 from ..cluster.shared import Claim
 from ..config import Config
-from ..errors import RegistryError, UpstreamError, UpstreamTimeout
+from ..errors import BlobUnknown, RegistryError, UpstreamError, UpstreamTimeout
 from ..inflight import Transfer, outlast
 from ..metrics import Metrics
 from ..reference import Digest
@@ -30,6 +30,7 @@ log = logging.getLogger("mirror.proxy")
 
 FROM_TIER = "tier"  # a fill's source: the shared tier, not an upstream
 CLAIM_POLL = 0.1  # seconds between looks while another replica fetches a blob
+SHARE_GRACE = 10.0  # seconds a stopping server gives uploads to the shared tier
 
 
 class Fills:
@@ -49,7 +50,8 @@ class Fills:
         self._upstream_of = upstream_of
         self._cluster = cluster or Cluster()
         self._transfers: dict[str, Transfer] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._sharing: set[asyncio.Future[None]] = set()  # uploads to the shared tier
 
     def running(self, digest: Digest) -> Transfer | None:
         return self._transfers.get(str(digest))
@@ -82,6 +84,15 @@ class Fills:
         return self._run(route, digest, PassThroughBlob(digest))
 
     async def close(self) -> None:
+        """Stop the fills. What they leave to do (claims to let go) and uploads to the
+        shared tier under way get SHARE_GRACE to end: a replica stopped just after a fill
+        still gives the cluster its copy."""
+        running = list(self._tasks - self._sharing)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=SHARE_GRACE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -103,7 +114,7 @@ class Fills:
         try:
             try:
                 async with asyncio.timeout_at(deadline):
-                    source = await self._source(digest)
+                    source = await self._source(route, digest)
                     if source == FROM_TIER:
                         await self._download(
                             upstream, route, digest, temp, transfer, deadline, True
@@ -128,18 +139,26 @@ class Fills:
                     "the shared tier" if source == FROM_TIER else upstream.name,
                 )
                 if source != FROM_TIER and self._cluster.tier is not None:
-                    self._spawn(self._share(digest, source))  # it releases the claim
+                    upload = self._spawn(self._share(digest, source))  # it releases the claim
+                    self._sharing.add(upload)
+                    upload.add_done_callback(self._sharing.discard)
                     source = None
             else:
                 transfer.not_kept()
                 log.warning("served %s (%d bytes) without keeping it", digest, temp.written)
         except (RegistryError, DigestMismatch, OSError, TierUnavailable) as exc:
             temp.discard()
-            tier = self._cluster.tier
+            tier, shared = self._cluster.tier, self._cluster.shared
+            sender = "the shared tier" if source == FROM_TIER else f"upstream {upstream.name}"
             if source == FROM_TIER and tier is not None and isinstance(exc, DigestMismatch):
                 self._spawn(tier.remove_blob(digest))  # the next reader goes to the upstream
-            error = _as_registry_error(exc, upstream.name, digest)
-            log.warning("fetch of %s from %s failed: %s", digest, upstream.name, error.message)
+            if isinstance(source, Claim) and shared is not None and isinstance(exc, BlobUnknown):
+                # Said before the claim goes, so the replicas waiting on it do not ask too.
+                await shared.put_missing(
+                    upstream.name, route.repository, str(digest), self._config.negative_ttl
+                )
+            error = _as_registry_error(exc, sender, digest)
+            log.warning("fetch of %s from %s failed: %s", digest, sender, error.message)
             transfer.fail(error)
         except BaseException as exc:
             temp.discard()
@@ -154,16 +173,17 @@ class Fills:
                 del self._transfers[str(digest)]
             transfer.settled.set()
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _source(self, digest: Digest) -> Claim | str | None:
+    async def _source(self, route: Route, digest: Digest) -> Claim | str | None:
         """Where a fill reads from: the shared tier when it has the blob (FROM_TIER); else
-        the upstream, under the cluster's claim on the blob (None: no cluster, or no
-        shared tier to wait for). While another replica holds the claim, this one waits
-        for the blob to arrive in the tier, or for the claim to come free."""
+        the upstream, under the cluster's claim on the blob (None: no cluster, or a shared
+        tier that is away, so nothing to wait for). While another replica holds the claim,
+        this one waits for the blob to arrive in the tier, or for the claim to come free."""
         tier, shared = self._cluster.tier, self._cluster.shared
         if tier is None:
             return None
@@ -173,8 +193,15 @@ class Fills:
                 if waited:
                     self._metrics.cluster_waits.labels("tier").inc()
                 return FROM_TIER
-            if shared is None:
-                return None
+            if shared is None or not tier.reachable:
+                return None  # (the holder could not share it: fetch it here)
+            if waited and await shared.known_missing(
+                route.upstream.name, route.repository, str(digest)
+            ):
+                raise BlobUnknown(
+                    f"blob unknown to upstream {route.upstream.name} (answer cached)",
+                    detail={"digest": str(digest)},
+                )
             claim = await shared.claim(f"blob:{digest}")
             if claim is not None:
                 if waited:
@@ -290,15 +317,17 @@ def _keep(temp: TempBlob) -> bool:
     return temp.commit()
 
 
-def _as_registry_error(exc: BaseException, upstream: str, digest: Digest) -> RegistryError:
+def _as_registry_error(exc: BaseException, sender: str, digest: Digest) -> RegistryError:
+    """What clients are told of a failed fill; `sender` names where the bytes came from
+    ("upstream docker.io", "the shared tier")."""
     if isinstance(exc, RegistryError):
         return exc
     if isinstance(exc, TierUnavailable):
-        return UpstreamError(f"the shared tier failed sending {digest}: {exc}")
+        return UpstreamError(f"{sender} failed sending {digest}: {exc}")
     if isinstance(exc, DigestMismatch):
-        return UpstreamError(f"upstream {upstream} sent content that does not match {digest}")
+        return UpstreamError(f"{sender} sent content that does not match {digest}")
     if isinstance(exc, TimeoutError):
-        return UpstreamTimeout(f"upstream {upstream} stalled sending {digest}")
+        return UpstreamTimeout(f"{sender} stalled sending {digest}")
     if isinstance(exc, OSError):
         return UpstreamError(f"could not store {digest}: {exc.strerror or exc}")
-    return UpstreamError(f"upstream {upstream} failed sending {digest}")
+    return UpstreamError(f"{sender} failed sending {digest}")

@@ -160,10 +160,15 @@ class Manifests:
             if claim is not None or asyncio.get_running_loop().time() > give_up:
                 try:
                     return await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+                except (ManifestUnknown, NameUnknown):
+                    if claim is not None:
+                        await self._share_missing(route, str(digest))
+                    raise
                 finally:
                     if claim is not None:
                         await claim.release()
             await asyncio.sleep(CLAIM_POLL)
+            await self._refuse_cluster_missing(route, str(digest))
             found = await self._from_tier(route, digest, head=False)
             if found is not None:
                 return found
@@ -223,11 +228,14 @@ class Manifests:
                 return stale
             raise
 
-    async def _remember_missing(self, route: Route, reference: str) -> None:
+    async def _share_missing(self, route: Route, reference: str) -> None:
         if self._cluster.shared is not None:
             await self._cluster.shared.put_missing(
                 route.upstream.name, route.repository, reference, self._config.negative_ttl
             )
+
+    async def _remember_missing(self, route: Route, reference: str) -> None:
+        await self._share_missing(route, reference)
         await asyncio.to_thread(  # a database write: off the loop
             self._tags.remember_missing,
             route.upstream.name,
@@ -270,6 +278,10 @@ class Manifests:
             revalidate = revalidate or known
         try:
             return await self._ask_upstream(route, tag, accept, head=head, revalidate=revalidate)
+        except (ManifestUnknown, NameUnknown):
+            if claim is not None:  # said before the claim goes: its waiters do not ask too
+                await self._share_missing(route, tag)
+            raise
         finally:
             if claim is not None:
                 await claim.release()
@@ -309,6 +321,7 @@ class Manifests:
             if claim is not None or asyncio.get_running_loop().time() > give_up:
                 return None, claim, known is not None
             await asyncio.sleep(CLAIM_POLL)
+            await self._refuse_cluster_missing(route, tag)  # what the holder was told
 
     async def _from_tier(self, route: Route, digest: Digest, *, head: bool) -> Manifest | None:
         """A manifest from the shared tier, kept here too (None: the tier lacks it)."""

@@ -31,8 +31,8 @@ from ..reference import Digest
 
 log = logging.getLogger("mirror.s3")
 
-TIER_REST = 5.0  # seconds the tier is left alone after it failed
-CONNECT_TIMEOUT = 3.0  # seconds to reach the object store
+TIER_REST = 15.0  # seconds the tier is left alone after it failed
+CONNECT_TIMEOUT = 2.0  # seconds to reach the object store
 # Seconds an answer may take to begin (a HEAD, a GET's headers, a manifest): a store that
 # hangs costs a pull this once, then is rested, not timeouts.read per request.
 ANSWER_TIMEOUT = 3.0
@@ -81,7 +81,9 @@ class S3Tier:
                         config=AioConfig(
                             connect_timeout=CONNECT_TIMEOUT,
                             read_timeout=self._read_timeout,
-                            retries={"max_attempts": 2, "mode": "standard"},
+                            # No retries: a call that fails falls back to the disk or
+                            # the upstream at once, which costs a pull less than waiting.
+                            retries={"max_attempts": 1, "mode": "standard"},
                             s3={"addressing_style": "path"},
                             # Plain Content-MD5/none, as every S3-compatible store takes.
                             request_checksum_calculation="when_required",
@@ -113,7 +115,7 @@ class S3Tier:
                 "upstreams",
                 self._config.bucket,
                 what,
-                str(exc) or type(exc).__name__,
+                (str(exc) or type(exc).__name__).splitlines()[0],
             )
         self.reachable = False
         return TierUnavailable(str(exc))

@@ -48,7 +48,10 @@ class Breaker:
         either until that back-off ends, at `retry_at` (wall clock; then one probe, as
         after its own failure)."""
         retry_in = retry_at - self._clock()
-        if self.down or retry_in <= 0:
+        if retry_in <= 0 or self._probing:
+            return
+        if self.down:  # down here too: wait as long as the longest back-off in the cluster
+            self._retry_at = max(self._retry_at, retry_at)
             return
         self._backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, retry_in))
         self._retry_at = self._clock() + retry_in
