@@ -20,8 +20,10 @@ from .cluster.health import share_health
 from .config import Config
 from .core import Core
 from .errors import Handler, error_middleware
+from .hosted.registry import MANIFEST_MAX
 from .http.handlers import RegistryHandlers
 from .http.observe import observe_middleware
+from .http.push import PushHandlers
 from .http.status import status_handler
 from .images.warm import keep_warm
 from .metrics import LiveState, Metrics, shared_folder
@@ -162,7 +164,10 @@ async def create_app(
         core.upstreams,
         core.proxy,
     )
-    app = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
+    app = web.Application(
+        middlewares=[observe_middleware(metrics), error_middleware],
+        client_max_size=MANIFEST_MAX,  # a pushed manifest read whole (blobs are streamed)
+    )
     metrics.live = LiveState(
         cache_bytes=store.usage,
         cache_bound=store.max_size,
@@ -185,8 +190,22 @@ async def create_app(
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(inert_content)
 
-    handlers = RegistryHandlers(config, proxy, gate)
+    handlers = RegistryHandlers(config, proxy, gate, core.hosted)
     router = app.router
+    if core.hosted is not None:
+        push = PushHandlers(config, core.hosted, gate)
+        uploads = "/v2/{name:.+}/blobs/uploads"
+        router.add_post(uploads + "/", push.start_upload, name="upload")
+        router.add_post(uploads, push.start_upload)
+        router.add_get(uploads + "/{upload}", push.upload_status, name="upload-status")
+        router.add_patch(uploads + "/{upload}", push.upload_chunk, name="upload-chunk")
+        router.add_put(uploads + "/{upload}", push.finish_upload, name="upload-finish")
+        router.add_delete(uploads + "/{upload}", push.cancel_upload, name="upload-cancel")
+        router.add_put("/v2/{name:.+}/manifests/{reference}", push.put_manifest, name="push")
+        router.add_delete(
+            "/v2/{name:.+}/manifests/{reference}", push.delete_manifest, name="delete-manifest"
+        )
+        router.add_delete("/v2/{name:.+}/blobs/{digest}", push.delete_blob, name="delete-blob")
     router.add_get("/v2/", handlers.base, name="base")
     router.add_get("/v2/_catalog", handlers.catalog, name="catalog")
     router.add_get("/v2/{name:.+}/manifests/{reference}", handlers.manifest, name="manifest")

@@ -97,6 +97,7 @@ class UpstreamConfig:
     tls_verify: bool = True  # false: accept any certificate (a lab registry; loud warning)
     aliases: tuple[str, ...] = ()  # more registry names that mean this upstream (for ns=)
     docker_hub: bool = False  # one-part names get library/; default: named or hosted so
+    hosted: bool = False  # a namespace pushed to, not mirrored: no url, never an upstream
 
     def names(self) -> tuple[str, ...]:
         """Every registry name clients may use for this upstream (ns=, path prefix)."""
@@ -129,6 +130,9 @@ class StorageConfig:
     path: Path = Path("./cache")  # everything the mirror keeps lives below this folder
     max_size: int = 50 * 1024**3  # LRU bound on cached content, bytes (default 50 GiB)
     s3: S3Config | None = None  # None: no shared tier, the disk only
+    # Bound on pushed content (never evicted); None: max_size. Pushes past it are refused.
+    hosted_max_size: int | None = None
+    upload_expiry: float = 86400.0  # seconds an upload in progress lives unused
 
 
 @dataclass(frozen=True)
@@ -268,7 +272,7 @@ def naming_warnings(config: Config) -> list[str]:
         parts = urlsplit(upstream.url)
         host = (parts.hostname or "").lower()
         registry = f"{host}:{parts.port}" if parts.port else host
-        if upstream.docker_hub or registry in upstream.names():
+        if upstream.docker_hub or upstream.hosted or registry in upstream.names():
             continue
         warnings.append(
             f"upstreams.{upstream.name}: containerd's hosts.toml asks with ns={registry}, "
@@ -437,6 +441,7 @@ def _parse_rules(value: Any, key: str) -> tuple[TtlRule, ...]:
 
 UPSTREAM_KEYS = {
     "url",
+    "hosted",
     "username",
     "password",
     "password_file",
@@ -731,6 +736,18 @@ def _parse_upstream(
     where = f"upstreams.{name}"
     section = _mapping(raw, where)
     _check_keys(section, UPSTREAM_KEYS, where)
+    if _parse_bool(section.get("hosted", False), f"{where}.hosted"):
+        others = sorted(set(section) - {"hosted", "aliases"})
+        if others:
+            raise ConfigError(
+                f"{where}: a hosted namespace takes no {', '.join(others)} (it has no upstream)"
+            )
+        return UpstreamConfig(
+            name=name,
+            url="",
+            hosted=True,
+            aliases=_names(section.get("aliases"), f"{where}.aliases"),
+        )
     url = section.get("url")
     if not isinstance(url, str) or not url:
         raise ConfigError(f"{where}.url: required, the registry's base URL like https://{name}")
@@ -902,13 +919,21 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
     )
 
     storage_raw = _mapping(data.get("storage"), "storage")
-    _check_keys(storage_raw, {"path", "max_size", "s3"}, "storage")
+    _check_keys(
+        storage_raw, {"path", "max_size", "s3", "hosted_max_size", "upload_expiry"}, "storage"
+    )
     storage = StorageConfig(
         path=Path(str(storage_raw.get("path", defaults.storage.path))),
         max_size=parse_size(
             storage_raw.get("max_size", defaults.storage.max_size), "storage.max_size"
         ),
         s3=_parse_s3(storage_raw["s3"]) if storage_raw.get("s3") is not None else None,
+        hosted_max_size=parse_size(storage_raw["hosted_max_size"], "storage.hosted_max_size")
+        if storage_raw.get("hosted_max_size") is not None
+        else None,
+        upload_expiry=parse_duration(
+            storage_raw.get("upload_expiry", 86400.0), "storage.upload_expiry"
+        ),
     )
 
     timeouts_raw = _mapping(data.get("timeouts"), "timeouts")

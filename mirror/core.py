@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from .clock import Clock, system_clock
 from .cluster.parts import Cluster
 from .config import Config
+from .hosted.registry import Hosted
 from .metrics import Metrics
 from .policy.proxy import Proxy
 from .store.disk import DiskStore
@@ -26,6 +27,7 @@ class Core:
     upstreams: Upstreams
     proxy: Proxy
     cluster: Cluster
+    hosted: Hosted | None  # when a namespace is hosted (pushed to)
 
     @classmethod
     def open(
@@ -42,11 +44,14 @@ class Core:
         upstreams = Upstreams(config, metrics, clock)
         cluster = Cluster.open(config, clock)
         proxy = Proxy(config, store, tags, upstreams.by_name, metrics, clock, cluster)
-        return cls(config, metrics, store, tags, upstreams, proxy, cluster)
+        hosted = Hosted(config, store) if any(u.hosted for u in config.upstreams.values()) else None
+        return cls(config, metrics, store, tags, upstreams, proxy, cluster, hosted)
 
     async def close(self) -> None:
         await self.proxy.close()
         await self.cluster.close()
         await self.upstreams.close()
         self.tags.close()
+        if self.hosted is not None:
+            self.hosted.close()
         self.store.close()

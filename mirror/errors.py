@@ -125,6 +125,40 @@ class UpstreamTimeout(UpstreamError):
     status, default_message = 504, "upstream timed out"
 
 
+class BlobUploadUnknown(RegistryError):
+    code, status, default_message = "BLOB_UPLOAD_UNKNOWN", 404, "blob upload unknown to registry"
+
+
+class BlobUploadInvalid(RegistryError):
+    code, status, default_message = "BLOB_UPLOAD_INVALID", 400, "blob upload invalid"
+
+
+class ManifestInvalid(RegistryError):
+    code, status, default_message = "MANIFEST_INVALID", 400, "manifest invalid"
+
+
+class ManifestBlobUnknown(RegistryError):
+    code, status, default_message = (
+        "MANIFEST_BLOB_UNKNOWN",
+        400,
+        "manifest references a blob unknown to the repository",
+    )
+
+
+class SizeInvalid(RegistryError):
+    code, status, default_message = (
+        "SIZE_INVALID",
+        400,
+        "provided length did not match content length",
+    )
+
+
+class HostedFull(RegistryError):
+    """A push past storage.hosted_max_size (or the disk): refused, nothing kept."""
+
+    code, status, default_message = "DENIED", 413, "the hosted storage is full"
+
+
 class InternalError(RegistryError):
     code, status, default_message = "UNKNOWN", 500, "internal error"
 

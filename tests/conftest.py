@@ -120,11 +120,12 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         storage: Path | None = None,
         max_size: int | str = "10GiB",
         clock: ManualClock | None = None,
+        storage_settings: dict[str, Any] | None = None,
         **settings: Any,
     ) -> Mirror:
         storage = storage or tmp_path / f"cache{len(mirrors)}"
         raw = {
-            "storage": {"path": str(storage), "max_size": max_size},
+            "storage": {"path": str(storage), "max_size": max_size, **(storage_settings or {})},
             "default_upstream": "docker.io",
             "upstreams": {
                 name: value if isinstance(value, dict) else {"url": value}

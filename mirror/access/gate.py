@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from ..clock import Clock
-from ..config import LOOPBACK, AccessConfig, AccessRule, Config
+from ..config import LOOPBACK, AccessConfig, AccessRule, Config, in_networks
 from ..errors import Denied, RegistryError, TooManyRequests, Unauthorized
 from ..metrics import Metrics
 from ..routing import Route, resolve
@@ -97,6 +97,26 @@ class Gate:
         path = f"{route.upstream.name}/{route.repository}"
         allowed = self._allows(access.rules, user, request.remote, path, "pull")
         self._decide(request, identity, allowed, challenge, f"pull {name}", {"name": name})
+
+    async def push(self, request: web.Request, route: Route) -> None:
+        """A write to a hosted namespace: an identity the rules grant `push`; without
+        access rules, a client on this machine only."""
+        access = self._access
+        name = request.match_info.get("name", "")
+        if access is None:
+            if in_networks(request.remote, LOOPBACK):
+                return
+            raise Denied(
+                f"push {name}: without access rules, only this machine may push (set "
+                "access: in the config, see README 'Access control')",
+                detail={"name": name},
+            )
+        challenge = self._challenge(request, f"repository:{name}:pull,push")
+        identity = await self._identity(request, challenge=challenge)
+        user = identity.user if identity is not None else None
+        path = f"{route.upstream.name}/{route.repository}"
+        allowed = self._allows(access.rules, user, request.remote, path, "push")
+        self._decide(request, identity, allowed, challenge, f"push {name}", {"name": name})
 
     async def visible(self, request: web.Request) -> Callable[[Route], bool]:
         """For `/v2/_catalog`: which repositories this client may pull (all, with no

@@ -6,6 +6,7 @@ Errors are raised, never rendered here: `errors.error_middleware` renders them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from urllib.parse import urlencode
 
@@ -25,6 +26,7 @@ from ..errors import (
     TagInvalid,
     Unsupported,
 )
+from ..hosted.registry import Hosted
 from ..inflight import BlobStream, FileRegion, TransferFailed
 from ..logs import printable
 from ..policy.answers import HIT, MISS, Manifest
@@ -76,6 +78,18 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return None if (first, last) == (0, size) else (first, last)
 
 
+def _page_request(request: web.Request) -> tuple[int | None, str]:
+    """(`n`, `last`) of a paginated list request; n None: no limit asked."""
+    text = request.query.get("n")
+    try:
+        count = None if text is None else int(text)
+    except ValueError:
+        count = -1
+    if count is not None and count < 0:
+        raise PaginationInvalid("n must be a whole number, 0 or more")
+    return count, request.query.get("last", "")
+
+
 def _etag_matches(request: web.Request, digest: str) -> bool:
     header = request.headers.get("If-None-Match", "")
     return any(tag.strip().strip('"') == digest for tag in header.split(",")) if header else False
@@ -84,10 +98,13 @@ def _etag_matches(request: web.Request, digest: str) -> bool:
 class RegistryHandlers:
     """The OCI pull API over one Proxy."""
 
-    def __init__(self, config: Config, proxy: Proxy, gate: Gate) -> None:
+    def __init__(
+        self, config: Config, proxy: Proxy, gate: Gate, hosted: Hosted | None = None
+    ) -> None:
         self._config = config
         self._proxy = proxy
         self._gate = gate
+        self._hosted = hosted  # the hosted namespaces, read from here too
 
     async def _route(self, request: web.Request) -> Route:
         """Where the request goes, once the access rules let it (before anything is read
@@ -114,7 +131,12 @@ class RegistryHandlers:
         head = request.method == "HEAD"
         # Clients may send one Accept header per media type: take them all.
         accept = ", ".join(request.headers.getall("Accept", []))
-        answer: Manifest = await self._proxy.manifest(route, reference, accept, head=head)
+        answer: Manifest
+        if route.upstream.hosted and self._hosted is not None:
+            pushed = await self._hosted.manifest(route, reference)
+            answer = Manifest(pushed.digest, pushed.media_type, len(pushed.data), pushed.data, HIT)
+        else:
+            answer = await self._proxy.manifest(route, reference, accept, head=head)
         request[RESULT] = answer.source
         headers = {
             **API_HEADERS,
@@ -144,6 +166,14 @@ class RegistryHandlers:
             # The client has these bytes (a digest names them forever): nothing to fetch.
             request[RESULT] = HIT
             return web.Response(status=304, headers={**headers, CACHE_HEADER: HIT})
+        if route.upstream.hosted and self._hosted is not None:
+            request[RESULT] = headers[CACHE_HEADER] = HIT
+            if request.method == "HEAD":
+                headers["Content-Length"] = str(await self._hosted.blob_size(route, digest))
+                headers["Accept-Ranges"] = "bytes"
+                return web.Response(headers=headers)
+            with contextlib.closing(await self._hosted.open_blob(route, digest)) as pushed:
+                return await self._send_stored(request, pushed, headers)
         if request.method == "HEAD":
             size, request[RESULT] = await self._proxy.blob_size(route, digest)
             headers["Content-Length"] = str(size)
@@ -248,14 +278,37 @@ class RegistryHandlers:
         """GET /v2/<name>/tags/list, with `n`, `last` and the upstream's `Link` kept."""
         route = await self._route(request)
         params = {k: request.query[k] for k in ("n", "last") if k in request.query}
+        if route.upstream.hosted and self._hosted is not None:
+            request[RESULT] = HIT
+            return self._tags_page(request, route, await self._hosted.tags(route))
         page = await self._proxy.page(route, "tags/list", params, NameUnknown)
         request[RESULT] = MISS
         return self._page_response(request, page.body, page.content_type, page.next_query)
+
+    def _tags_page(self, request: web.Request, route: Route, tags: list[str]) -> web.Response:
+        """A tags list `n` at a time after `last` (sorted), with a Link to the next page."""
+        count, last = _page_request(request)
+        after = [tag for tag in tags if tag > last] if last else tags
+        page = after if count is None else after[:count]
+        headers = dict(API_HEADERS)
+        if count is not None and len(after) > len(page) and page:
+            query = urlencode({"n": count, "last": page[-1]})
+            headers["Link"] = f'<{request.path}?{query}>; rel="next"'
+        body = {"name": request.match_info["name"], "tags": page}
+        return web.json_response(body, headers=headers)
 
     async def referrers(self, request: web.Request) -> web.StreamResponse:
         """GET /v2/<name>/referrers/<digest>, passed through."""
         route = await self._route(request)
         digest = _digest(request.match_info["digest"])
+        if route.upstream.hosted and self._hosted is not None:
+            wanted = request.query.get("artifactType")
+            index = await self._hosted.referrers(route, digest, wanted)
+            request[RESULT] = HIT
+            headers = {**API_HEADERS, "Content-Type": "application/vnd.oci.image.index.v1+json"}
+            if wanted is not None:
+                headers["OCI-Filters-Applied"] = "artifactType"
+            return web.Response(body=json.dumps(index).encode(), headers=headers)
         params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
         page = await self._proxy.page(route, f"referrers/{digest}", params, ManifestUnknown)
         request[RESULT] = MISS

@@ -190,10 +190,17 @@ class UsageIndex:
             self._db.execute("DELETE FROM pins WHERE ref = ?", (ref,))
         return int(count[0])
 
-    def pinned_bytes(self) -> int:
-        """Bytes of the entries some image pins (what eviction cannot free)."""
+    def unpin_key(self, ref: str, key: str) -> None:
+        """Release one entry `ref` pinned."""
+        self._run("DELETE FROM pins WHERE ref = ? AND key = ?", (ref, key))
+
+    def pinned_bytes(self, refs_like: str = "%") -> int:
+        """Bytes of the entries pinned by refs matching `refs_like` (SQL LIKE; all by
+        default): what eviction cannot free."""
         rows = self._rows(
-            "SELECT COALESCE(SUM(size), 0) FROM entries WHERE key IN (SELECT key FROM pins)"
+            "SELECT COALESCE(SUM(size), 0) FROM entries"
+            " WHERE key IN (SELECT key FROM pins WHERE ref LIKE ?)",
+            (refs_like,),
         )
         return int(rows[0][0])
 

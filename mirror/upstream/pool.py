@@ -43,7 +43,7 @@ class Upstreams:
         self.by_name: dict[str, Upstream] = {
             name: (
                 OfflineClient(name, upstream.max_transfers)
-                if upstream.offline
+                if upstream.offline or upstream.hosted
                 else UpstreamClient(
                     upstream,
                     self._session,

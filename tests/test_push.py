@@ -1,0 +1,459 @@
+"""A hosted namespace (`upstreams.local: {hosted: true}`), case by case from the OCI
+distribution spec's workflows: push (monolithic POST-PUT and POST-only, chunked, streamed,
+mounts, status, cancel), pull, content discovery (tags, referrers), content management
+(deletes), sha512; then what the mirror adds: hosted content is never evicted, uploads
+survive a restart, the hosted bound refuses with a clear error."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Mirror, MirrorFactory
+from tests.support.registry import Registry
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+EMPTY = b"{}"
+EMPTY_TYPE = "application/vnd.oci.empty.v1+json"
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha512(data: bytes) -> str:
+    return "sha512:" + hashlib.sha512(data).hexdigest()
+
+
+@pytest.fixture
+async def hosted(make_mirror: MirrorFactory, upstream: Registry) -> Mirror:
+    return await make_mirror({"docker.io": upstream.url, "local": {"hosted": True}})
+
+
+async def _error(response: aiohttp.ClientResponse) -> str:
+    body = await response.json(content_type=None)
+    return str(body["errors"][0]["code"])
+
+
+async def push_blob(session: aiohttp.ClientSession, base: str, repo: str, data: bytes) -> str:
+    """POST then PUT with the whole blob (the monolithic POST-PUT)."""
+    async with session.post(f"{base}/v2/{repo}/blobs/uploads/") as response:
+        assert response.status == 202, await response.text()
+        location = response.headers["Location"]
+    digest = sha256(data)
+    async with session.put(f"{base}{location}?digest={digest}", data=data) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["Docker-Content-Digest"] == digest
+        assert response.headers["Location"] == f"/v2/{repo}/blobs/{digest}"
+    return digest
+
+
+def image_manifest(config: bytes, layers: list[bytes], **extra: Any) -> bytes:
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": EMPTY_TYPE, "digest": sha256(config), "size": len(config)},
+        "layers": [
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": sha256(b),
+                "size": len(b),
+            }
+            for b in layers
+        ],
+        **extra,
+    }
+    return json.dumps(document, indent=2).encode()
+
+
+async def push_manifest(
+    session: aiohttp.ClientSession,
+    base: str,
+    repo: str,
+    reference: str,
+    data: bytes,
+    media_type: str = OCI_MANIFEST,
+    query: str = "",
+) -> aiohttp.ClientResponse:
+    url = f"{base}/v2/{repo}/manifests/{reference}{query}"
+    async with session.put(url, data=data, headers={"Content-Type": media_type}) as response:
+        await response.read()
+        return response
+
+
+async def fetch(session: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, bytes, Any]:
+    async with session.get(url, headers=headers) as response:
+        return response.status, await response.read(), response.headers
+
+
+async def test_push_then_pull_an_image_by_tag_and_by_digest(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    layer = os.urandom(300_000)
+    config_digest = await push_blob(http, base, "local/app", EMPTY)
+    layer_digest = await push_blob(http, base, "local/app", layer)
+    manifest = image_manifest(EMPTY, [layer])
+    response = await push_manifest(http, base, "local/app", "1.0", manifest)
+    assert response.status == 201
+    digest = sha256(manifest)
+    assert response.headers["Docker-Content-Digest"] == digest
+    assert response.headers["Location"] == f"/v2/local/app/manifests/{digest.replace(':', '%3A')}"
+    for reference in ("1.0", digest):
+        status, body, headers = await fetch(http, f"{base}/v2/local/app/manifests/{reference}")
+        assert (status, body, headers["Docker-Content-Digest"]) == (200, manifest, digest)
+        assert headers["Content-Type"] == OCI_MANIFEST
+    async with http.head(f"{base}/v2/local/app/manifests/1.0") as head:
+        assert head.status == 200 and head.headers["Content-Length"] == str(len(manifest))
+    status, body, _ = await fetch(http, f"{base}/v2/local/app/blobs/{layer_digest}")
+    assert (status, body) == (200, layer)
+    status, body, _ = await fetch(
+        http, f"{base}/v2/local/app/blobs/{layer_digest}", Range="bytes=10-19"
+    )
+    assert (status, body) == (206, layer[10:20])
+    assert (await fetch(http, f"{base}/v2/local/app/blobs/{config_digest}"))[1] == EMPTY
+
+
+async def test_pulls_of_what_was_not_pushed_are_404_with_oci_errors(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    async with http.get(f"{base}/v2/local/none/manifests/latest") as response:
+        assert response.status == 404 and await _error(response) == "MANIFEST_UNKNOWN"
+    async with http.get(f"{base}/v2/local/none/blobs/{sha256(b'x')}") as response:
+        assert response.status == 404 and await _error(response) == "BLOB_UNKNOWN"
+    async with http.get(f"{base}/v2/local/none/tags/list") as response:
+        assert response.status == 404 and await _error(response) == "NAME_UNKNOWN"
+    # A blob pushed to one repository is not another's until mounted there.
+    digest = await push_blob(http, base, "local/one", b"only in one")
+    async with http.get(f"{base}/v2/local/two/blobs/{digest}") as response:
+        assert response.status == 404
+
+
+async def test_post_only_monolithic_upload(hosted: Mirror, http: aiohttp.ClientSession) -> None:
+    data = os.urandom(5000)
+    url = f"{hosted.url}/v2/local/app/blobs/uploads/?digest={sha256(data)}"
+    async with http.post(
+        url, data=data, headers={"Content-Type": "application/octet-stream"}
+    ) as response:
+        assert response.status == 201, await response.text()
+        assert response.headers["Location"] == f"/v2/local/app/blobs/{sha256(data)}"
+    assert (await fetch(http, f"{hosted.url}/v2/local/app/blobs/{sha256(data)}"))[1] == data
+
+
+async def test_chunked_upload_with_status_and_an_out_of_order_chunk(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    async with http.post(f"{base}/v2/local/chunks/blobs/uploads/") as response:
+        location = response.headers["Location"]
+        assert response.headers["Range"] == "0-0"
+    step = 1024 * 1024
+    for start in range(0, len(data), step):
+        chunk = data[start : start + step]
+        headers = {
+            "Content-Range": f"{start}-{start + len(chunk) - 1}",
+            "Content-Type": "application/octet-stream",
+        }
+        async with http.patch(f"{base}{location}", data=chunk, headers=headers) as response:
+            assert response.status == 202, await response.text()
+            assert response.headers["Range"] == f"0-{start + len(chunk) - 1}"
+            location = response.headers["Location"]
+        if start == step:  # a chunk that does not start where the upload ends
+            bad = {"Content-Range": "5-9", "Content-Type": "application/octet-stream"}
+            async with http.patch(f"{base}{location}", data=b"12345", headers=bad) as response:
+                assert response.status == 416
+    async with http.get(f"{base}{location}") as response:
+        assert response.status == 204
+        assert response.headers["Range"] == f"0-{len(data) - 1}"
+    async with http.put(f"{base}{location}?digest={sha256(data)}") as response:
+        assert response.status == 201, await response.text()
+    assert (await fetch(http, f"{base}/v2/local/chunks/blobs/{sha256(data)}"))[1] == data
+
+
+async def test_streamed_upload_without_content_range(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    data = os.urandom(2 * 1024 * 1024)
+
+    async def body() -> Any:
+        for start in range(0, len(data), 100_000):
+            yield data[start : start + 100_000]
+
+    async with http.post(f"{base}/v2/local/stream/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    async with http.patch(f"{base}{location}", data=body()) as response:  # chunked encoding
+        assert response.status == 202
+        location = response.headers["Location"]
+    async with http.put(f"{base}{location}?digest={sha256(data)}") as response:
+        assert response.status == 201
+    assert (await fetch(http, f"{base}/v2/local/stream/blobs/{sha256(data)}"))[1] == data
+
+
+async def test_a_wrong_digest_keeps_nothing(hosted: Mirror, http: aiohttp.ClientSession) -> None:
+    base = hosted.url
+    async with http.post(f"{base}/v2/local/bad/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    wrong = sha256(b"something else")
+    async with http.put(f"{base}{location}?digest={wrong}", data=b"these bytes") as response:
+        assert response.status == 400 and await _error(response) == "DIGEST_INVALID"
+    for digest in (wrong, sha256(b"these bytes")):
+        async with http.head(f"{base}/v2/local/bad/blobs/{digest}") as response:
+            assert response.status == 404
+    async with http.get(f"{base}{location}") as response:  # the upload is gone
+        assert response.status == 404 and await _error(response) == "BLOB_UPLOAD_UNKNOWN"
+
+
+async def test_cancel_an_upload(hosted: Mirror, http: aiohttp.ClientSession) -> None:
+    base = hosted.url
+    async with http.post(f"{base}/v2/local/cancel/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    async with http.delete(f"{base}{location}") as response:
+        assert response.status == 204
+    async with http.get(f"{base}{location}") as response:
+        assert response.status == 404 and await _error(response) == "BLOB_UPLOAD_UNKNOWN"
+    async with http.delete(f"{base}{location}") as response:
+        assert response.status == 404
+
+
+async def test_mounts_from_a_repository_without_from_and_of_the_unknown(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    digest = await push_blob(http, base, "local/source", b"shared layer")
+    url = f"{base}/v2/local/target/blobs/uploads/?mount={digest}&from=local/source"
+    async with http.post(url) as response:
+        assert response.status == 201
+        assert response.headers["Location"] == f"/v2/local/target/blobs/{digest}"
+    assert (await fetch(http, f"{base}/v2/local/target/blobs/{digest}"))[1] == b"shared layer"
+    async with http.post(f"{base}/v2/local/third/blobs/uploads/?mount={digest}") as response:
+        assert response.status == 201  # without from: any repository holding it
+    unknown = sha256(b"never pushed")
+    async with http.post(
+        f"{base}/v2/local/target/blobs/uploads/?mount={unknown}&from=local/source"
+    ) as response:
+        assert response.status == 202  # not mountable: an upload begins instead
+        assert "/blobs/uploads/" in response.headers["Location"]
+
+
+async def test_manifest_push_by_digest_with_tags_and_what_is_refused(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    await push_blob(http, base, "local/m", EMPTY)
+    layer = os.urandom(1000)
+    manifest = image_manifest(EMPTY, [layer])
+    response = await push_manifest(http, base, "local/m", sha256(manifest), manifest)
+    assert response.status == 400  # its layer was never pushed
+    await push_blob(http, base, "local/m", layer)
+    response = await push_manifest(
+        http, base, "local/m", sha256(manifest), manifest, query="?tag=a&tag=b"
+    )
+    assert response.status == 201
+    for tag in ("a", "b"):
+        assert (await fetch(http, f"{base}/v2/local/m/manifests/{tag}"))[1] == manifest
+    response = await push_manifest(http, base, "local/m", sha256(b"other"), manifest)
+    assert response.status == 400  # the digest in the URL is not the body's
+    response = await push_manifest(http, base, "local/m", "x", b"not json")
+    assert response.status == 400
+    response = await push_manifest(http, base, "local/m", "x", manifest, media_type="text/plain")
+    assert response.status == 400
+
+
+async def test_a_large_index_with_many_entries(hosted: Mirror, http: aiohttp.ClientSession) -> None:
+    base = hosted.url
+    await push_blob(http, base, "local/big", EMPTY)
+    children = []
+    for n in range(40):
+        child = image_manifest(EMPTY, [], annotations={"n": str(n), "pad": "x" * 20_000})
+        response = await push_manifest(http, base, "local/big", sha256(child), child)
+        assert response.status == 201
+        children.append({"mediaType": OCI_MANIFEST, "digest": sha256(child), "size": len(child)})
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": children * 300}
+    ).encode()
+    assert len(index) > 1024 * 1024
+    response = await push_manifest(http, base, "local/big", "all", index, OCI_INDEX)
+    assert response.status == 201
+    status, body, headers = await fetch(http, f"{base}/v2/local/big/manifests/all")
+    assert (status, body, headers["Content-Type"]) == (200, index, OCI_INDEX)
+
+
+async def test_tags_list_pagination(hosted: Mirror, http: aiohttp.ClientSession) -> None:
+    base = hosted.url
+    await push_blob(http, base, "local/tags", EMPTY)
+    manifest = image_manifest(EMPTY, [])
+    names = [f"t{n:02d}" for n in range(12)]
+    for tag in reversed(names):
+        assert (await push_manifest(http, base, "local/tags", tag, manifest)).status == 201
+    status, body, _ = await fetch(http, f"{base}/v2/local/tags/tags/list")
+    assert json.loads(body) == {"name": "local/tags", "tags": names}
+    seen: list[str] = []
+    url: str | None = f"{base}/v2/local/tags/tags/list?n=5"
+    while url is not None:
+        status, body, headers = await fetch(http, url)
+        assert status == 200
+        seen += json.loads(body)["tags"]
+        link = headers.get("Link")
+        url = base + link.split(">")[0].lstrip("<") if link else None
+    assert seen == names
+    status, body, _ = await fetch(http, f"{base}/v2/local/tags/tags/list?n=3&last=t05")
+    assert json.loads(body)["tags"] == ["t06", "t07", "t08"]
+
+
+async def test_referrers_with_subject_and_artifact_type_filter(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    await push_blob(http, base, "local/ref", EMPTY)
+    subject = image_manifest(EMPTY, [])
+    await push_manifest(http, base, "local/ref", "1", subject)
+    subject_descriptor = {
+        "mediaType": OCI_MANIFEST,
+        "digest": sha256(subject),
+        "size": len(subject),
+    }
+    signature = image_manifest(
+        EMPTY,
+        [],
+        artifactType="application/vnd.example.signature",
+        subject=subject_descriptor,
+        annotations={"org.example.signed-by": "ci"},
+    )
+    sbom = image_manifest(
+        EMPTY, [], artifactType="application/vnd.example.sbom", subject=subject_descriptor
+    )
+    for document in (signature, sbom):
+        response = await push_manifest(http, base, "local/ref", sha256(document), document)
+        assert response.status == 201
+        assert response.headers["OCI-Subject"] == sha256(subject)
+    status, body, headers = await fetch(http, f"{base}/v2/local/ref/referrers/{sha256(subject)}")
+    assert status == 200 and headers["Content-Type"] == OCI_INDEX
+    listed = json.loads(body)["manifests"]
+    assert sorted(d["digest"] for d in listed) == sorted([sha256(signature), sha256(sbom)])
+    signed = next(d for d in listed if d["digest"] == sha256(signature))
+    assert signed["artifactType"] == "application/vnd.example.signature"
+    assert signed["annotations"] == {"org.example.signed-by": "ci"}
+    url = (
+        f"{base}/v2/local/ref/referrers/{sha256(subject)}?artifactType=application/vnd.example.sbom"
+    )
+    status, body, headers = await fetch(http, url)
+    assert [d["digest"] for d in json.loads(body)["manifests"]] == [sha256(sbom)]
+    assert headers["OCI-Filters-Applied"] == "artifactType"
+    status, body, _ = await fetch(http, f"{base}/v2/local/ref/referrers/{sha256(b'none')}")
+    assert status == 200 and json.loads(body)["manifests"] == []
+
+
+async def test_deleting_tags_manifests_and_blobs(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    layer_digest = await push_blob(http, base, "local/del", b"layer to delete")
+    await push_blob(http, base, "local/del", EMPTY)
+    manifest = image_manifest(EMPTY, [b"layer to delete"])
+    await push_manifest(http, base, "local/del", "keep", manifest)
+    await push_manifest(http, base, "local/del", "drop", manifest)
+    async with http.delete(f"{base}/v2/local/del/manifests/drop") as response:
+        assert response.status == 202
+    assert (await fetch(http, f"{base}/v2/local/del/manifests/drop"))[0] == 404
+    assert (await fetch(http, f"{base}/v2/local/del/manifests/keep"))[0] == 200
+    async with http.delete(f"{base}/v2/local/del/manifests/{sha256(manifest)}") as response:
+        assert response.status == 202
+    for reference in ("keep", sha256(manifest)):
+        assert (await fetch(http, f"{base}/v2/local/del/manifests/{reference}"))[0] == 404
+    async with http.delete(f"{base}/v2/local/del/blobs/{layer_digest}") as response:
+        assert response.status == 202
+    assert (await fetch(http, f"{base}/v2/local/del/blobs/{layer_digest}"))[0] == 404
+    async with http.delete(f"{base}/v2/local/del/blobs/{layer_digest}") as response:
+        assert response.status == 404 and await _error(response) == "BLOB_UNKNOWN"
+
+
+async def test_sha512_blobs_and_manifests(hosted: Mirror, http: aiohttp.ClientSession) -> None:
+    base = hosted.url
+    data = os.urandom(10_000)
+    url = f"{base}/v2/local/sha512/blobs/uploads/?digest={sha512(data)}"
+    async with http.post(url, data=data) as response:
+        assert response.status == 201
+        assert response.headers["Docker-Content-Digest"] == sha512(data)
+    assert (await fetch(http, f"{base}/v2/local/sha512/blobs/{sha512(data)}"))[1] == data
+    await push_blob(http, base, "local/sha512", EMPTY)
+    manifest = image_manifest(EMPTY, [])
+    response = await push_manifest(http, base, "local/sha512", sha512(manifest), manifest)
+    assert response.status == 201 and response.headers["Docker-Content-Digest"] == sha512(manifest)
+    assert (await fetch(http, f"{base}/v2/local/sha512/manifests/{sha512(manifest)}"))[
+        1
+    ] == manifest
+
+
+async def test_writes_to_a_mirrored_namespace_are_refused(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    async with http.post(f"{hosted.url}/v2/docker.io/library/alpine/blobs/uploads/") as response:
+        assert response.status == 405 and await _error(response) == "UNSUPPORTED"
+    async with http.put(f"{hosted.url}/v2/library/alpine/manifests/x", data=b"{}") as response:
+        assert response.status == 405
+
+
+@pytest.mark.in_process
+async def test_pushed_content_outlasts_eviction_and_restarts(
+    make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A store bound of 1 MB, filled over and over by pulls: what was pushed stays; an
+    upload begun before a restart is finished after it."""
+    from tests.support.images import Pusher
+
+    settings = {"docker.io": upstream.url, "local": {"hosted": True}}
+    storage = tmp_path / "store"
+    mirror = await make_mirror(settings, storage=storage, max_size="1MB")
+    pushed = os.urandom(400_000)
+    digest = await push_blob(http, mirror.url, "local/keep", pushed)
+    async with http.post(f"{mirror.url}/v2/local/keep/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    headers = {"Content-Range": "0-99", "Content-Type": "application/octet-stream"}
+    half = os.urandom(200)
+    async with http.patch(f"{mirror.url}{location}", data=half[:100], headers=headers) as response:
+        assert response.status == 202
+    pusher = Pusher(upstream.url)
+    for _ in range(6):  # 6 x 300 KB pulled through: far past the bound
+        layer = os.urandom(300_000)
+        layer_digest = pusher.push_blob("evict/me", layer)
+        status, body, _ = await fetch(
+            http, f"{mirror.url}/v2/docker.io/evict/me/blobs/{layer_digest}"
+        )
+        assert (status, body) == (200, layer)
+    await mirror.stop()
+    again = await make_mirror(settings, storage=storage, max_size="1MB")
+    assert (await fetch(http, f"{again.url}/v2/local/keep/blobs/{digest}"))[1] == pushed
+    headers = {"Content-Range": "100-199", "Content-Type": "application/octet-stream"}
+    async with http.patch(f"{again.url}{location}", data=half[100:], headers=headers) as response:
+        assert response.status == 202
+    async with http.put(f"{again.url}{location}?digest={sha256(half)}") as response:
+        assert response.status == 201
+
+
+async def test_the_hosted_bound_refuses_pushes_past_it(
+    make_mirror: MirrorFactory, upstream: Registry, http: aiohttp.ClientSession
+) -> None:
+    mirror = await make_mirror(
+        {"docker.io": upstream.url, "local": {"hosted": True}},
+        storage_settings={"hosted_max_size": "1MB"},
+    )
+    first = os.urandom(600_000)
+    await push_blob(http, mirror.url, "local/full", first)
+    second = os.urandom(600_000)
+    url = f"{mirror.url}/v2/local/full/blobs/uploads/?digest={sha256(second)}"
+    async with http.post(url, data=second) as response:
+        assert response.status == 413 and await _error(response) == "DENIED"
+        assert "hosted_max_size" in (await response.json())["errors"][0]["message"]
+    async with http.head(f"{mirror.url}/v2/local/full/blobs/{sha256(second)}") as response:
+        assert response.status == 404
+    assert (await fetch(http, f"{mirror.url}/v2/local/full/blobs/{sha256(first)}"))[1] == first
