@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import Seeded
+from tests.support.clients import podman_command
 from tests.support.dockerd import dockerd as start_dockerd
 from tests.support.images import Image, Pusher
 from tests.support.registry import Registry, free_port
@@ -323,23 +324,6 @@ def test_containerd_pulls_two_registries_routed_by_ns(
 # podman
 
 
-@contextlib.contextmanager
-def _podman(root: Path) -> Iterator[list[str]]:
-    """The podman command line with throwaway storage under `root` (vfs, no cgroups)."""
-    runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))  # podman wants it short
-    try:
-        yield [
-            "podman",
-            "--root", str(root),
-            "--runroot", str(runroot),
-            "--storage-driver", "vfs",
-            "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file",
-        ]  # fmt: skip
-    finally:
-        shutil.rmtree(runroot, ignore_errors=True)
-
-
 def test_podman_pulls_through_root_and_path_prefix_mirrors(
     served: Served, seeded: Seeded, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -349,7 +333,7 @@ def test_podman_pulls_through_root_and_path_prefix_mirrors(
     env = {"CONTAINERS_REGISTRIES_CONF": str(conf)}
     stack = contextlib.ExitStack()
     request.addfinalizer(stack.close)
-    podman = stack.enter_context(_podman(tmp_path / "root"))
+    podman = stack.enter_context(podman_command(tmp_path / "root"))
     auth = tmp_path / "auth.json"
     env["REGISTRY_AUTH_FILE"] = str(auth)
     with pytest.raises(AssertionError):  # ghcr.io/* is for named users: not before login
@@ -534,7 +518,7 @@ def test_a_site_with_no_upstream_is_filled_from_an_archive(
         assert re.search(rf"docker.io/multi/arch:latest\s+\S+\s+{seeded.index.digest}", listing)
         conf = tmp_path / "registries.conf"
         conf.write_text(client_file("podman/registries.conf", host))
-        with _podman(tmp_path / "podman") as podman:
+        with podman_command(tmp_path / "podman") as podman:
             env = {"CONTAINERS_REGISTRIES_CONF": str(conf)}
             run(*podman, "pull", "docker.io/team/app:v1", env=env)
             digest = run(

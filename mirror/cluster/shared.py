@@ -92,8 +92,9 @@ class Shared:
 
     async def close(self) -> None:
         self._closing = True  # what fails from here on is the closing, not Redis
-        with contextlib.suppress(Exception):  # a Redis that is gone
-            await self._cache.close()
+        with contextlib.suppress(Exception):  # a Redis that is gone, or hangs
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self._cache.close()
 
     async def _ask(self, call: Awaitable[T], otherwise: T) -> T:
         """`call`'s answer, or `otherwise` when Redis fails (then rest it a moment)."""

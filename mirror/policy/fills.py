@@ -30,7 +30,7 @@ log = logging.getLogger("mirror.proxy")
 
 FROM_TIER = "tier"  # a fill's source: the shared tier, not an upstream
 CLAIM_POLL = 0.1  # seconds between looks while another replica fetches a blob
-SHARE_GRACE = 10.0  # seconds a stopping server gives uploads to the shared tier
+SHARE_GRACE = 5.0  # seconds a stopping server gives uploads to the shared tier
 
 
 class Fills:

@@ -126,8 +126,9 @@ class S3Tier:
             self.reachable = True
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._exit.aclose()
+        with contextlib.suppress(Exception):  # (TimeoutError: a store that hangs)
+            async with asyncio.timeout(ANSWER_TIMEOUT):
+                await self._exit.aclose()
 
     async def blob_size(self, digest: Digest) -> int | None:
         """The blob's length when the tier has it; None when it does not or is away."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -37,3 +41,20 @@ async def skopeo_copy_to_dir(source: str, target: Path, *extra: str) -> str:
     """`skopeo copy docker://source dir:target`; returns the digest of the manifest it wrote."""
     await skopeo("copy", "--src-tls-verify=false", *extra, f"docker://{source}", f"dir:{target}")
     return "sha256:" + hashlib.sha256((target / "manifest.json").read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def podman_command(root: Path) -> Iterator[list[str]]:
+    """The podman command line with throwaway storage under `root` (vfs, no cgroups)."""
+    runroot = Path(tempfile.mkdtemp(prefix="podman-", dir="/tmp"))  # podman wants it short
+    try:
+        yield [
+            "podman",
+            "--root", str(root),
+            "--runroot", str(runroot),
+            "--storage-driver", "vfs",
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file",
+        ]  # fmt: skip
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
