@@ -30,6 +30,7 @@ from .config import (
     parse_size,
     variable_warnings,
 )
+from .hosted.registry import Hosted
 from .images import commands
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
@@ -369,6 +370,17 @@ def maintain(command: str, config: Config, args: argparse.Namespace) -> int:
                 if older_than is not None
                 else config.storage.max_size
             )
+            if any(upstream.hosted for upstream in config.upstreams.values()):
+                hosted = Hosted(config, store)
+                try:
+                    unlinked, expired = hosted.collect(time.time(), dry_run=args.dry_run)
+                finally:
+                    hosted.close()
+                would = "would unlink" if args.dry_run else "unlinked"
+                print(
+                    f"hosted: {would} {unlinked} blob(s) no manifest refers to; "
+                    f"removed {expired} expired upload(s)"
+                )
             maintenance.gc(store, sys.stdout, size, older_than, dry_run=args.dry_run)
             return 0
         maintenance.du(store, sys.stdout)

@@ -457,3 +457,61 @@ async def test_the_hosted_bound_refuses_pushes_past_it(
     async with http.head(f"{mirror.url}/v2/local/full/blobs/{sha256(second)}") as response:
         assert response.status == 404
     assert (await fetch(http, f"{mirror.url}/v2/local/full/blobs/{sha256(first)}"))[1] == first
+
+
+async def test_pushes_need_the_push_grant(
+    make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    from tests.test_access import htpasswd
+
+    users = tmp_path / "htpasswd"
+    htpasswd(users, "builder", "s3cret")
+    htpasswd(users, "reader", "r3ad")
+    access = {
+        "users_file": str(users),
+        "rules": [
+            {"repositories": ["local/*"], "users": ["builder"], "actions": ["push"]},
+            {"repositories": ["local/*"], "anonymous": True, "actions": ["pull"]},
+        ],
+    }
+    mirror = await make_mirror(
+        {"docker.io": upstream.url, "local": {"hosted": True}}, access=access
+    )
+    url = f"{mirror.url}/v2/local/app/blobs/uploads/"
+    async with http.post(url) as response:
+        assert response.status == 401 and await _error(response) == "UNAUTHORIZED"
+        assert "push" in response.headers["WWW-Authenticate"]
+    reader = {"Authorization": aiohttp.encode_basic_auth("reader", "r3ad")}
+    async with http.post(url, headers=reader) as response:
+        assert response.status == 403 and await _error(response) == "DENIED"
+    builder = {"Authorization": aiohttp.encode_basic_auth("builder", "s3cret")}
+    async with http.post(url, headers=builder) as response:
+        assert response.status == 202
+    data = b"pushed by builder"
+    async with http.post(f"{url}?digest={sha256(data)}", data=data, headers=builder) as response:
+        assert response.status == 201
+    async with http.get(f"{mirror.url}/v2/local/app/blobs/{sha256(data)}") as response:
+        assert (response.status, await response.read()) == (200, data)  # anyone may pull
+
+
+@pytest.mark.in_process
+async def test_gc_unlinks_blobs_no_manifest_refers_to(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    import time
+
+    from mirror.app import CORE
+
+    base = hosted.url
+    loose = await push_blob(http, base, "local/gc", b"never referenced")
+    await push_blob(http, base, "local/gc", EMPTY)
+    used = await push_blob(http, base, "local/gc", b"referenced layer")
+    await push_manifest(http, base, "local/gc", "1", image_manifest(EMPTY, [b"referenced layer"]))
+    collector = hosted.app[CORE].hosted
+    assert collector is not None
+    assert collector.collect(time.time()) == (0, 0)  # within the grace a push needs
+    assert collector.collect(time.time() + 7200, dry_run=True) == (1, 0)
+    assert collector.collect(time.time() + 7200) == (1, 0)
+    assert (await fetch(http, f"{base}/v2/local/gc/blobs/{loose}"))[0] == 404
+    assert (await fetch(http, f"{base}/v2/local/gc/blobs/{used}"))[0] == 200
+    assert (await fetch(http, f"{base}/v2/local/gc/manifests/1"))[0] == 200

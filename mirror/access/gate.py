@@ -181,11 +181,12 @@ class Gate:
         path: str,
         action: str,
     ) -> bool:
-        """The first rule that applies decides; none applying is a refusal."""
+        """The first rule that applies to the repository, the address and the action
+        decides; none applying is a refusal."""
         assert self._access is not None
         for rule in rules:
-            if rule.applies(path, address):
-                return action in rule.actions and rule.grants(user, self._access.groups)
+            if action in rule.actions and rule.applies(path, address):
+                return rule.grants(user, self._access.groups)
         return False
 
     # identities

@@ -393,16 +393,23 @@ class Hosted:
 
     # maintenance
 
-    def collect(self, now: float) -> tuple[int, int]:
-        """Unlink blobs no manifest of their repository refers to (after the grace a push
-        needs between its blobs and its manifest), unpinning them; expire old uploads.
-        (blobs unlinked, uploads removed). Blocking."""
+    def collect(self, now: float, *, dry_run: bool = False) -> tuple[int, int]:
+        """Unlink the blobs no manifest of their repository refers to (pushed over
+        UNREFERENCED_GRACE ago: a push puts its blobs before its manifest), removing those
+        nothing else pins; remove expired uploads. (blobs unlinked, uploads removed);
+        with `dry_run`, what would be. Blocking; safe beside a live server."""
+        unreferenced = self.index.unreferenced_blobs(now - UNREFERENCED_GRACE)
+        if dry_run:
+            return len(unreferenced), 0
         unlinked = 0
-        for repo, digest_text in self.index.unreferenced_blobs(now - UNREFERENCED_GRACE):
+        for repo, digest_text in unreferenced:
             digest = parse_digest(digest_text)
             if digest is None or not self.index.unlink_blob(repo, digest_text):
                 continue
-            self._store.index.unpin_key(f"hosted:{repo}", blob_key(digest))
+            key = blob_key(digest)
+            self._store.index.unpin_key(f"hosted:{repo}", key)
+            if not self._store.index.is_pinned(key):
+                self._store.remove(key)
             unlinked += 1
         return unlinked, self.uploads.expire()
 

@@ -78,6 +78,18 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return None if (first, last) == (0, size) else (first, last)
 
 
+def _tag_names(body: bytes) -> list[str] | None:
+    """The tags of a tags list answer (None: not one)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    tags = document.get("tags") if isinstance(document, dict) else None
+    if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
+        return None
+    return tags
+
+
 def _page_request(request: web.Request) -> tuple[int | None, str]:
     """(`n`, `last`) of a paginated list request; n None: no limit asked."""
     text = request.query.get("n")
@@ -283,7 +295,19 @@ class RegistryHandlers:
             return self._tags_page(request, route, await self._hosted.tags(route))
         page = await self._proxy.page(route, "tags/list", params, NameUnknown)
         request[RESULT] = MISS
-        return self._page_response(request, page.body, page.content_type, page.next_query)
+        body, next_query = page.body, page.next_query
+        listed = _tag_names(body)
+        if params and listed is not None:
+            # The spec's n and last, kept even by an upstream that does not (docker-registry
+            # 2.8 answers the tag named by last too): filter and cut its answer here.
+            count, last = _page_request(request)
+            listed = sorted(listed)  # (the spec's order; 2.8 answers in its own)
+            kept = [tag for tag in listed if tag > last] if last else listed
+            if count is not None and len(kept) > count:
+                kept = kept[:count]
+                next_query = urlencode({"n": count, "last": kept[-1]}) if kept else None
+            body = json.dumps({**json.loads(body), "tags": kept}).encode()
+        return self._page_response(request, body, page.content_type, next_query)
 
     def _tags_page(self, request: web.Request, route: Route, tags: list[str]) -> web.Response:
         """A tags list `n` at a time after `last` (sorted), with a Link to the next page."""

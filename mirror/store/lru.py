@@ -190,6 +190,9 @@ class UsageIndex:
             self._db.execute("DELETE FROM pins WHERE ref = ?", (ref,))
         return int(count[0])
 
+    def is_pinned(self, key: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM pins WHERE key = ? LIMIT 1", (key,)))
+
     def unpin_key(self, ref: str, key: str) -> None:
         """Release one entry `ref` pinned."""
         self._run("DELETE FROM pins WHERE ref = ? AND key = ?", (ref, key))
