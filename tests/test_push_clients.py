@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,76 @@ async def test_docker_build_push_rmi_pull_and_podman_push(
     assert [layer["digest"] for layer in json.loads(again_raw)["layers"]] == [
         layer["digest"] for layer in pushed_layers
     ]
+
+
+async def test_oras_pushes_an_artifact_and_a_referrer_and_pulls_them_back(
+    hosted: Mirror, tmp_path: Path
+) -> None:
+    """The ORAS Python SDK (chunked uploads, an artifact manifest with a subject), in a
+    thread: it is synchronous, and the mirror may serve on this loop."""
+    import oras.client
+    import oras.oci
+
+    client = oras.client.OrasClient(hostname=hosted.host, insecure=True)
+    sbom = tmp_path / "sbom.json"
+    sbom.write_bytes(os.urandom(3 * 1024 * 1024))
+    signature = tmp_path / "signature.sig"
+    signature.write_bytes(os.urandom(2000))
+    target = f"{hosted.host}/local/artifact:1"
+    pushed = await asyncio.to_thread(
+        client.push,
+        target=target,
+        files=[str(sbom)],
+        do_chunked=True,
+        chunk_size=1 << 20,
+        disable_path_validation=True,
+    )
+    subject_digest = pushed.headers["Docker-Content-Digest"]
+    manifest = await asyncio.to_thread(client.get_manifest, target)
+    size = len(json.dumps(manifest))  # (the SDK's own size; the registry keeps the bytes)
+    subject = oras.oci.Subject(
+        mediaType="application/vnd.oci.image.manifest.v1+json", digest=subject_digest, size=size
+    )
+    referrer = await asyncio.to_thread(
+        client.push,
+        target=f"{hosted.host}/local/artifact:sig",
+        files=[str(signature)],
+        subject=subject,
+        disable_path_validation=True,
+    )
+    assert referrer.headers["OCI-Subject"] == subject_digest
+    listed = await asyncio.to_thread(
+        client.session.get,
+        f"http://{hosted.host}/v2/local/artifact/referrers/{subject_digest}",
+    )
+    digests = [d["digest"] for d in listed.json()["manifests"]]
+    assert digests == [referrer.headers["Docker-Content-Digest"]]
+    out = tmp_path / "out"
+    files = await asyncio.to_thread(client.pull, target=target, outdir=str(out))
+    assert [Path(f).read_bytes() for f in files] == [sbom.read_bytes()]
+
+
+async def test_buildah_builds_from_scratch_and_pushes(hosted: Mirror, tmp_path: Path) -> None:
+    assert shutil.which("buildah"), "buildah is needed (apt-get install buildah)"
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "data.bin").write_bytes(os.urandom(100_000))
+    (context / "Containerfile").write_text("FROM scratch\nCOPY data.bin /\n")
+    runroot = Path(tempfile.mkdtemp(prefix="bh-", dir="/tmp"))  # kept short, as podman's
+    buildah = [
+        "buildah",
+        "--root", str(tmp_path / "broot"),
+        "--runroot", str(runroot),
+        "--storage-driver", "vfs",
+    ]  # fmt: skip
+    env = {**os.environ, **NO_EGRESS, "BUILDAH_ISOLATION": "chroot"}
+    image = f"{hosted.host}/local/built:1"
+    try:
+        await run(*buildah, "bud", "-q", "-t", image, str(context), env=env)
+        await run(*buildah, "push", "--tls-verify=false", image, f"docker://{image}", env=env)
+    finally:
+        shutil.rmtree(runroot, ignore_errors=True)
+    out = tmp_path / "out"
+    await skopeo("copy", "--src-tls-verify=false", f"docker://{image}", f"dir:{out}")
+    layers = json.loads((out / "manifest.json").read_bytes())["layers"]
+    assert len(layers) == 1  # the one COPY, as pushed
