@@ -24,6 +24,7 @@ from .config import (
     Config,
     ConfigError,
     exposure_warnings,
+    hosted_warnings,
     load,
     naming_warnings,
     parse_duration,
@@ -160,6 +161,7 @@ def serve(config: Config, path: Path) -> None:
     warnings = [
         *naming_warnings(config),
         *exposure_warnings(config),
+        *hosted_warnings(config),
         *variable_warnings(config),
         *environment_warnings(os.environ),
     ]
@@ -335,6 +337,7 @@ def check_config(path: Path, config: Config) -> int:
     for warning in [
         *naming_warnings(config),
         *exposure_warnings(config),
+        *hosted_warnings(config),
         *variable_warnings(config),
     ]:
         out.write(f"warning: {warning}\n")

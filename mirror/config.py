@@ -309,6 +309,18 @@ def exposure_warnings(config: Config) -> list[str]:
     ]
 
 
+def hosted_warnings(config: Config) -> list[str]:
+    """Hosted namespaces without access rules: who may push is this machine alone."""
+    if config.access is not None:
+        return []
+    return [
+        f"upstreams.{u.name}: hosted, and no access rules: only clients on this machine may "
+        "push (set access: with a rule granting push, see README 'Pushing your own images')"
+        for u in config.upstreams.values()
+        if u.hosted
+    ]
+
+
 def parse_size(value: object, key: str) -> int:
     """Bytes from an int or a string like `50GiB`, `512 MiB`, `1.5TiB`."""
     if isinstance(value, bool):

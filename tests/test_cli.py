@@ -207,3 +207,20 @@ async def test_sighup_reloads_the_certificate_for_new_connections(
     finally:
         assert await mirror.stop() == 0
     assert "SIGHUP: reloaded" in mirror.log.read_text()
+
+
+def test_check_config_says_who_may_push_to_a_hosted_namespace(tmp_path: Path) -> None:
+    config = tmp_path / "mirror.yaml"
+    config.write_text(
+        "default_upstream: docker.io\n"
+        "upstreams: {docker.io: {url: https://registry-1.docker.io}, local: {hosted: true}}\n"
+    )
+    checked = _mirror("check-config", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: upstreams.local: hosted, and no access rules: only clients on this" in (
+        checked.stdout.replace("\n", " ")
+    )
+    config.write_text("upstreams: {local: {hosted: true, url: 'https://x.example'}}\n")
+    bad = _mirror("check-config", "--config", str(config))
+    assert bad.returncode != 0
+    assert "upstreams.local: a hosted namespace takes no url" in bad.stderr

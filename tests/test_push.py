@@ -515,3 +515,30 @@ async def test_gc_unlinks_blobs_no_manifest_refers_to(
     assert (await fetch(http, f"{base}/v2/local/gc/blobs/{loose}"))[0] == 404
     assert (await fetch(http, f"{base}/v2/local/gc/blobs/{used}"))[0] == 200
     assert (await fetch(http, f"{base}/v2/local/gc/manifests/1"))[0] == 200
+
+
+async def test_concurrent_pushes_of_one_blob_and_one_manifest(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    import asyncio
+
+    base = hosted.url
+    data = os.urandom(2 * 1024 * 1024)
+
+    async def push_whole(repo: str) -> int:
+        url = f"{base}/v2/{repo}/blobs/uploads/?digest={sha256(data)}"
+        async with http.post(url, data=data) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(push_whole(f"local/same{n % 3}") for n in range(12)))
+    assert statuses == [201] * 12
+    for n in range(3):
+        assert (await fetch(http, f"{base}/v2/local/same{n}/blobs/{sha256(data)}"))[1] == data
+    await push_blob(http, base, "local/same0", EMPTY)
+    manifest = image_manifest(EMPTY, [data])
+    responses = await asyncio.gather(
+        *(push_manifest(http, base, "local/same0", f"t{n}", manifest) for n in range(8))
+    )
+    assert [r.status for r in responses] == [201] * 8
+    for n in range(8):
+        assert (await fetch(http, f"{base}/v2/local/same0/manifests/t{n}"))[1] == manifest
