@@ -71,7 +71,8 @@ async def test_docker_build_push_rmi_pull_and_podman_push(
     root = tmp_path_factory.mktemp("d")  # short: the socket path must fit
     with start_dockerd(root, json.dumps({}), NO_EGRESS) as env:
         env = {**env, "DOCKER_BUILDKIT": "0"}
-        await run("docker", "build", "-q", "-t", image, str(context), env=env)
+        await run("docker", "build", "-q", "-t", "app:1", str(context), env=env)
+        await run("docker", "tag", "app:1", image, env=env)
         inspect = ("docker", "image", "inspect", "--format", "{{.Id}}", image)
         built = (await run(*inspect, env=env)).strip()
         pushed = await run("docker", "push", image, env=env)
