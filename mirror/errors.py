@@ -145,6 +145,10 @@ class ManifestBlobUnknown(RegistryError):
     )
 
 
+class ManifestTooLarge(RegistryError):
+    code, status, default_message = "MANIFEST_INVALID", 413, "manifest too large"
+
+
 class SizeInvalid(RegistryError):
     code, status, default_message = (
         "SIZE_INVALID",

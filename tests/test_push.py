@@ -542,3 +542,188 @@ async def test_concurrent_pushes_of_one_blob_and_one_manifest(
     assert [r.status for r in responses] == [201] * 8
     for n in range(8):
         assert (await fetch(http, f"{base}/v2/local/same0/manifests/t{n}"))[1] == manifest
+
+
+async def test_what_the_conformance_suite_asks_of_edges(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    base = hosted.url
+    # a manifest no tag can name: unknown (404), by GET and HEAD, hosted or mirrored
+    for name in ("local/conf", "library/alpine"):
+        url = f"{base}/v2/{name}/manifests/.INVALID_MANIFEST_NAME"
+        async with http.get(url) as response:
+            assert response.status == 404 and await _error(response) == "MANIFEST_UNKNOWN"
+        async with http.head(url) as response:
+            assert response.status == 404
+    data = os.urandom(2048)
+    digest = await push_blob(http, base, "local/conf", data)
+    async with http.get(
+        f"{base}/v2/local/conf/blobs/{digest}", headers={"Range": "bytes=500-0"}
+    ) as response:
+        assert response.status == 416
+    # If-None-Match names a digest the repository does not hold: still 404
+    other = sha256(b"not here")
+    async with http.get(
+        f"{base}/v2/local/conf/blobs/{other}", headers={"If-None-Match": f'"{other}"'}
+    ) as response:
+        assert response.status == 404
+    # a non-distributable layer is not pushed: the manifest is taken all the same
+    await push_blob(http, base, "local/conf", EMPTY)
+    foreign = {
+        "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "digest": sha256(b"elsewhere"),
+        "size": 9,
+        "urls": ["https://example.invalid/layer"],
+    }
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": EMPTY_TYPE, "digest": sha256(EMPTY), "size": 2},
+            "layers": [foreign],
+        }
+    ).encode()
+    assert (await push_manifest(http, base, "local/conf", "foreign", manifest)).status == 201
+    # ?tag= answers an OCI-Tag for each tag taken
+    plain = image_manifest(EMPTY, [])
+    url = f"{base}/v2/local/conf/manifests/{sha256(plain)}?tag=p1&tag=p2"
+    async with http.put(url, data=plain, headers={"Content-Type": OCI_MANIFEST}) as response:
+        assert response.status == 201
+        assert response.headers.getall("OCI-Tag") == ["p1", "p2"]
+    # a manifest past the bound: 413 with an OCI error body
+    huge = b'{"schemaVersion": 2, "pad": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    async with http.put(
+        f"{base}/v2/local/conf/manifests/huge", data=huge, headers={"Content-Type": OCI_MANIFEST}
+    ) as response:
+        assert response.status == 413 and await _error(response) == "MANIFEST_INVALID"
+    # an upload started with ns= is continued at the Location given
+    async with http.post(f"{base}/v2/team/app/blobs/uploads/?ns=local") as response:
+        assert response.status == 202
+        location = response.headers["Location"]
+        assert location.endswith("?ns=local")
+    chunk = b"via ns"
+    async with http.put(f"{base}{location}&digest={sha256(chunk)}", data=chunk) as response:
+        assert response.status == 201
+
+
+async def test_one_upload_one_writer_and_one_spelling(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    import asyncio
+
+    base = hosted.url
+    async with http.post(f"{base}/v2/local/race/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    upload = location.rsplit("/", 1)[1]
+    async with http.get(f"{base}/v2/local/race/blobs/uploads/{upload.upper()}") as response:
+        assert response.status == 404  # the id as the mirror spells it, no other
+    chunk = os.urandom(4 * 1024 * 1024)
+    headers = {"Content-Range": f"0-{len(chunk) - 1}", "Content-Type": "application/octet-stream"}
+
+    async def patch() -> int:
+        async with http.patch(f"{base}{location}", data=chunk, headers=headers) as response:
+            return response.status
+
+    assert sorted(await asyncio.gather(patch(), patch())) == [202, 416]
+    async with http.get(f"{base}{location}") as response:
+        assert response.headers["Range"] == f"0-{len(chunk) - 1}"
+
+
+async def test_the_hosted_bound_holds_for_pushes_at_once_and_open_uploads(
+    make_mirror: MirrorFactory, upstream: Registry, http: aiohttp.ClientSession
+) -> None:
+    import asyncio
+
+    mirror = await make_mirror(
+        {"docker.io": upstream.url, "local": {"hosted": True}},
+        storage_settings={"hosted_max_size": "2MB"},
+    )
+    blobs = [os.urandom(800_000) for _ in range(4)]
+
+    async def push(n: int) -> int:
+        url = f"{mirror.url}/v2/local/b{n}/blobs/uploads/?digest={sha256(blobs[n])}"
+        async with http.post(url, data=blobs[n]) as response:
+            return response.status
+
+    statuses = await asyncio.gather(*(push(n) for n in range(4)))
+    assert statuses.count(201) == 2 and statuses.count(413) == 2
+    kept = 0
+    for n in range(4):
+        async with http.head(f"{mirror.url}/v2/local/b{n}/blobs/{sha256(blobs[n])}") as response:
+            kept += response.status == 200
+    assert kept == 2
+    # An upload left open counts too: it holds room a later push cannot take.
+    async with http.post(f"{mirror.url}/v2/local/open/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    headers = {"Content-Range": "0-299999", "Content-Type": "application/octet-stream"}
+    async with http.patch(
+        f"{mirror.url}{location}", data=os.urandom(300_000), headers=headers
+    ) as response:
+        assert response.status == 202
+    late = os.urandom(150_000)  # 1.6 MB pushed + 0.3 MB open + 0.15 MB > 2 MB
+    url = f"{mirror.url}/v2/local/late/blobs/uploads/?digest={sha256(late)}"
+    async with http.post(url, data=late) as response:
+        assert response.status == 413
+    async with http.delete(f"{mirror.url}{location}") as response:
+        assert response.status == 204
+    async with http.post(url, data=late) as response:
+        assert response.status == 201  # the room the cancelled upload held
+
+
+async def test_a_mount_takes_only_from_repositories_the_client_may_pull(
+    make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    from tests.test_access import htpasswd
+
+    users = tmp_path / "htpasswd"
+    htpasswd(users, "alice", "a")
+    htpasswd(users, "bob", "b")
+    access = {
+        "users_file": str(users),
+        "rules": [
+            {"repositories": ["local/alice/*"], "users": ["alice"], "actions": ["pull", "push"]},
+            {"repositories": ["local/secret/*"], "users": ["bob"], "actions": ["pull", "push"]},
+        ],
+    }
+    mirror = await make_mirror(
+        {"docker.io": upstream.url, "local": {"hosted": True}}, access=access
+    )
+    alice = {"Authorization": aiohttp.encode_basic_auth("alice", "a")}
+    bob = {"Authorization": aiohttp.encode_basic_auth("bob", "b")}
+    secret = b"bob's secret layer"
+    url = f"{mirror.url}/v2/local/secret/app/blobs/uploads/?digest={sha256(secret)}"
+    async with http.post(url, data=secret, headers=bob) as response:
+        assert response.status == 201
+    uploads = f"{mirror.url}/v2/local/alice/x/blobs/uploads/?mount={sha256(secret)}"
+    for query in ("", "&from=local/secret/app"):
+        async with http.post(uploads + query, headers=alice) as response:
+            assert response.status == 202  # not mounted: an upload begins, as for any blob
+    async with http.get(
+        f"{mirror.url}/v2/local/alice/x/blobs/{sha256(secret)}", headers=alice
+    ) as response:
+        assert response.status == 404
+    async with http.post(f"{uploads}&from=local/secret/app", headers=bob) as response:
+        assert response.status == 403  # bob may not push to alice's repositories
+
+
+@pytest.mark.in_process
+async def test_a_blob_pushed_or_looked_for_again_starts_its_grace_anew(
+    hosted: Mirror, http: aiohttp.ClientSession
+) -> None:
+    import time
+
+    from mirror.app import CORE
+
+    base = hosted.url
+    digest = await push_blob(http, base, "local/again", b"an old layer")
+    collector = hosted.app[CORE].hosted
+    assert collector is not None
+    for again in ("push", "head"):
+        collector.index._run("UPDATE blobs SET linked = 0")  # as if pushed long ago
+        assert collector.collect(time.time(), dry_run=True) == (1, 0)
+        if again == "push":
+            await push_blob(http, base, "local/again", b"an old layer")
+        else:
+            async with http.head(f"{base}/v2/local/again/blobs/{digest}") as response:
+                assert response.status == 200
+        assert collector.collect(time.time(), dry_run=True) == (0, 0)

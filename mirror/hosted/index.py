@@ -76,10 +76,22 @@ class HostedIndex:
     # blobs
 
     def link_blob(self, repo: str, digest: str, size: int) -> None:
+        """Link a blob to a repository, or note that it was pushed (or looked for) again:
+        its grace before gc starts anew."""
         self._run(
-            "INSERT OR IGNORE INTO blobs (repo, digest, size, linked) VALUES (?, ?, ?, ?)",
+            "INSERT INTO blobs (repo, digest, size, linked) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (repo, digest) DO UPDATE SET linked = excluded.linked",
             (repo, digest, size, time.time()),
         )
+
+    def touch_blob(self, repo: str, digest: str) -> None:
+        self._run(
+            "UPDATE blobs SET linked = ? WHERE repo = ? AND digest = ?",
+            (time.time(), repo, digest),
+        )
+
+    def repositories_with(self, digest: str) -> list[str]:
+        return [str(r) for (r,) in self._rows("SELECT repo FROM blobs WHERE digest = ?", (digest,))]
 
     def blob_size(self, repo: str, digest: str) -> int | None:
         rows = self._rows("SELECT size FROM blobs WHERE repo = ? AND digest = ?", (repo, digest))

@@ -46,6 +46,8 @@ MANIFEST_MAX = 8 * 1024 * 1024  # bytes of one pushed manifest (the spec asks fo
 COPY_CHUNK = 1024 * 1024
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 UNREFERENCED_GRACE = 3600.0  # seconds a pushed blob waits for the manifest that uses it
+HOLD_POLL = 0.02  # seconds between tries for an upload another request holds
+HOLD_WAIT = 120.0  # seconds a request waits for it
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class Hosted:
         self.index = HostedIndex(folder / "index.db")
         self.uploads = Uploads(folder / "uploads", config.storage.upload_expiry)
         self._bound = config.storage.hosted_max_size or config.storage.max_size
-        self._locks: dict[str, asyncio.Lock] = {}  # one writer per upload at a time
+        self._keeping = asyncio.Lock()
 
     def close(self) -> None:
         self.index.close()
@@ -90,7 +92,6 @@ class Hosted:
             raise BlobUploadUnknown(detail={"upload": upload}) from None
 
     async def cancel_upload(self, route: Route, upload: str) -> None:
-        self._locks.pop(upload, None)
         try:
             await asyncio.to_thread(self.uploads.remove, self._repo(route), upload)
         except UploadUnknown:
@@ -105,38 +106,59 @@ class Hosted:
         length: int | None,
     ) -> int:
         """Add a chunk to an upload; its new size. A chunk with a `Content-Range` must
-        begin where the upload ends (else 416, and nothing is added)."""
-        lock = self._locks.setdefault(upload, asyncio.Lock())
-        async with lock:
-            try:
-                fd, size = await asyncio.to_thread(
-                    self.uploads.open_for_append, self._repo(route), upload
+        begin where the upload ends (else 416, and nothing is added); a chunk cut short,
+        refused or past the bound is not kept: the upload stays as it was."""
+        async with self._holding(route, upload) as (fd, size):
+            if start is not None and start != size:
+                raise RangeInvalid(
+                    f"the upload has {size} bytes: a chunk must start at {size}",
+                    headers={"Range": f"0-{size - 1}" if size else "0-0"},
                 )
-            except UploadUnknown:
-                raise BlobUploadUnknown(detail={"upload": upload}) from None
+            room = self._bound - await asyncio.to_thread(self._hosted_bytes)
+            received = 0
             try:
-                if start is not None and start != size:
-                    raise RangeInvalid(
-                        f"the upload has {size} bytes: a chunk must start at {size}",
-                        headers={"Range": f"0-{size - 1}" if size else "0-0"},
-                    )
-                received = 0
                 async for chunk in body:
                     received += len(chunk)
-                    if size + received > self._bound:
+                    if received > room:
                         raise HostedFull(
-                            f"an upload of over {self._bound} bytes: past storage.hosted_max_size"
+                            f"storage.hosted_max_size ({self._bound} bytes) would be "
+                            "exceeded by this upload (pushed content and uploads in progress "
+                            "count)"
                         )
                     await asyncio.to_thread(_write_all, fd, chunk)
                 if length is not None and received != length:
                     raise SizeInvalid(f"{received} bytes sent, {length} announced")
-                return size + received
-            except (HostedFull, SizeInvalid):
+            except BaseException:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)  # the chunk is not taken: the upload as it was
                 raise
-            finally:
-                os.close(fd)
+            return size + received
+
+    def _hosted_bytes(self) -> int:
+        """What counts against storage.hosted_max_size: pushed content, and uploads in
+        progress (blocking)."""
+        pinned = self._store.index.pinned_bytes("hosted:%")
+        return pinned + self.uploads.bytes_in_progress()
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, route: Route, upload: str) -> AsyncIterator[tuple[int, int]]:
+        """The upload's file, locked against every other request for it (any worker)."""
+        held = None
+        try:
+            for _ in range(int(HOLD_WAIT / HOLD_POLL)):
+                held = await asyncio.to_thread(self.uploads.hold, self._repo(route), upload)
+                if held is not None:
+                    break
+                await asyncio.sleep(HOLD_POLL)  # another request has it: after that one
+        except UploadUnknown:
+            raise BlobUploadUnknown(detail={"upload": upload}) from None
+        if held is None:
+            raise BlobUploadInvalid(f"upload {upload} is busy with another request")
+        fd, size = held
+        try:
+            yield fd, size
+        finally:
+            os.close(fd)  # (and the lock with it)
 
     async def finish(self, route: Route, upload: str, digest_text: str | None) -> Digest:
         """Close an upload with its digest: checked, then stored, pinned and linked."""
@@ -147,35 +169,38 @@ class Hosted:
                 detail={"digest": digest_text},
             )
         repo = self._repo(route)
-        try:
-            matches, size = await asyncio.to_thread(self.uploads.matches, repo, upload, digest)
-            if not matches:
+        async with self._holding(route, upload):
+            try:
+                matches, size = await asyncio.to_thread(self.uploads.matches, repo, upload, digest)
+                if not matches:
+                    await asyncio.to_thread(self.uploads.remove, repo, upload)
+                    raise DigestInvalid(
+                        f"the uploaded content does not match {digest}",
+                        detail={"digest": str(digest)},
+                    )
+                path = await asyncio.to_thread(self.uploads.path, repo, upload)
+            except UploadUnknown:
+                raise BlobUploadUnknown(detail={"upload": upload}) from None
+            await self._keep_blob(route, digest, size, path)
+            with contextlib.suppress(UploadUnknown):
                 await asyncio.to_thread(self.uploads.remove, repo, upload)
-                raise DigestInvalid(
-                    f"the uploaded content does not match {digest}", detail={"digest": str(digest)}
-                )
-            path = await asyncio.to_thread(self.uploads.path, repo, upload)
-        except UploadUnknown:
-            raise BlobUploadUnknown(detail={"upload": upload}) from None
-        await self._keep_blob(route, digest, size, path)
-        with contextlib.suppress(UploadUnknown):
-            await asyncio.to_thread(self.uploads.remove, repo, upload)
-        self._locks.pop(upload, None)
         return digest
 
     async def _keep_blob(self, route: Route, digest: Digest, size: int, path: Path) -> None:
         """Put verified bytes in the store (unless there already), pinned for the
         repository, and link them to it."""
         key = blob_key(digest)
-        if not self._store.has_blob(digest):
-            hosted = await asyncio.to_thread(self._store.index.pinned_bytes, "hosted:%")
-            if hosted + size > self._bound:
-                raise HostedFull(
-                    f"storage.hosted_max_size ({self._bound} bytes) would be exceeded: "
-                    f"{hosted} bytes are pushed already"
-                )
-            await self._copy_in(route, digest, path)
-        await asyncio.to_thread(self._store.index.pin, self._pin(route), [key])
+        async with self._keeping:  # the bound's check and the pin as one, in this process
+            if not await asyncio.to_thread(self._store.index.is_pinned, key):
+                hosted = await asyncio.to_thread(self._store.index.pinned_bytes, "hosted:%")
+                if hosted + size > self._bound:
+                    raise HostedFull(
+                        f"storage.hosted_max_size ({self._bound} bytes) would be exceeded: "
+                        f"{hosted} bytes are pushed already"
+                    )
+            if not self._store.has_blob(digest):
+                await self._copy_in(route, digest, path)
+            await asyncio.to_thread(self._store.index.pin, self._pin(route), [key])
         if not self._store.has_blob(digest):  # evicted between the two: put it back
             await self._copy_in(route, digest, path)
         await asyncio.to_thread(self.index.link_blob, self._repo(route), str(digest), size)
@@ -193,7 +218,10 @@ class Hosted:
         try:
             await asyncio.to_thread(_copy_into, path, temp)
             kept = await asyncio.to_thread(_commit, temp)
-        except (*WRITE_ERRORS, DigestMismatch) as exc:
+        except DigestMismatch:
+            temp.discard()  # (the upload changed under the check: not taken)
+            raise DigestInvalid(f"the uploaded content does not match {digest}") from None
+        except WRITE_ERRORS as exc:
             temp.discard()
             raise HostedFull(f"the store could not keep {digest}: {exc}") from None
         if not kept:
@@ -210,24 +238,28 @@ class Hosted:
                 await self.cancel_upload(route, upload)
             raise
 
-    async def mount(self, route: Route, digest_text: str, source: Route | None) -> Digest | None:
-        """Link a blob another repository holds (any hosted one when `source` is None);
-        None when it cannot be mounted (the client then uploads it)."""
+    async def holders(self, digest_text: str) -> list[tuple[str, str]]:
+        """(upstream, repository) of every hosted repository holding a blob."""
+        found = await asyncio.to_thread(self.index.repositories_with, digest_text)
+        return [(repo.partition("/")[0], repo.partition("/")[2]) for repo in found]
+
+    async def mount(self, route: Route, digest_text: str, source: Route) -> Digest | None:
+        """Link a blob `source` (a hosted repository the client may read) holds; None
+        when it cannot be mounted (the client then uploads it)."""
         digest = parse_digest(digest_text)
-        if digest is None or not self._store.has_blob(digest):
+        if digest is None or not source.upstream.hosted or not self._store.has_blob(digest):
             return None
-        if source is not None:
-            if not source.upstream.hosted:
-                return None
-            found = await asyncio.to_thread(self.index.blob_size, self._repo(source), str(digest))
-        else:
-            other = await asyncio.to_thread(self.index.any_repository_with, str(digest))
-            found = None if other is None else self._store.blob_size(digest)
+        found = await asyncio.to_thread(self.index.blob_size, self._repo(source), str(digest))
         if found is None:
             return None
         await asyncio.to_thread(self._store.index.pin, self._pin(route), [blob_key(digest)])
         await asyncio.to_thread(self.index.link_blob, self._repo(route), str(digest), found)
         return digest
+
+    async def seen(self, route: Route, digest: Digest) -> None:
+        """A client asked whether the repository holds a blob (a push checking before it
+        sends its manifest): the blob's grace before gc starts anew."""
+        await asyncio.to_thread(self.index.touch_blob, self._repo(route), str(digest))
 
     # blobs
 
@@ -318,8 +350,11 @@ class Hosted:
         for field in ("config", "layers", "blobs"):
             items = document.get(field)
             for item in items if isinstance(items, list) else [items]:
-                if item is not None:
-                    wanted.append((_checked_descriptor(item, field), False))
+                if item is None:
+                    continue
+                digest = _checked_descriptor(item, field)
+                if not _foreign(item):  # a non-distributable layer lives elsewhere
+                    wanted.append((digest, False))
         children = document.get("manifests")
         if isinstance(children, list):
             for child in children:
@@ -450,6 +485,12 @@ def _checked_descriptor(item: Any, field: str) -> str:
     if digest is None:
         raise ManifestInvalid(f"{field}: a descriptor without a valid digest")
     return digest
+
+
+def _foreign(item: Any) -> bool:
+    """A non-distributable layer: fetched from its `urls`, never pushed."""
+    media_type = str(item.get("mediaType", "")) if isinstance(item, dict) else ""
+    return "nondistributable" in media_type or "foreign" in media_type
 
 
 def _descriptor_digest(item: Any) -> str | None:

@@ -6,6 +6,8 @@ the store. An upload not touched for `storage.upload_expiry` is removed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -32,10 +34,14 @@ class Uploads:
         folder.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, upload: str) -> Path:
+        """An upload's folder; its id only as the mirror spells it (one upload, one id)."""
         try:
-            return self._folder / str(uuid.UUID(upload))
+            canonical = str(uuid.UUID(upload))
         except ValueError:
             raise UploadUnknown(upload) from None
+        if canonical != upload:
+            raise UploadUnknown(upload)
+        return self._folder / canonical
 
     def begin(self, repo: str) -> str:
         upload = str(uuid.uuid4())
@@ -62,11 +68,32 @@ class Uploads:
     def size(self, repo: str, upload: str) -> int:
         return self._checked(repo, upload).stat().st_size
 
-    def open_for_append(self, repo: str, upload: str) -> tuple[int, int]:
-        """A descriptor to append to (the caller closes it), and the size so far."""
+    def hold(self, repo: str, upload: str) -> tuple[int, int] | None:
+        """The upload's file, open to append to and locked (flock: against every other
+        request for it, in any worker process, until the caller closes it), and its size;
+        None while another request holds it (never waits: a thread is not parked)."""
         data = self._checked(repo, upload)
         fd = os.open(data, os.O_WRONLY | os.O_APPEND)
-        return fd, os.fstat(fd).st_size
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            if not data.exists():  # finished or cancelled while this waited
+                raise UploadUnknown(upload)
+            return fd, os.fstat(fd).st_size
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def bytes_in_progress(self) -> int:
+        """Bytes of every upload in progress (what the hosted bound counts besides)."""
+        total = 0
+        for folder in self._folder.iterdir():
+            with contextlib.suppress(OSError):
+                total += (folder / "data").stat().st_size
+        return total
 
     def matches(self, repo: str, upload: str, digest: Digest) -> tuple[bool, int]:
         """Whether the upload's bytes hash to `digest`, and how many there are."""

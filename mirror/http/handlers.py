@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -23,7 +24,6 @@ from ..errors import (
     NotFound,
     PaginationInvalid,
     RangeInvalid,
-    TagInvalid,
     Unsupported,
 )
 from ..hosted.registry import Hosted
@@ -49,6 +49,7 @@ ROUTE = web.RequestKey("route", Route)  # the Route a request was given
 # Body bytes of a streamed or sendfile answer handed to the connection so far: what the
 # client was really sent, when it left (or the transfer broke) before the end.
 BODY_SENT = web.RequestKey("body_sent", int)
+BACKWARDS_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
 def _digest(text: str) -> Digest:
@@ -65,7 +66,15 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     try:
         wanted = request.http_range
     except ValueError:
-        return None  # a Range we cannot read is ignored, as HTTP allows
+        # A Range we cannot read is ignored, as HTTP allows; one that ends before it
+        # starts cannot be satisfied (416, as the conformance suite asks).
+        backwards = BACKWARDS_RANGE.fullmatch(request.headers["Range"].strip())
+        if backwards and int(backwards.group(1)) > int(backwards.group(2)):
+            raise RangeInvalid(
+                f"range not satisfiable for {size} bytes",
+                headers={"Content-Range": f"bytes */{size}"},
+            ) from None
+        return None
     first = wanted.start or 0
     if wanted.start is not None and wanted.start < 0:
         first = max(0, size + wanted.start)
@@ -139,7 +148,8 @@ class RegistryHandlers:
         if looks_like_digest(reference):
             _digest(reference)
         elif not is_valid_tag(reference):
-            raise TagInvalid(f"invalid tag {reference!r}", detail={"tag": reference})
+            # No manifest can have that name: unknown (404), as the conformance suite asks.
+            raise ManifestUnknown(f"no manifest is tagged {reference!r}: not a valid tag")
         head = request.method == "HEAD"
         # Clients may send one Accept header per media type: take them all.
         accept = ", ".join(request.headers.getall("Accept", []))
@@ -174,6 +184,8 @@ class RegistryHandlers:
             "Content-Type": "application/octet-stream",
             "ETag": f'"{digest}"',  # the content's name: it never changes
         }
+        if route.upstream.hosted and self._hosted is not None:
+            size = await self._hosted.blob_size(route, digest)  # 404 unless it holds it
         if _etag_matches(request, str(digest)):
             # The client has these bytes (a digest names them forever): nothing to fetch.
             request[RESULT] = HIT
@@ -181,7 +193,8 @@ class RegistryHandlers:
         if route.upstream.hosted and self._hosted is not None:
             request[RESULT] = headers[CACHE_HEADER] = HIT
             if request.method == "HEAD":
-                headers["Content-Length"] = str(await self._hosted.blob_size(route, digest))
+                await self._hosted.seen(route, digest)  # a pusher asking: its grace anew
+                headers["Content-Length"] = str(size)
                 headers["Accept-Ranges"] = "bytes"
                 return web.Response(headers=headers)
             with contextlib.closing(await self._hosted.open_blob(route, digest)) as pushed:

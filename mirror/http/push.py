@@ -5,23 +5,28 @@ Elsewhere every write is refused (405, UNSUPPORTED): a mirrored namespace is rea
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
+import aiohttp
 from aiohttp import web
 
 from ..access.gate import Gate
 from ..config import Config
 from ..errors import (
     RESULT,
+    BlobUploadInvalid,
     DigestInvalid,
+    ManifestTooLarge,
     RangeInvalid,
     RegistryError,
     TagInvalid,
     Unsupported,
 )
-from ..hosted.registry import Hosted
+from ..hosted.registry import MANIFEST_MAX, Hosted
 from ..reference import is_valid_tag, parse_digest
 from ..routing import Route, resolve
 from .handlers import API_HEADERS, ROUTE
@@ -55,10 +60,14 @@ class PushHandlers:
     def _base(self, request: web.Request) -> str:
         return f"/v2/{request.match_info['name']}"
 
+    def _ns(self, request: web.Request) -> str:
+        """The `ns=` the client routed by, kept in the Locations it is sent on to."""
+        return f"?{urlencode({'ns': request.query['ns']})}" if "ns" in request.query else ""
+
     def _upload_answer(
         self, request: web.Request, upload: str, size: int, status: int = 202
     ) -> web.Response:
-        location = f"{self._base(request)}/blobs/uploads/{upload}"
+        location = f"{self._base(request)}/blobs/uploads/{upload}{self._ns(request)}"
         return web.Response(
             status=status,
             headers={
@@ -85,15 +94,11 @@ class PushHandlers:
         route = await self._route(request)
         mount = request.query.get("mount")
         if mount is not None:
-            source = None
-            if "from" in request.query:
-                try:
-                    source = resolve(self._config, request.query["from"], None)
-                except RegistryError:
-                    source = None
-                if source is not None and source.upstream.hosted:
-                    await self._gate.pull(request, source)  # reading it, too
-            mounted = await self._hosted.mount(route, mount, source)
+            mounted = None
+            for source in await self._mount_sources(request, mount):
+                mounted = await self._hosted.mount(route, mount, source)
+                if mounted is not None:
+                    break
             if mounted is not None:
                 return self._blob_created(request, str(mounted))
         elif "digest" in request.query:
@@ -101,6 +106,22 @@ class PushHandlers:
             return self._blob_created(request, str(digest))
         upload = await self._hosted.begin_upload(route)
         return self._upload_answer(request, upload, 0)
+
+    async def _mount_sources(self, request: web.Request, digest: str) -> list[Route]:
+        """The repositories a mount may take `digest` from: `from=`, or without it every
+        hosted repository holding it; only those this client may pull (the others are
+        not named: the mount fails, and an upload begins, as for a blob not there)."""
+        allowed = await self._gate.visible(request)
+        candidates: list[Route] = []
+        if "from" in request.query:
+            with contextlib.suppress(RegistryError):
+                candidates.append(resolve(self._config, request.query["from"], None))
+        else:
+            for upstream, repository in await self._hosted.holders(digest):
+                config = self._config.upstreams.get(upstream)
+                if config is not None and config.hosted:
+                    candidates.append(Route(config, repository))
+        return [route for route in candidates if route.upstream.hosted and allowed(route)]
 
     async def upload_status(self, request: web.Request) -> web.StreamResponse:
         """GET /v2/<name>/blobs/uploads/<id>: how much was received (204)."""
@@ -146,7 +167,12 @@ class PushHandlers:
         for tag in tags:
             if not is_valid_tag(tag):
                 raise TagInvalid(f"invalid tag {tag!r}", detail={"tag": tag})
-        data = await request.read()
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ManifestTooLarge(
+                f"a manifest of over {MANIFEST_MAX} bytes is not taken"
+            ) from None
         digest, subject = await self._hosted.put_manifest(
             route, reference, data, request.headers.get("Content-Type", ""), tags
         )
@@ -157,7 +183,10 @@ class PushHandlers:
         }
         if subject is not None:
             headers["OCI-Subject"] = subject
-        return web.Response(status=201, headers=headers)
+        response = web.Response(status=201, headers=headers)
+        for tag in tags:  # each tag= taken, as the spec asks of registries taking them
+            response.headers.add("OCI-Tag", tag)
+        return response
 
     async def delete_manifest(self, request: web.Request) -> web.StreamResponse:
         """DELETE /v2/<name>/manifests/<digest> (the manifest) or <tag> (the tag)."""
@@ -193,5 +222,12 @@ def _content_range(request: web.Request) -> tuple[int | None, int | None]:
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
-        yield chunk
+    """A request's body as it arrives; a client that stops sending mid-way is an upload
+    not taken (its chunk is dropped), not an internal error."""
+    try:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            yield chunk
+    except (ConnectionError, asyncio.IncompleteReadError, aiohttp.ClientPayloadError) as exc:
+        raise BlobUploadInvalid(
+            f"the client stopped sending: {exc or type(exc).__name__}"
+        ) from None
