@@ -87,16 +87,8 @@ class Gate:
         self._allow(request, identity)
 
     async def pull(self, request: web.Request, route: Route) -> None:
-        access = self._access
-        if access is None:
-            return
-        name = request.match_info.get("name", "")
-        challenge = self._challenge(request, f"repository:{name}:pull")
-        identity = await self._identity(request, challenge=challenge)
-        user = identity.user if identity is not None else None
-        path = f"{route.upstream.name}/{route.repository}"
-        allowed = self._allows(access.rules, user, request.remote, path, "pull")
-        self._decide(request, identity, allowed, challenge, f"pull {name}", {"name": name})
+        if self._access is not None:
+            await self._check(request, route, "pull", "pull")
 
     async def push(self, request: web.Request, route: Route) -> None:
         """A write to a hosted namespace: an identity the rules grant `push`; without
@@ -111,12 +103,19 @@ class Gate:
                 "access: in the config, see README 'Access control')",
                 detail={"name": name},
             )
-        challenge = self._challenge(request, f"repository:{name}:pull,push")
+        await self._check(request, route, "push", "pull,push")
+
+    async def _check(self, request: web.Request, route: Route, action: str, scope: str) -> None:
+        """Admit the request to `action` on `route`'s repository, or refuse it (401 with
+        the challenge for `scope`, or 403)."""
+        assert self._access is not None
+        name = request.match_info.get("name", "")
+        challenge = self._challenge(request, f"repository:{name}:{scope}")
         identity = await self._identity(request, challenge=challenge)
         user = identity.user if identity is not None else None
         path = f"{route.upstream.name}/{route.repository}"
-        allowed = self._allows(access.rules, user, request.remote, path, "push")
-        self._decide(request, identity, allowed, challenge, f"push {name}", {"name": name})
+        allowed = self._allows(self._access.rules, user, request.remote, path, action)
+        self._decide(request, identity, allowed, challenge, f"{action} {name}", {"name": name})
 
     async def visible(self, request: web.Request) -> Callable[[Route], bool]:
         """For `/v2/_catalog`: which repositories this client may pull (all, with no
