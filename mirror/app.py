@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -42,6 +44,7 @@ TAGS = web.AppKey("tags", TagIndex)
 GATE = web.AppKey("gate", Gate)
 CORE = web.AppKey("core", Core)
 
+STOP_LIMIT = 10.0  # seconds the app's own clean-up may take at stop
 USE_FLUSH_SECONDS = 1.0  # how often the housekeeping task looks whether uses are due
 
 
@@ -114,6 +117,8 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     housekeeping = asyncio.create_task(_housekeeping(app[STORE], app[METRICS]))
     config = app[CONFIG]
     sharing = None
+    tier = app[CORE].cluster.tier
+    starting = asyncio.create_task(tier.start()) if tier is not None else None
     shared = app[CORE].cluster.shared
     if shared is not None:
         sharing = asyncio.create_task(share_health(shared, app[UPSTREAMS].by_name))
@@ -127,14 +132,35 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
         host, port = config.ops_listen
         await web.TCPSite(ops_runner, host, port, reuse_port=config.workers > 1).start()
     yield
+    watchdog = _stop_watchdog(asyncio.get_running_loop())
     if ops_runner is not None:
         await ops_runner.cleanup()
-    background = [task for task in (housekeeping, warming, sharing) if task is not None]
+    background = [task for task in (housekeeping, warming, sharing, starting) if task is not None]
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
     await app[CORE].close()
+    watchdog.cancel()
     logging.getLogger("mirror").info("stopped: connections closed, the store and index flushed")
+
+
+def _stop_watchdog(loop: asyncio.AbstractEventLoop) -> threading.Timer:
+    """A stop that has not ended in STOP_LIMIT seconds ends the process anyway, saying
+    what was still waiting: a server asked to stop always stops."""
+
+    def overdue() -> None:
+        log = logging.getLogger("mirror")
+        with contextlib.suppress(Exception):  # (a look from another thread: best effort)
+            for task in asyncio.all_tasks(loop):
+                log.error("still waiting at stop: %r", task)
+        log.error("stop took over %gs: exiting without finishing it", STOP_LIMIT)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(STOP_LIMIT, overdue)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 async def _housekeeping(store: BlobStore, metrics: Metrics) -> None:

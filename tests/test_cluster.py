@@ -101,8 +101,10 @@ async def replicas(
         return batch
 
     yield start
-    for replica in started:
-        await replica.stop()
+    stopped = await asyncio.gather(*(r.stop() for r in started), return_exceptions=True)
+    failures = [outcome for outcome in stopped if isinstance(outcome, BaseException)]
+    if failures:
+        raise failures[0]
 
 
 def _push_blob(upstream: Registry, repository: str, size: int) -> tuple[str, bytes]:

@@ -203,6 +203,10 @@ class Fills:
                     detail={"digest": str(digest)},
                 )
             claim = await shared.claim(f"blob:{digest}")
+            if claim is not None and await tier.blob_size(digest) is not None:
+                # Its holder finished between the look and the claim: the tier has it.
+                await claim.release()
+                continue
             if claim is not None:
                 if waited:
                     self._metrics.cluster_waits.labels("claimed").inc()

@@ -158,7 +158,7 @@ class Manifests:
         while True:
             claim = await shared.claim(f"manifest:{digest}")
             if claim is not None or asyncio.get_running_loop().time() > give_up:
-                try:
+                try:  # (the tier first: its holder may have finished just before)
                     return await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
                 except (ManifestUnknown, NameUnknown):
                     if claim is not None:
@@ -299,6 +299,7 @@ class Manifests:
         ttl = upstream.ttl_for(route.repository, tag)
         give_up = asyncio.get_running_loop().time() + self._config.timeouts.revalidate
         known = self._tags.get(upstream.name, route.repository, tag)
+        claim: Claim | None = None
         while True:
             found = await shared.tag(upstream.name, route.repository, tag)
             if found is not None and (known is None or found.confirmed_at > known.confirmed_at):
@@ -313,13 +314,29 @@ class Manifests:
                 digest = parse_digest(known.digest)
                 if answer is None and digest is not None:
                     # Not here yet: from the shared tier, else by digest from the upstream.
-                    fetched = await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+                    try:
+                        fetched = await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
+                    except BaseException:
+                        if claim is not None:
+                            await claim.release()
+                        raise
                     answer = dataclasses.replace(fetched, data=None) if head else fetched
                 if answer is not None:
+                    if claim is not None:
+                        await claim.release()
                     return answer, None, True
-            claim = await shared.claim(f"tag:{upstream.name}/{route.repository}:{tag}")
-            if claim is not None or asyncio.get_running_loop().time() > give_up:
+            if claim is not None:  # looked again with the claim: still for this one...
+                try:  # ...unless its last holder was told the tag is unknown
+                    await self._refuse_cluster_missing(route, tag)
+                except KnownMissing:
+                    await claim.release()
+                    raise
                 return None, claim, known is not None
+            claim = await shared.claim(f"tag:{upstream.name}/{route.repository}:{tag}")
+            if claim is not None:
+                continue  # one more look: its last holder may have answered just before
+            if asyncio.get_running_loop().time() > give_up:
+                return None, None, known is not None
             await asyncio.sleep(CLAIM_POLL)
             await self._refuse_cluster_missing(route, tag)  # what the holder was told
 

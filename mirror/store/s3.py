@@ -125,6 +125,13 @@ class S3Tier:
             log.warning("the shared tier (s3 bucket %s) answers again", self._config.bucket)
             self.reachable = True
 
+    async def start(self) -> None:
+        """Make the client and find the bucket now, so the first pull does not pay it."""
+        try:
+            await self._s3()
+        except Exception as exc:  # (said once; the first pull tries again after the rest)
+            self._failed("at start-up", exc)
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # (TimeoutError: a store that hangs)
             async with asyncio.timeout(ANSWER_TIMEOUT):
