@@ -182,6 +182,9 @@ def _die_with(parent: int) -> None:
         os._exit(0)
 
 
+SHUTDOWN_WAIT = 20.0  # seconds a stop waits for requests in flight (a download, a push)
+
+
 def _run(config: Config, path: Path, *, worker: bool, parent: int = 0) -> None:
     if worker:
         _die_with(parent)
@@ -212,6 +215,7 @@ def _run(config: Config, path: Path, *, worker: bool, parent: int = 0) -> None:
         reuse_port=worker,
         print=None,
         access_log=None,
+        shutdown_timeout=SHUTDOWN_WAIT,
     )
 
 

@@ -584,6 +584,16 @@ async def test_what_the_conformance_suite_asks_of_edges(
         }
     ).encode()
     assert (await push_manifest(http, base, "local/conf", "foreign", manifest)).status == 201
+    # ...but only a layer with its urls: a config is always pushed
+    odd = json.loads(manifest)
+    odd["config"] = {
+        "mediaType": "application/x-foreign-config",
+        "digest": sha256(b"no"),
+        "size": 2,
+    }
+    odd["layers"] = []
+    odd_bytes = json.dumps(odd).encode()
+    assert (await push_manifest(http, base, "local/conf", "odd", odd_bytes)).status == 400
     # ?tag= answers an OCI-Tag for each tag taken
     plain = image_manifest(EMPTY, [])
     url = f"{base}/v2/local/conf/manifests/{sha256(plain)}?tag=p1&tag=p2"
@@ -727,3 +737,9 @@ async def test_a_blob_pushed_or_looked_for_again_starts_its_grace_anew(
             async with http.head(f"{base}/v2/local/again/blobs/{digest}") as response:
                 assert response.status == 200
         assert collector.collect(time.time(), dry_run=True) == (0, 0)
+    # gc read its list, then the blob was looked for: the unlink does not take it
+    collector.index._run("UPDATE blobs SET linked = 0")
+    listed = collector.index.unreferenced_blobs(time.time() - 3600)
+    assert listed == [("local/again", digest)]
+    collector.index.touch_blob("local/again", digest)
+    assert not collector.index.unlink_blob("local/again", digest, time.time() - 3600)

@@ -101,8 +101,18 @@ class HostedIndex:
         rows = self._rows("SELECT repo FROM blobs WHERE digest = ? LIMIT 1", (digest,))
         return str(rows[0][0]) if rows else None
 
-    def unlink_blob(self, repo: str, digest: str) -> bool:
-        return self._run("DELETE FROM blobs WHERE repo = ? AND digest = ?", (repo, digest)) > 0
+    def unlink_blob(self, repo: str, digest: str, linked_before: float | None = None) -> bool:
+        """Unlink a blob; with `linked_before`, only if it was not linked (or looked for)
+        since, checked in the same statement (gc beside pushes)."""
+        if linked_before is None:
+            return self._run("DELETE FROM blobs WHERE repo = ? AND digest = ?", (repo, digest)) > 0
+        return (
+            self._run(
+                "DELETE FROM blobs WHERE repo = ? AND digest = ? AND linked < ?",
+                (repo, digest, linked_before),
+            )
+            > 0
+        )
 
     def blob_linked_elsewhere(self, repo: str, digest: str) -> bool:
         rows = self._rows(

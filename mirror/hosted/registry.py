@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ class Hosted:
         self.uploads = Uploads(folder / "uploads", config.storage.upload_expiry)
         self._bound = config.storage.hosted_max_size or config.storage.max_size
         self._keeping = asyncio.Lock()
+        self._bound_file = folder / "bound.lock"
 
     def close(self) -> None:
         self.index.close()
@@ -114,12 +116,12 @@ class Hosted:
                     f"the upload has {size} bytes: a chunk must start at {size}",
                     headers={"Range": f"0-{size - 1}" if size else "0-0"},
                 )
-            room = self._bound - await asyncio.to_thread(self._hosted_bytes)
             received = 0
             try:
                 async for chunk in body:
                     received += len(chunk)
-                    if received > room:
+                    # Looked at with each chunk: uploads at once each count the others'.
+                    if await asyncio.to_thread(self._hosted_bytes) + len(chunk) > self._bound:
                         raise HostedFull(
                             f"storage.hosted_max_size ({self._bound} bytes) would be "
                             "exceeded by this upload (pushed content and uploads in progress "
@@ -133,6 +135,22 @@ class Hosted:
                     os.ftruncate(fd, size)  # the chunk is not taken: the upload as it was
                 raise
             return size + received
+
+    @contextlib.asynccontextmanager
+    async def _bound_lock(self) -> AsyncIterator[None]:
+        """The bound's check and the pin as one across worker processes (a file lock,
+        tried without parking a thread)."""
+        fd = os.open(self._bound_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(HOLD_POLL)
+            yield
+        finally:
+            os.close(fd)
 
     def _hosted_bytes(self) -> int:
         """What counts against storage.hosted_max_size: pushed content, and uploads in
@@ -190,7 +208,7 @@ class Hosted:
         """Put verified bytes in the store (unless there already), pinned for the
         repository, and link them to it."""
         key = blob_key(digest)
-        async with self._keeping:  # the bound's check and the pin as one, in this process
+        async with self._keeping, self._bound_lock():  # the check and the pin as one
             if not await asyncio.to_thread(self._store.index.is_pinned, key):
                 hosted = await asyncio.to_thread(self._store.index.pinned_bytes, "hosted:%")
                 if hosted + size > self._bound:
@@ -353,7 +371,7 @@ class Hosted:
                 if item is None:
                     continue
                 digest = _checked_descriptor(item, field)
-                if not _foreign(item):  # a non-distributable layer lives elsewhere
+                if field != "layers" or not _foreign(item):  # (lives at its urls)
                     wanted.append((digest, False))
         children = document.get("manifests")
         if isinstance(children, list):
@@ -433,13 +451,15 @@ class Hosted:
         UNREFERENCED_GRACE ago: a push puts its blobs before its manifest), removing those
         nothing else pins; remove expired uploads. (blobs unlinked, uploads removed);
         with `dry_run`, what would be. Blocking; safe beside a live server."""
-        unreferenced = self.index.unreferenced_blobs(now - UNREFERENCED_GRACE)
+        cutoff = now - UNREFERENCED_GRACE
+        unreferenced = self.index.unreferenced_blobs(cutoff)
         if dry_run:
             return len(unreferenced), 0
         unlinked = 0
         for repo, digest_text in unreferenced:
             digest = parse_digest(digest_text)
-            if digest is None or not self.index.unlink_blob(repo, digest_text):
+            # (not if pushed again or looked for since the list was read)
+            if digest is None or not self.index.unlink_blob(repo, digest_text, cutoff):
                 continue
             key = blob_key(digest)
             self._store.index.unpin_key(f"hosted:{repo}", key)
@@ -489,8 +509,12 @@ def _checked_descriptor(item: Any, field: str) -> str:
 
 def _foreign(item: Any) -> bool:
     """A non-distributable layer: fetched from its `urls`, never pushed."""
-    media_type = str(item.get("mediaType", "")) if isinstance(item, dict) else ""
-    return "nondistributable" in media_type or "foreign" in media_type
+    if not isinstance(item, dict):
+        return False
+    media_type = str(item.get("mediaType", ""))
+    urls = item.get("urls")
+    kind = "nondistributable" in media_type or ".foreign." in media_type
+    return kind and isinstance(urls, list) and bool(urls)
 
 
 def _descriptor_digest(item: Any) -> str | None:

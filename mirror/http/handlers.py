@@ -186,6 +186,8 @@ class RegistryHandlers:
         }
         if route.upstream.hosted and self._hosted is not None:
             size = await self._hosted.blob_size(route, digest)  # 404 unless it holds it
+            if request.method == "HEAD":
+                await self._hosted.seen(route, digest)  # a pusher asking: its grace anew
         if _etag_matches(request, str(digest)):
             # The client has these bytes (a digest names them forever): nothing to fetch.
             request[RESULT] = HIT
@@ -193,7 +195,6 @@ class RegistryHandlers:
         if route.upstream.hosted and self._hosted is not None:
             request[RESULT] = headers[CACHE_HEADER] = HIT
             if request.method == "HEAD":
-                await self._hosted.seen(route, digest)  # a pusher asking: its grace anew
                 headers["Content-Length"] = str(size)
                 headers["Accept-Ranges"] = "bytes"
                 return web.Response(headers=headers)
