@@ -49,6 +49,7 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 UNREFERENCED_GRACE = 3600.0  # seconds a pushed blob waits for the manifest that uses it
 HOLD_POLL = 0.02  # seconds between tries for an upload another request holds
 HOLD_WAIT = 120.0  # seconds a request waits for it
+ROOM_RECHECK = 8 * 1024 * 1024  # bytes an upload takes between looks at the room left
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,6 @@ class Hosted:
         self.index = HostedIndex(folder / "index.db")
         self.uploads = Uploads(folder / "uploads", config.storage.upload_expiry)
         self._bound = config.storage.hosted_max_size or config.storage.max_size
-        self._keeping = asyncio.Lock()
         self._bound_file = folder / "bound.lock"
 
     def close(self) -> None:
@@ -117,16 +117,22 @@ class Hosted:
                     headers={"Range": f"0-{size - 1}" if size else "0-0"},
                 )
             received = 0
+            room, looked_at = await asyncio.to_thread(self._room), 0
             try:
                 async for chunk in body:
                     received += len(chunk)
-                    # Looked at with each chunk: uploads at once each count the others'.
-                    if await asyncio.to_thread(self._hosted_bytes) + len(chunk) > self._bound:
-                        raise HostedFull(
-                            f"storage.hosted_max_size ({self._bound} bytes) would be "
-                            "exceeded by this upload (pushed content and uploads in progress "
-                            "count)"
+                    if received > room or received - looked_at > ROOM_RECHECK:
+                        # Looked at again now and then: uploads at once count each other.
+                        room, looked_at = (
+                            received - len(chunk) + await asyncio.to_thread(self._room),
+                            received,
                         )
+                        if received > room:
+                            raise HostedFull(
+                                f"storage.hosted_max_size ({self._bound} bytes) would be "
+                                "exceeded by this upload (pushed content and uploads in "
+                                "progress count)"
+                            )
                     await asyncio.to_thread(_write_all, fd, chunk)
                 if length is not None and received != length:
                     raise SizeInvalid(f"{received} bytes sent, {length} announced")
@@ -138,42 +144,35 @@ class Hosted:
 
     @contextlib.asynccontextmanager
     async def _bound_lock(self) -> AsyncIterator[None]:
-        """The bound's check and the pin as one across worker processes (a file lock,
-        tried without parking a thread)."""
+        """The bound's check and the pin as one, across requests and worker processes."""
         fd = os.open(self._bound_file, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(HOLD_POLL)
+            await _locked(fd, "the hosted storage is busy")
             yield
         finally:
             os.close(fd)
 
-    def _hosted_bytes(self) -> int:
-        """What counts against storage.hosted_max_size: pushed content, and uploads in
-        progress (blocking)."""
+    def _room(self) -> int:
+        """Bytes left under storage.hosted_max_size: pushed content and uploads in
+        progress count (blocking)."""
         pinned = self._store.index.pinned_bytes("hosted:%")
-        return pinned + self.uploads.bytes_in_progress()
+        return self._bound - pinned - self.uploads.bytes_in_progress()
 
     @contextlib.asynccontextmanager
     async def _holding(self, route: Route, upload: str) -> AsyncIterator[tuple[int, int]]:
-        """The upload's file, locked against every other request for it (any worker)."""
-        held = None
+        """The upload's file and its size, locked against every other request for it (in
+        any worker) until the block ends."""
+        repo = self._repo(route)
         try:
-            for _ in range(int(HOLD_WAIT / HOLD_POLL)):
-                held = await asyncio.to_thread(self.uploads.hold, self._repo(route), upload)
-                if held is not None:
-                    break
-                await asyncio.sleep(HOLD_POLL)  # another request has it: after that one
+            fd = await asyncio.to_thread(self.uploads.open, repo, upload)
         except UploadUnknown:
             raise BlobUploadUnknown(detail={"upload": upload}) from None
-        if held is None:
-            raise BlobUploadInvalid(f"upload {upload} is busy with another request")
-        fd, size = held
         try:
+            await _locked(fd, f"upload {upload} is busy with another request")
+            try:
+                size = await asyncio.to_thread(self.uploads.size_held, repo, upload, fd)
+            except UploadUnknown:
+                raise BlobUploadUnknown(detail={"upload": upload}) from None
             yield fd, size
         finally:
             os.close(fd)  # (and the lock with it)
@@ -187,28 +186,30 @@ class Hosted:
                 detail={"digest": digest_text},
             )
         repo = self._repo(route)
-        async with self._holding(route, upload):
+        async with self._holding(route, upload) as (_, size):
             try:
-                matches, size = await asyncio.to_thread(self.uploads.matches, repo, upload, digest)
-                if not matches:
-                    await asyncio.to_thread(self.uploads.remove, repo, upload)
-                    raise DigestInvalid(
-                        f"the uploaded content does not match {digest}",
-                        detail={"digest": str(digest)},
-                    )
                 path = await asyncio.to_thread(self.uploads.path, repo, upload)
             except UploadUnknown:
                 raise BlobUploadUnknown(detail={"upload": upload}) from None
-            await self._keep_blob(route, digest, size, path)
+            try:
+                await self._keep_blob(route, digest, size, path)  # (checked on the way)
+            except DigestInvalid:
+                await asyncio.to_thread(self.uploads.remove, repo, upload)
+                raise
             with contextlib.suppress(UploadUnknown):
                 await asyncio.to_thread(self.uploads.remove, repo, upload)
         return digest
 
     async def _keep_blob(self, route: Route, digest: Digest, size: int, path: Path) -> None:
-        """Put verified bytes in the store (unless there already), pinned for the
-        repository, and link them to it."""
+        """Put the upload's bytes in the store, checked against `digest` as they are
+        copied (or, when the store has the blob already, by a hash of their own), pinned
+        for the repository, and link them to it. DigestInvalid when they do not match."""
         key = blob_key(digest)
-        async with self._keeping, self._bound_lock():  # the check and the pin as one
+        if self._store.has_blob(digest) and not await asyncio.to_thread(_matches, path, digest):
+            raise DigestInvalid(
+                f"the uploaded content does not match {digest}", detail={"digest": str(digest)}
+            )
+        async with self._bound_lock():
             if not await asyncio.to_thread(self._store.index.is_pinned, key):
                 hosted = await asyncio.to_thread(self._store.index.pinned_bytes, "hosted:%")
                 if hosted + size > self._bound:
@@ -237,8 +238,10 @@ class Hosted:
             await asyncio.to_thread(_copy_into, path, temp)
             kept = await asyncio.to_thread(_commit, temp)
         except DigestMismatch:
-            temp.discard()  # (the upload changed under the check: not taken)
-            raise DigestInvalid(f"the uploaded content does not match {digest}") from None
+            temp.discard()
+            raise DigestInvalid(
+                f"the uploaded content does not match {digest}", detail={"digest": str(digest)}
+            ) from None
         except WRITE_ERRORS as exc:
             temp.discard()
             raise HostedFull(f"the store could not keep {digest}: {exc}") from None
@@ -467,6 +470,26 @@ class Hosted:
                 self._store.remove(key)
             unlinked += 1
         return unlinked, self.uploads.expire()
+
+
+async def _locked(fd: int, busy: str) -> None:
+    """An exclusive flock on `fd`, tried without parking a thread (the default executor
+    has few) until HOLD_WAIT has passed."""
+    for _ in range(int(HOLD_WAIT / HOLD_POLL)):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            await asyncio.sleep(HOLD_POLL)
+    raise BlobUploadInvalid(busy)
+
+
+def _matches(path: Path, digest: Digest) -> bool:
+    hasher = digest.hasher()
+    with path.open("rb") as file:
+        while chunk := file.read(COPY_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest() == digest.hex
 
 
 def _write_all(fd: int, data: bytes) -> None:

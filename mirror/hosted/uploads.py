@@ -7,15 +7,12 @@ the store. An upload not touched for `storage.upload_expiry` is removed.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
-
-from ..reference import Digest
 
 HASH_CHUNK = 1024 * 1024
 
@@ -68,24 +65,17 @@ class Uploads:
     def size(self, repo: str, upload: str) -> int:
         return self._checked(repo, upload).stat().st_size
 
-    def hold(self, repo: str, upload: str) -> tuple[int, int] | None:
-        """The upload's file, open to append to and locked (flock: against every other
-        request for it, in any worker process, until the caller closes it), and its size;
-        None while another request holds it (never waits: a thread is not parked)."""
-        data = self._checked(repo, upload)
-        fd = os.open(data, os.O_WRONLY | os.O_APPEND)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            if not data.exists():  # finished or cancelled while this waited
-                raise UploadUnknown(upload)
-            return fd, os.fstat(fd).st_size
-        except BaseException:
-            os.close(fd)
-            raise
+    def open(self, repo: str, upload: str) -> int:
+        """The upload's file, open to append to (the caller locks it, then asks
+        `size_held`, and closes it)."""
+        return os.open(self._checked(repo, upload), os.O_WRONLY | os.O_APPEND)
+
+    def size_held(self, repo: str, upload: str, fd: int) -> int:
+        """The size of an upload whose file the caller holds locked; UploadUnknown when
+        it was finished or cancelled while the caller waited for the lock."""
+        if not self._checked(repo, upload).exists():
+            raise UploadUnknown(upload)
+        return os.fstat(fd).st_size
 
     def bytes_in_progress(self) -> int:
         """Bytes of every upload in progress (what the hosted bound counts besides)."""
@@ -94,17 +84,6 @@ class Uploads:
             with contextlib.suppress(OSError):
                 total += (folder / "data").stat().st_size
         return total
-
-    def matches(self, repo: str, upload: str, digest: Digest) -> tuple[bool, int]:
-        """Whether the upload's bytes hash to `digest`, and how many there are."""
-        data = self._checked(repo, upload)
-        hasher = digest.hasher()
-        size = 0
-        with data.open("rb") as file:
-            while chunk := file.read(HASH_CHUNK):
-                hasher.update(chunk)
-                size += len(chunk)
-        return hasher.hexdigest() == digest.hex, size
 
     def path(self, repo: str, upload: str) -> Path:
         return self._checked(repo, upload)

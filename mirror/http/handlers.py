@@ -111,6 +111,12 @@ def _page_request(request: web.Request) -> tuple[int | None, str]:
     return count, request.query.get("last", "")
 
 
+def _not_modified(request: web.Request, headers: dict[str, str]) -> web.Response:
+    """304: the client has these bytes (a digest names them forever)."""
+    request[RESULT] = HIT
+    return web.Response(status=304, headers={**headers, CACHE_HEADER: HIT})
+
+
 def _etag_matches(request: web.Request, digest: str) -> bool:
     header = request.headers.get("If-None-Match", "")
     return any(tag.strip().strip('"') == digest for tag in header.split(",")) if header else False
@@ -185,21 +191,10 @@ class RegistryHandlers:
             "ETag": f'"{digest}"',  # the content's name: it never changes
         }
         if route.upstream.hosted and self._hosted is not None:
-            size = await self._hosted.blob_size(route, digest)  # 404 unless it holds it
-            if request.method == "HEAD":
-                await self._hosted.seen(route, digest)  # a pusher asking: its grace anew
+            return await self._pushed_blob(request, route, digest, headers)
         if _etag_matches(request, str(digest)):
             # The client has these bytes (a digest names them forever): nothing to fetch.
-            request[RESULT] = HIT
-            return web.Response(status=304, headers={**headers, CACHE_HEADER: HIT})
-        if route.upstream.hosted and self._hosted is not None:
-            request[RESULT] = headers[CACHE_HEADER] = HIT
-            if request.method == "HEAD":
-                headers["Content-Length"] = str(size)
-                headers["Accept-Ranges"] = "bytes"
-                return web.Response(headers=headers)
-            with contextlib.closing(await self._hosted.open_blob(route, digest)) as pushed:
-                return await self._send_stored(request, pushed, headers)
+            return _not_modified(request, headers)
         if request.method == "HEAD":
             size, request[RESULT] = await self._proxy.blob_size(route, digest)
             headers["Content-Length"] = str(size)
@@ -213,6 +208,26 @@ class RegistryHandlers:
             return await self._stream(request, source, headers)
         with contextlib.closing(source):
             return await self._send_stored(request, source, headers)
+
+    async def _pushed_blob(
+        self, request: web.Request, route: Route, digest: Digest, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        """A blob of a hosted namespace: 404 unless the repository holds it, whatever the
+        client says it has."""
+        assert self._hosted is not None
+        request[RESULT] = headers[CACHE_HEADER] = HIT
+        if request.method == "HEAD":
+            size = await self._hosted.blob_size(route, digest)
+            await self._hosted.seen(route, digest)  # a pusher asking: its grace anew
+            if _etag_matches(request, str(digest)):
+                return _not_modified(request, headers)
+            headers["Content-Length"] = str(size)
+            headers["Accept-Ranges"] = "bytes"
+            return web.Response(headers=headers)
+        with contextlib.closing(await self._hosted.open_blob(route, digest)) as pushed:
+            if _etag_matches(request, str(digest)):
+                return _not_modified(request, headers)
+            return await self._send_stored(request, pushed, headers)
 
     async def _start(
         self, request: web.Request, size: int | None, headers: dict[str, str]
