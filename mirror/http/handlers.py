@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import re
+from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -87,8 +88,8 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     return None if (first, last) == (0, size) else (first, last)
 
 
-def _tag_names(body: bytes) -> list[str] | None:
-    """The tags of a tags list answer (None: not one)."""
+def _tags_document(body: bytes) -> dict[str, Any] | None:
+    """A tags list answer, parsed (None: not one)."""
     try:
         document = json.loads(body)
     except ValueError:
@@ -96,7 +97,19 @@ def _tag_names(body: bytes) -> list[str] | None:
     tags = document.get("tags") if isinstance(document, dict) else None
     if not isinstance(tags, list) or not all(isinstance(tag, str) for tag in tags):
         return None
-    return tags
+    return document  # type: ignore[no-any-return]
+
+
+def _paged(tags: list[str], request: web.Request) -> tuple[list[str], str | None]:
+    """The tags the request's `n` and `last` ask for, in the spec's (lexical) order, and
+    the query of the next page (None: this is the last)."""
+    count, last = _page_request(request)
+    ordered = sorted(tags)
+    after = [tag for tag in ordered if tag > last] if last else ordered
+    if count is None or len(after) <= count:
+        return after, None
+    page = after[:count]
+    return page, urlencode({"n": count, "last": page[-1]}) if page else None
 
 
 def _page_request(request: web.Request) -> tuple[int | None, str]:
@@ -321,34 +334,20 @@ class RegistryHandlers:
         params = {k: request.query[k] for k in ("n", "last") if k in request.query}
         if route.upstream.hosted and self._hosted is not None:
             request[RESULT] = HIT
-            return self._tags_page(request, route, await self._hosted.tags(route))
+            tags, next_query = _paged(await self._hosted.tags(route), request)
+            body = json.dumps({"name": request.match_info["name"], "tags": tags}).encode()
+            return self._page_response(request, body, "application/json", next_query)
         page = await self._proxy.page(route, "tags/list", params, NameUnknown)
         request[RESULT] = MISS
         body, next_query = page.body, page.next_query
-        listed = _tag_names(body)
-        if params and listed is not None:
+        document = _tags_document(body) if params else None
+        if document is not None:
             # The spec's n and last, kept even by an upstream that does not (docker-registry
-            # 2.8 answers the tag named by last too): filter and cut its answer here.
-            count, last = _page_request(request)
-            listed = sorted(listed)  # (the spec's order; 2.8 answers in its own)
-            kept = [tag for tag in listed if tag > last] if last else listed
-            if count is not None and len(kept) > count:
-                kept = kept[:count]
-                next_query = urlencode({"n": count, "last": kept[-1]}) if kept else None
-            body = json.dumps({**json.loads(body), "tags": kept}).encode()
+            # 2.8 answers the tag named by last too, and in its own order).
+            tags, ours = _paged(document["tags"], request)
+            next_query = ours or next_query  # (cut here, or by the upstream)
+            body = json.dumps({**document, "tags": tags}).encode()
         return self._page_response(request, body, page.content_type, next_query)
-
-    def _tags_page(self, request: web.Request, route: Route, tags: list[str]) -> web.Response:
-        """A tags list `n` at a time after `last` (sorted), with a Link to the next page."""
-        count, last = _page_request(request)
-        after = [tag for tag in tags if tag > last] if last else tags
-        page = after if count is None else after[:count]
-        headers = dict(API_HEADERS)
-        if count is not None and len(after) > len(page) and page:
-            query = urlencode({"n": count, "last": page[-1]})
-            headers["Link"] = f'<{request.path}?{query}>; rel="next"'
-        body = {"name": request.match_info["name"], "tags": page}
-        return web.json_response(body, headers=headers)
 
     async def referrers(self, request: web.Request) -> web.StreamResponse:
         """GET /v2/<name>/referrers/<digest>, passed through."""
