@@ -300,45 +300,45 @@ class Manifests:
         give_up = asyncio.get_running_loop().time() + self._config.timeouts.revalidate
         known = self._tags.get(upstream.name, route.repository, tag)
         claim: Claim | None = None
-        while True:
-            found = await shared.tag(upstream.name, route.repository, tag)
-            if found is not None and (known is None or found.confirmed_at > known.confirmed_at):
-                known = found
-                await asyncio.to_thread(self._tags.put, upstream.name, route.repository, tag, found)
-            if (
-                known is not None
-                and known.age(self._clock()) < ttl
-                and self._accepts(accept, known.media_type)
-            ):
-                answer = self._cached(known.digest, head=head, source=HIT)
-                digest = parse_digest(known.digest)
-                if answer is None and digest is not None:
-                    # Not here yet: from the shared tier, else by digest from the upstream.
-                    try:
+        try:
+            while True:
+                found = await shared.tag(upstream.name, route.repository, tag)
+                if found is not None and (known is None or found.confirmed_at > known.confirmed_at):
+                    known = found
+                    await asyncio.to_thread(
+                        self._tags.put, upstream.name, route.repository, tag, found
+                    )
+                if (
+                    known is not None
+                    and known.age(self._clock()) < ttl
+                    and self._accepts(accept, known.media_type)
+                ):
+                    answer = self._cached(known.digest, head=head, source=HIT)
+                    digest = parse_digest(known.digest)
+                    if answer is None and digest is not None:
+                        # Not here yet: from the shared tier, else by digest upstream.
                         fetched = await self._get(route, str(digest), ALL_MANIFEST_TYPES, digest)
-                    except BaseException:
+                        answer = dataclasses.replace(fetched, data=None) if head else fetched
+                    if answer is not None:
                         if claim is not None:
                             await claim.release()
-                        raise
-                    answer = dataclasses.replace(fetched, data=None) if head else fetched
-                if answer is not None:
-                    if claim is not None:
-                        await claim.release()
-                    return answer, None, True
-            if claim is not None:  # looked again with the claim: still for this one...
-                try:  # ...unless its last holder was told the tag is unknown
+                        return answer, None, True
+                if claim is not None:
+                    # Looked again with the claim: still for this one, unless its last
+                    # holder was told the tag is unknown.
                     await self._refuse_cluster_missing(route, tag)
-                except KnownMissing:
-                    await claim.release()
-                    raise
-                return None, claim, known is not None
-            claim = await shared.claim(f"tag:{upstream.name}/{route.repository}:{tag}")
-            if claim is not None:
-                continue  # one more look: its last holder may have answered just before
-            if asyncio.get_running_loop().time() > give_up:
-                return None, None, known is not None
-            await asyncio.sleep(CLAIM_POLL)
-            await self._refuse_cluster_missing(route, tag)  # what the holder was told
+                    return None, claim, known is not None
+                claim = await shared.claim(f"tag:{upstream.name}/{route.repository}:{tag}")
+                if claim is not None:
+                    continue  # one more look: its last holder may have answered just before
+                if asyncio.get_running_loop().time() > give_up:
+                    return None, None, known is not None
+                await asyncio.sleep(CLAIM_POLL)
+                await self._refuse_cluster_missing(route, tag)  # what the holder was told
+        except BaseException:
+            if claim is not None:  # (not left to lapse: its waiters would wait a lease)
+                await claim.release()
+            raise
 
     async def _from_tier(self, route: Route, digest: Digest, *, head: bool) -> Manifest | None:
         """A manifest from the shared tier, kept here too (None: the tier lacks it)."""
