@@ -192,10 +192,6 @@ class Shared:
             return Claim(None, key, token)
         return Claim(self, f"claim:{key}", token) if added else None
 
-    async def claimed(self, key: str) -> bool:
-        """Whether a replica holds the claim on `key` (False without Redis)."""
-        return bool(await self._ask(self._cache.exists(f"claim:{key}"), False))
-
     async def _add(self, key: str, token: str) -> bool:
         try:
             await self._cache.add(key, token, ttl=float(self.lease))

@@ -97,10 +97,6 @@ class HostedIndex:
         rows = self._rows("SELECT size FROM blobs WHERE repo = ? AND digest = ?", (repo, digest))
         return int(rows[0][0]) if rows else None
 
-    def any_repository_with(self, digest: str) -> str | None:
-        rows = self._rows("SELECT repo FROM blobs WHERE digest = ? LIMIT 1", (digest,))
-        return str(rows[0][0]) if rows else None
-
     def unlink_blob(self, repo: str, digest: str, linked_before: float | None = None) -> bool:
         """Unlink a blob; with `linked_before`, only if it was not linked (or looked for)
         since, checked in the same statement (gc beside pushes)."""
@@ -113,12 +109,6 @@ class HostedIndex:
             )
             > 0
         )
-
-    def blob_linked_elsewhere(self, repo: str, digest: str) -> bool:
-        rows = self._rows(
-            "SELECT 1 FROM blobs WHERE digest = ? AND repo != ? LIMIT 1", (digest, repo)
-        )
-        return bool(rows)
 
     def unreferenced_blobs(self, linked_before: float) -> list[tuple[str, str]]:
         """(repo, digest) of blobs no manifest of their repository refers to, linked
@@ -169,9 +159,6 @@ class HostedIndex:
         )
         return (str(rows[0][0]), int(rows[0][1])) if rows else None
 
-    def has_manifest_anywhere(self, digest: str) -> bool:
-        return bool(self._rows("SELECT 1 FROM manifests WHERE digest = ? LIMIT 1", (digest,)))
-
     def delete_manifest(self, repo: str, digest: str) -> bool:
         """Drop a manifest and every tag pointing to it."""
         with self._lock:
@@ -198,14 +185,6 @@ class HostedIndex:
             )
         ]
 
-    def referenced_anywhere(self, digest: str) -> bool:
-        """Whether any hosted manifest refers to `digest`, or any repository links it."""
-        return bool(
-            self._rows("SELECT 1 FROM refs WHERE digest = ? LIMIT 1", (digest,))
-            or self._rows("SELECT 1 FROM blobs WHERE digest = ? LIMIT 1", (digest,))
-            or self._rows("SELECT 1 FROM manifests WHERE digest = ? LIMIT 1", (digest,))
-        )
-
     # tags
 
     def tag(self, repo: str, tag: str, digest: str) -> None:
@@ -228,12 +207,4 @@ class HostedIndex:
         return bool(
             self._rows("SELECT 1 FROM blobs WHERE repo = ? LIMIT 1", (repo,))
             or self._rows("SELECT 1 FROM manifests WHERE repo = ? LIMIT 1", (repo,))
-        )
-
-    def repositories(self) -> list[str]:
-        return sorted(
-            {
-                str(r)
-                for (r,) in self._rows("SELECT repo FROM blobs UNION SELECT repo FROM manifests")
-            }
         )

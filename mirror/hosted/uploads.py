@@ -105,6 +105,3 @@ class Uploads:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
         return removed
-
-    def in_progress(self) -> int:
-        return sum(1 for _ in self._folder.iterdir())

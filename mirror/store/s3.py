@@ -57,8 +57,6 @@ class S3Tier:
         self._opening = asyncio.Lock()
         self._resting_until = 0.0  # monotonic
         self.reachable = True
-        self.uploaded_bytes = 0
-        self.read_bytes = 0
 
     def _key(self, kind: str, digest: Digest) -> str:
         return f"{self._config.prefix}{kind}/{digest.algorithm}/{digest.hex}"
@@ -182,7 +180,6 @@ class S3Tier:
                     raise self._failed("mid-GET", exc) from None
                 if not chunk:
                     break
-                self.read_bytes += len(chunk)
                 yield chunk
         finally:
             body.close()
@@ -203,7 +200,6 @@ class S3Tier:
         except Exception as exc:
             self._failed(f"uploading {digest}", exc)
             return False
-        self.uploaded_bytes += size
         self._answered()
         return True
 
