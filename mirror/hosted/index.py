@@ -8,10 +8,11 @@ SQLite, safe from threads (every call blocks: run it in a thread).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ class HostedIndex:
     def _run(self, sql: str, params: Sequence[object] = ()) -> int:
         with self._lock:
             return self._db.execute(sql, params).rowcount
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Statements that land together or not at all (as the usage index's)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # blobs
 
@@ -135,22 +148,16 @@ class HostedIndex:
         artifact_type: str | None,
         annotations: str | None,
     ) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO manifests (repo, digest, media_type, size,"
-                    " artifact_type, subject, annotations) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (repo, digest, media_type, size, artifact_type, subject, annotations),
-                )
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO refs (repo, manifest, digest) VALUES (?, ?, ?)",
-                    [(repo, digest, d) for d in refers_to],
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO manifests (repo, digest, media_type, size,"
+                " artifact_type, subject, annotations) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (repo, digest, media_type, size, artifact_type, subject, annotations),
+            )
+            db.executemany(
+                "INSERT OR IGNORE INTO refs (repo, manifest, digest) VALUES (?, ?, ?)",
+                [(repo, digest, d) for d in refers_to],
+            )
 
     def manifest(self, repo: str, digest: str) -> tuple[str, int] | None:
         """(media type, size) of a manifest the repository holds."""
@@ -161,18 +168,12 @@ class HostedIndex:
 
     def delete_manifest(self, repo: str, digest: str) -> bool:
         """Drop a manifest and every tag pointing to it."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                gone = self._db.execute(
-                    "DELETE FROM manifests WHERE repo = ? AND digest = ?", (repo, digest)
-                ).rowcount
-                self._db.execute("DELETE FROM refs WHERE repo = ? AND manifest = ?", (repo, digest))
-                self._db.execute("DELETE FROM tags WHERE repo = ? AND digest = ?", (repo, digest))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            gone = db.execute(
+                "DELETE FROM manifests WHERE repo = ? AND digest = ?", (repo, digest)
+            ).rowcount
+            db.execute("DELETE FROM refs WHERE repo = ? AND manifest = ?", (repo, digest))
+            db.execute("DELETE FROM tags WHERE repo = ? AND digest = ?", (repo, digest))
         return gone > 0
 
     def referrers(self, repo: str, subject: str) -> list[Referrer]:
