@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import Mirror, MirrorFactory
 from tests.support.registry import Registry
+from tests.test_access import htpasswd
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -35,6 +36,14 @@ def sha512(data: bytes) -> str:
 @pytest.fixture
 async def hosted(make_mirror: MirrorFactory, upstream: Registry) -> Mirror:
     return await make_mirror({"docker.io": upstream.url, "local": {"hosted": True}})
+
+
+def _access(tmp_path: Path, users: dict[str, str], *rules: dict[str, Any]) -> dict[str, Any]:
+    """An access section: these users (made by `htpasswd -B`) and these rules."""
+    path = tmp_path / "htpasswd"
+    for user, password in users.items():
+        htpasswd(path, user, password)
+    return {"users_file": str(path), "rules": list(rules)}
 
 
 async def _error(response: aiohttp.ClientResponse) -> str:
@@ -462,18 +471,12 @@ async def test_the_hosted_bound_refuses_pushes_past_it(
 async def test_pushes_need_the_push_grant(
     make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    from tests.test_access import htpasswd
-
-    users = tmp_path / "htpasswd"
-    htpasswd(users, "builder", "s3cret")
-    htpasswd(users, "reader", "r3ad")
-    access = {
-        "users_file": str(users),
-        "rules": [
-            {"repositories": ["local/*"], "users": ["builder"], "actions": ["push"]},
-            {"repositories": ["local/*"], "anonymous": True, "actions": ["pull"]},
-        ],
-    }
+    access = _access(
+        tmp_path,
+        {"builder": "s3cret", "reader": "r3ad"},
+        {"repositories": ["local/*"], "users": ["builder"], "actions": ["push"]},
+        {"repositories": ["local/*"], "anonymous": True, "actions": ["pull"]},
+    )
     mirror = await make_mirror(
         {"docker.io": upstream.url, "local": {"hosted": True}}, access=access
     )
@@ -683,18 +686,12 @@ async def test_the_hosted_bound_holds_for_pushes_at_once_and_open_uploads(
 async def test_a_mount_takes_only_from_repositories_the_client_may_pull(
     make_mirror: MirrorFactory, upstream: Registry, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    from tests.test_access import htpasswd
-
-    users = tmp_path / "htpasswd"
-    htpasswd(users, "alice", "a")
-    htpasswd(users, "bob", "b")
-    access = {
-        "users_file": str(users),
-        "rules": [
-            {"repositories": ["local/alice/*"], "users": ["alice"], "actions": ["pull", "push"]},
-            {"repositories": ["local/secret/*"], "users": ["bob"], "actions": ["pull", "push"]},
-        ],
-    }
+    access = _access(
+        tmp_path,
+        {"alice": "a", "bob": "b"},
+        {"repositories": ["local/alice/*"], "users": ["alice"], "actions": ["pull", "push"]},
+        {"repositories": ["local/secret/*"], "users": ["bob"], "actions": ["pull", "push"]},
+    )
     mirror = await make_mirror(
         {"docker.io": upstream.url, "local": {"hosted": True}}, access=access
     )
