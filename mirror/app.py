@@ -23,8 +23,9 @@ from .config import Config
 from .core import Core
 from .errors import Handler, error_middleware
 from .hosted.registry import MANIFEST_MAX
-from .http.handlers import RegistryHandlers
-from .http.observe import observe_middleware
+from .http.fastpath import FAST_ANSWERS, FastAnswers
+from .http.handlers import INERT_HEADERS, RegistryHandlers
+from .http.observe import Observer, observe_middleware
 from .http.push import PushHandlers
 from .http.status import status_handler
 from .images.warm import keep_warm
@@ -43,6 +44,7 @@ UPSTREAMS = web.AppKey("upstreams", Upstreams)
 TAGS = web.AppKey("tags", TagIndex)
 GATE = web.AppKey("gate", Gate)
 CORE = web.AppKey("core", Core)
+OBSERVER = web.AppKey("observer", Observer)
 
 STOP_LIMIT = 10.0  # seconds the app's own clean-up may take at stop
 USE_FLUSH_SECONDS = 1.0  # how often the housekeeping task looks whether uses are due
@@ -78,9 +80,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def inert_content(request: web.Request, response: web.StreamResponse) -> None:
-    """No answer is ever sniffed into something a browser runs: an upstream controls what
-    manifests and pages say, and the status page shares their origin."""
-    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers.update(INERT_HEADERS)
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -102,7 +102,7 @@ def _ops_app(app: web.Application, gate: Gate) -> web.Application:
     """The plain-HTTP operations port (ops_listen): health, readiness, metrics and the
     status page, so probes and Prometheus work whatever the main port serves."""
     config, metrics, store = app[CONFIG], app[METRICS], app[STORE]
-    ops = web.Application(middlewares=[observe_middleware(metrics), error_middleware])
+    ops = web.Application(middlewares=[observe_middleware(app[OBSERVER]), error_middleware])
     ops[CONFIG], ops[METRICS], ops[STORE], ops[CORE] = config, metrics, store, app[CORE]
     ops.router.add_get("/healthz", health, name="healthz")
     ops.router.add_get("/readyz", ready, name="readyz")
@@ -190,8 +190,9 @@ async def create_app(
         core.upstreams,
         core.proxy,
     )
+    observer = Observer(metrics)
     app = web.Application(
-        middlewares=[observe_middleware(metrics), error_middleware],
+        middlewares=[observe_middleware(observer), error_middleware],
         client_max_size=MANIFEST_MAX,  # a pushed manifest read whole (blobs are streamed)
     )
     metrics.live = LiveState(
@@ -209,6 +210,9 @@ async def create_app(
     app[TAGS] = tags
     app[UPSTREAMS] = upstreams
     app[PROXY] = proxy
+    app[OBSERVER] = observer
+    if config.access is None:  # (with access rules, every request goes through the gate)
+        app[FAST_ANSWERS] = FastAnswers(config, proxy, observer)
     signer = None
     if config.access is not None:
         signer = TokenSigner(signing_key(config.storage.path / "access"), clock)

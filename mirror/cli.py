@@ -32,6 +32,7 @@ from .config import (
     variable_warnings,
 )
 from .hosted.registry import Hosted
+from .http.server import Serving
 from .images import commands
 from .metrics import share_between_workers, start_worker_metrics
 from .store.disk import DiskStore
@@ -200,23 +201,27 @@ def _run(config: Config, path: Path, *, worker: bool, parent: int = 0) -> None:
         ssl_context.load_cert_chain(config.tls.cert, config.tls.key)
     signal.signal(signal.SIGHUP, lambda signum, frame: _reload(path, config, ssl_context, None))
 
-    async def app_reloading_on_sighup() -> web.Application:
+    async def serve() -> None:
         app = await create_app(config, repair_store=not worker)
-        asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, _reload, path, config, ssl_context, app
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, _reload, path, config, ssl_context, app)
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        serving = await Serving.start(
+            app,
+            config.listen_host,
+            config.listen_port,
+            ssl_context=ssl_context,
+            reuse_port=worker,
+            shutdown_timeout=SHUTDOWN_WAIT,
         )
-        return app
+        try:
+            await stop.wait()
+        finally:
+            await serving.stop()
 
-    web.run_app(
-        app_reloading_on_sighup(),
-        host=config.listen_host,
-        port=config.listen_port,
-        ssl_context=ssl_context,
-        reuse_port=worker,
-        print=None,
-        access_log=None,
-        shutdown_timeout=SHUTDOWN_WAIT,
-    )
+    asyncio.run(serve())
 
 
 def _reload(

@@ -13,11 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from mirror.app import create_app
 from mirror.clock import system_clock
 from mirror.config import from_mapping
+from mirror.http.server import Serving
 from tests.support.clock import ManualClock
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import Image, Pusher
@@ -87,7 +87,7 @@ TEST_WORKERS = int(os.environ.get("MIRROR_TEST_WORKERS", "0"))
 class Mirror:
     host: str
     storage: Path
-    server: TestServer | None = None
+    server: Serving | None = None
     process: MirrorProcess | None = None
 
     @property
@@ -97,11 +97,11 @@ class Mirror:
     @property
     def app(self) -> web.Application:
         assert self.server is not None, "an in_process test: this mirror runs in a process"
-        return self.server.app  # type: ignore[no-any-return]
+        return self.server.app
 
     async def stop(self) -> None:
         if self.server is not None:
-            await self.server.close()
+            await self.server.stop()
         if self.process is not None:
             await self.process.stop()
 
@@ -140,8 +140,8 @@ async def make_mirror(tmp_path: Path) -> AsyncIterator[MirrorFactory]:
         else:
             config = from_mapping({"listen": "127.0.0.1:0", **raw}, env={})
             app = await create_app(config, clock=clock or system_clock)
-            server = TestServer(app, host="127.0.0.1")
-            await server.start_server()
+            # Served as `mirror serve` serves it (the fast path included).
+            server = await Serving.start(app, "127.0.0.1", 0)
             mirror = Mirror(f"127.0.0.1:{server.port}", storage, server=server)
         mirrors.append(mirror)
         return mirror

@@ -40,6 +40,9 @@ from .sendfile import FileShrank, send_file
 log = logging.getLogger("mirror.handlers")
 
 API_HEADERS = {"Docker-Distribution-Api-Version": "registry/2.0"}
+# On every answer: none is ever sniffed into something a browser runs (an upstream controls
+# what manifests and pages say, and the status page shares their origin).
+INERT_HEADERS = {"X-Content-Type-Options": "nosniff"}
 PING = "ping"  # how GET /v2/ counts: neither a hit nor a miss
 CATALOG_PAGE = 1000  # repositories in a /v2/_catalog answer when the client names no n
 CATALOG_MAX = 10_000
@@ -130,6 +133,17 @@ def _not_modified(request: web.Request, headers: dict[str, str]) -> web.Response
     return web.Response(status=304, headers={**headers, CACHE_HEADER: HIT})
 
 
+def manifest_headers(answer: Manifest) -> dict[str, str]:
+    """A manifest answer's headers, but for its length (for the handler and the fast path)."""
+    return {
+        **API_HEADERS,
+        "Docker-Content-Digest": answer.digest,
+        "ETag": f'"{answer.digest}"',
+        "Content-Type": answer.media_type,
+        CACHE_HEADER: answer.source,
+    }
+
+
 def _etag_matches(request: web.Request, digest: str) -> bool:
     header = request.headers.get("If-None-Match", "")
     return any(tag.strip().strip('"') == digest for tag in header.split(",")) if header else False
@@ -179,13 +193,7 @@ class RegistryHandlers:
         else:
             answer = await self._proxy.manifest(route, reference, accept, head=head)
         request[RESULT] = answer.source
-        headers = {
-            **API_HEADERS,
-            "Docker-Content-Digest": answer.digest,
-            "ETag": f'"{answer.digest}"',
-            "Content-Type": answer.media_type,
-            CACHE_HEADER: answer.source,
-        }
+        headers = manifest_headers(answer)
         if _etag_matches(request, answer.digest):
             return web.Response(status=304, headers=headers)
         if head:

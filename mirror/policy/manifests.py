@@ -184,17 +184,40 @@ class Manifests:
                 detail={"reference": reference},
             )
 
+    def at_hand(self, route: Route, reference: str, accept: str, *, head: bool) -> Manifest | None:
+        """The answer when it needs nothing but memory (a manifest by digest held here, or a
+        tag trusted for its TTL), else None: the same answer `answer` gives then, for the
+        server's fast path (which asks this before aiohttp builds a request)."""
+        digest = parse_digest(reference)
+        if digest is not None:
+            if self._membership.enabled:
+                return None  # a hit may ask the upstream whether the repository holds it
+            return self._cached(str(digest), head=head, source=HIT)
+        entry = self._known(route, reference, accept)
+        return None if entry is None else self._trusted(route, reference, entry, head=head)
+
+    def _known(self, route: Route, tag: str, accept: str) -> TagEntry | None:
+        """What the tag is known to name, when the client can take its type (one it cannot
+        take is asked of the upstream)."""
+        entry = self._tags.get(route.upstream.name, route.repository, tag)
+        if entry is None or not self._accepts(accept, entry.media_type):
+            return None
+        return entry
+
+    def _trusted(self, route: Route, tag: str, entry: TagEntry, *, head: bool) -> Manifest | None:
+        """The tag's answer while it is trusted for its TTL (or the upstream is offline:
+        what we know is all there is); None: the upstream has to be asked."""
+        upstream = route.upstream
+        fresh = entry.age(self._clock()) < upstream.ttl_for(route.repository, tag)
+        return (
+            self._cached(entry.digest, head=head, source=HIT) if fresh or upstream.offline else None
+        )
+
     async def _by_tag(self, route: Route, tag: str, accept: str, *, head: bool) -> Manifest:
         upstream = route.upstream
-        entry = self._tags.get(upstream.name, route.repository, tag)
-        if entry is not None and not self._accepts(accept, entry.media_type):
-            entry = None  # the client cannot take what we know: ask the upstream
-        if entry is not None:
-            fresh = entry.age(self._clock()) < upstream.ttl_for(route.repository, tag)
-            if fresh or upstream.offline:  # offline, what we know is all there is
-                cached = self._cached(entry.digest, head=head, source=HIT)
-                if cached is not None:
-                    return cached
+        entry = self._known(route, tag, accept)
+        if entry is not None and (trusted := self._trusted(route, tag, entry, head=head)):
+            return trusted
         self._refuse_known_missing(route, tag)
         key = (upstream.name, route.repository, tag, accept, "HEAD" if head else "GET")
         # A tag seen before is revalidated with a HEAD (free under Docker Hub's limit); an

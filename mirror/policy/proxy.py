@@ -70,6 +70,12 @@ class Proxy:
     async def manifest(self, route: Route, reference: str, accept: str, *, head: bool) -> Manifest:
         return await self._manifests.answer(route, reference, accept, head=head)
 
+    def manifest_at_hand(
+        self, route: Route, reference: str, accept: str, *, head: bool
+    ) -> Manifest | None:
+        """`manifest`'s answer when memory alone gives it (the server's fast path)."""
+        return self._manifests.at_hand(route, reference, accept, head=head)
+
     async def blob_size(self, route: Route, digest: Digest) -> tuple[int, str]:
         return await self._blobs.size(route, digest)
 

@@ -1,0 +1,153 @@
+"""Cached manifests answered from a request's raw head, before aiohttp parses it.
+
+The hot request of a fleet is a manifest the mirror can answer from memory alone: a tag
+trusted for its TTL, a manifest by digest held here. aiohttp's request machinery (parsing
+into a request object, routing, the middlewares, a response object) costs more than the
+answer itself, so such a request is answered here, from its head's bytes. The decision is
+the policy's own (`Proxy.manifest_at_hand`, what the handler answers in that case); the
+headers are the handler's (`manifest_headers`); it is counted and logged by the same
+`Observer` as any request. Anything else, or anything unusual about the request, is
+declined (None) and aiohttp answers it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from email.utils import formatdate
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from ..config import Config
+from ..errors import RegistryError
+from ..policy.answers import Manifest
+from ..policy.proxy import Proxy
+from ..reference import is_valid_tag, looks_like_digest, parse_digest
+from ..routing import Route, resolve
+from .handlers import INERT_HEADERS, manifest_headers
+from .observe import Answered, Observer
+
+# `GET|HEAD /v2/<name>/manifests/<reference> HTTP/1.1`, in the characters names, upstream
+# names, tags and digests are made of (a percent-encoding, a query or any other character
+# goes to aiohttp). The reference has no '/': the last `/manifests/` splits, as aiohttp's
+# route does.
+REQUEST_LINE = re.compile(
+    rb"(GET|HEAD) /v2/([-a-z0-9._/:]+)/manifests/([A-Za-z0-9_.:+=-]+) HTTP/1\.1"
+)
+FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Fields that change what the answer would be, or ask for more than an answer: aiohttp's.
+DECLINED_FIELDS = frozenset(
+    (b"if-none-match", b"content-length", b"transfer-encoding", b"upgrade", b"expect")
+)
+HEADS_KEPT = 4096  # prepared status lines and fields, by answer
+
+
+class FastAnswers:
+    """Answers the requests memory alone can answer, from their raw heads."""
+
+    def __init__(self, config: Config, proxy: Proxy, observer: Observer) -> None:
+        assert config.access is None, "with access rules every request goes through the gate"
+        self._config = config
+        self._proxy = proxy
+        self._observer = observer
+        # What precedes the Date field, by (digest, type, source, size, GET or HEAD).
+        self._heads: dict[tuple[str, str, str, int, bool], bytes] = {}
+        self._second = 0
+        self._date = b""
+
+    def answer(self, head: bytes, remote: str | None) -> tuple[bytes, bool] | None:
+        """The whole response to the request whose head (up to its blank line) is `head`,
+        and whether the connection then closes; None: aiohttp's to answer."""
+        started = time.monotonic()
+        line_end = head.find(b"\r\n")
+        request = REQUEST_LINE.fullmatch(head if line_end < 0 else head[:line_end])
+        if request is None:
+            return None
+        accept: list[str] = []
+        agent = ""
+        close = False
+        if line_end >= 0:
+            for field in head[line_end + 2 :].split(b"\r\n"):
+                name, colon, value = field.partition(b":")
+                if not colon or FIELD_NAME.fullmatch(name) is None:
+                    return None  # (aiohttp tells the client what is wrong)
+                name = name.lower()
+                if name in DECLINED_FIELDS:
+                    return None
+                value = value.strip(b" \t")
+                if name == b"accept":
+                    accept.append(value.decode("latin-1"))
+                elif name == b"user-agent":
+                    agent = value.decode("latin-1")
+                elif name == b"connection":
+                    options = value.lower()
+                    if b"upgrade" in options:
+                        return None
+                    close = close or b"close" in options
+        found = self._at_hand(request[1], request[2].decode(), request[3].decode(), accept)
+        if found is None:
+            return None
+        route, answer = found
+        method = request[1].decode()
+        response = self._response(answer, method == "HEAD", close)
+        sent = 0 if answer.data is None else answer.size
+        self._observer.count("manifest", method, 200, answer.source, route, sent)
+        if self._observer.logging():
+            path = head[len(method) + 1 : head.index(b" HTTP/1.1")].decode()
+            took = time.monotonic() - started
+            line = Answered(
+                remote, method, path, 200, sent, took, answer.source, route.upstream.name, True
+            )
+            self._observer.log_line(line, agent=agent)
+        return response, close
+
+    def _at_hand(
+        self, method: bytes, name: str, reference: str, accept: list[str]
+    ) -> tuple[Route, Manifest] | None:
+        try:
+            route = resolve(self._config, name, None)
+        except RegistryError:
+            return None
+        if route.upstream.hosted:
+            return None
+        if looks_like_digest(reference):
+            if parse_digest(reference) is None:
+                return None
+        elif not is_valid_tag(reference):
+            return None
+        # Clients may send one Accept field per media type: all are taken, as aiohttp's
+        # handler takes them.
+        head = method == b"HEAD"
+        answer = self._proxy.manifest_at_hand(route, reference, ", ".join(accept), head=head)
+        return None if answer is None else (route, answer)
+
+    def _response(self, answer: Manifest, head: bool, close: bool) -> bytes:
+        key = (answer.digest, answer.media_type, answer.source, answer.size, head)
+        prepared = self._heads.get(key)
+        if prepared is None:
+            if len(self._heads) >= HEADS_KEPT:
+                self._heads.clear()
+            fields = {
+                **manifest_headers(answer),
+                **INERT_HEADERS,
+                "Content-Length": str(answer.size),
+                "Server": SERVER_SOFTWARE,
+            }
+            lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+            prepared = self._heads[key] = f"HTTP/1.1 200 OK\r\n{lines}".encode()
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return b"".join(
+            (
+                prepared,
+                self._date,
+                b"Connection: close\r\n\r\n" if close else b"\r\n",
+                answer.data or b"",
+            )
+        )
+
+
+FAST_ANSWERS = web.AppKey("fast_answers", FastAnswers)

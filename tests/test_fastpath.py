@@ -1,0 +1,298 @@
+"""The fast path: cached manifests answered from the raw request, before aiohttp.
+
+What a client must not be able to tell: the answer's bytes, status and fields are the
+handler's; requests on one connection are answered in order, whichever path answers
+them; a request in pieces, a pipelined burst, `Connection: close` and a client that stops
+reading are all served as aiohttp serves them. And it is counted and logged as any answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from mirror.http import server
+from mirror.http.fastpath import FAST_ANSWERS
+from tests.conftest import Mirror, MirrorFactory, RelayFactory, Seeded
+from tests.support.registry import Registry
+
+pytestmark = pytest.mark.in_process  # looks at which path answered
+
+
+def _request(method: str, path: str, *fields: str) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", "Host: mirror", *fields]
+    return ("\r\n".join(head) + "\r\n\r\n").encode()
+
+
+async def _response(reader: asyncio.StreamReader, method: str) -> tuple[str, dict[str, str], bytes]:
+    """One response off the connection: status line, fields (lowercased names), body."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    status, *lines = head.decode().split("\r\n")[:-2]
+    fields = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        fields[name.lower()] = value.strip()
+    length = 0 if method == "HEAD" else int(fields.get("content-length", "0"))
+    body = await asyncio.wait_for(reader.readexactly(length), 10)
+    return status, fields, body
+
+
+def _serialized(response: tuple[str, dict[str, str], bytes]) -> bytes:
+    """The response's length on the wire (field names as the mirror spells them aside)."""
+    status, fields, body = response
+    lines = [status, *(f"{name}: {value}" for name, value in fields.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _spy(mirror: Mirror) -> list[bool]:
+    """Whether each request the fast path looked at was answered by it."""
+    answers = mirror.app[FAST_ANSWERS]
+    seen: list[bool] = []
+    look = answers.answer
+
+    def answer(head: bytes, remote: str | None) -> tuple[bytes, bool] | None:
+        answered = look(head, remote)
+        seen.append(answered is not None)
+        return answered
+
+    answers.answer = answer  # type: ignore[method-assign]
+    return seen
+
+
+async def _warm(mirror: Mirror, path: str, accept: str) -> None:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(mirror.url + path, headers={"Accept": accept}) as response,
+    ):
+        assert response.status == 200, await response.text()
+        await response.read()
+
+
+async def _connect(mirror: Mirror) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = mirror.host.split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_answers_are_the_handlers_byte_for_byte(
+    mirror: Mirror, seeded: Seeded, method: str
+) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    by_digest = f"/v2/{image.repository}/manifests/{image.digest}"
+    accept = f"Accept: {image.media_type}"
+    await _warm(mirror, by_tag, image.media_type)
+    seen = _spy(mirror)
+    # A fresh connection: the fast path answers. One whose first request it declined
+    # (the API check) is aiohttp's from there on.
+    fast_reader, fast_writer = await _connect(mirror)
+    slow_reader, slow_writer = await _connect(mirror)
+    try:
+        slow_writer.write(_request("GET", "/v2/"))
+        assert (await _response(slow_reader, "GET"))[0] == "HTTP/1.1 200 OK"
+        for path in (by_tag, by_digest):
+            fast_writer.write(_request(method, path, accept, "User-Agent: test"))
+            slow_writer.write(_request(method, path, accept, "User-Agent: test"))
+            fast = await _response(fast_reader, method)
+            slow = await _response(slow_reader, method)
+            fast[1].pop("date"), slow[1].pop("date")
+            assert fast == slow
+            assert fast[0] == "HTTP/1.1 200 OK"
+            assert fast[1]["docker-content-digest"] == image.digest
+            assert fast[1]["content-length"] == str(len(image.manifest))
+            assert fast[1]["content-type"] == image.media_type
+            assert fast[1]["x-mirror-cache"] == "hit"
+            assert fast[2] == (b"" if method == "HEAD" else image.manifest)
+    finally:
+        fast_writer.close()
+        slow_writer.close()
+    assert seen == [False, True, True]  # /v2/ declined; the slow connection's never looked at
+
+
+async def test_pipelined_requests_are_answered_in_order_across_both_paths(
+    mirror: Mirror, seeded: Seeded
+) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    config = next(iter(image.blobs))
+    seen = _spy(mirror)
+    reader, writer = await _connect(mirror)
+    accept = f"Accept: {image.media_type}"
+    burst = [
+        ("GET", by_tag),  # fast
+        ("HEAD", by_tag),  # fast
+        ("GET", f"/v2/{image.repository}/blobs/{config}"),  # aiohttp, and so on after it
+        ("GET", by_tag),
+        ("GET", f"/v2/{image.repository}/manifests/nosuchtag"),
+        ("HEAD", by_tag),
+    ]
+    writer.write(b"".join(_request(method, path, accept) for method, path in burst))
+    try:
+        answers = [await _response(reader, method) for method, _ in burst]
+    finally:
+        writer.close()
+    statuses = [status.split()[1] for status, _, _ in answers]
+    assert statuses == ["200", "200", "200", "200", "404", "200"]
+    assert answers[0][2] == answers[3][2] == image.manifest
+    assert hashlib.sha256(answers[2][2]).hexdigest() == config.split(":")[1]
+    assert answers[1][1]["content-length"] == answers[5][1]["content-length"]
+    assert seen == [True, True, False]
+
+
+async def test_a_request_in_pieces_is_answered(mirror: Mirror, seeded: Seeded) -> None:
+    image = seeded.docker
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    seen = _spy(mirror)
+    reader, writer = await _connect(mirror)
+    try:
+        for _ in range(2):
+            for byte in _request("GET", by_tag, f"Accept: {image.media_type}"):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0)
+            status, _, body = await _response(reader, "GET")
+            assert status == "HTTP/1.1 200 OK"
+            assert body == image.manifest
+    finally:
+        writer.close()
+    assert seen == [True, True]
+
+
+async def test_connection_close_is_honoured(mirror: Mirror, seeded: Seeded) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    seen = _spy(mirror)
+    reader, writer = await _connect(mirror)
+    writer.write(_request("GET", by_tag, f"Accept: {image.media_type}", "Connection: close"))
+    try:
+        status, fields, body = await _response(reader, "GET")
+        assert (status, fields["connection"], body) == ("HTTP/1.1 200 OK", "close", image.manifest)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the mirror
+    finally:
+        writer.close()
+    assert seen == [True]
+
+
+async def test_what_memory_cannot_answer_goes_to_aiohttp(
+    make_mirror: MirrorFactory, make_relay: RelayFactory, upstream: Registry, seeded: Seeded
+) -> None:
+    """A tag not known, known but of a type the client does not take, a conditional
+    request, HTTP/1.0, a query: answered as before (by aiohttp), the upstream asked where
+    it has to be."""
+    relay = await make_relay(upstream.url)
+    mirror = await make_mirror({"docker.io": relay.url})
+    image = seeded.docker
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    seen = _spy(mirror)
+    accept = f"Accept: {image.media_type}"
+
+    def manifest(status: str, body: bytes) -> bool:
+        return body == image.manifest
+
+    cases: list[tuple[bytes, Callable[[str, bytes], bool]]] = [
+        (_request("GET", by_tag, accept), manifest),  # not known yet
+        (
+            _request("GET", by_tag, accept, f'If-None-Match: "{image.digest}"'),
+            lambda s, b: "304" in s,
+        ),
+        (_request("GET", by_tag, accept).replace(b"HTTP/1.1", b"HTTP/1.0"), manifest),
+        (_request("GET", by_tag + "?ns=docker.io", accept), manifest),
+        (_request("GET", by_tag.replace("/v2/", "/v2/docker.io/"), accept), manifest),
+        # Known, but of a type this client does not take: the upstream is asked.
+        (
+            _request("GET", by_tag, "Accept: application/vnd.oci.image.index.v1+json"),
+            lambda s, b: True,
+        ),
+    ]
+    for raw, right in cases:
+        reader, writer = await _connect(mirror)
+        writer.write(raw)
+        try:
+            status, _, body = await _response(reader, "GET")
+        finally:
+            writer.close()
+        assert right(status, body), (raw, status)
+    # Only the fifth, a trusted tag by another spelling of its route, was the fast path's.
+    assert seen == [False, False, False, False, True, False]
+    assert relay.count("GET", "/manifests/") == 2
+
+
+async def test_fast_answers_are_counted_and_logged(
+    mirror: Mirror, seeded: Seeded, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    seen = _spy(mirror)
+
+    async def hits() -> float:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(mirror.url + "/metrics") as response,
+        ):
+            text = await response.text()
+        wanted = 'mirror_requests_total{kind="manifest",method="GET",result="hit",status="2xx"}'
+        lines = [line for line in text.splitlines() if line.startswith(wanted)]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = await hits()
+    reader, writer = await _connect(mirror)
+    with caplog.at_level(logging.INFO, logger="mirror.access"):
+        for _ in range(5):
+            writer.write(
+                _request("GET", by_tag, f"Accept: {image.media_type}", "User-Agent: fleet/1")
+            )
+            assert (await _response(reader, "GET"))[2] == image.manifest
+    writer.close()
+    assert seen == [False] + [True] * 5  # (/metrics is aiohttp's)
+    assert await hits() == before + 5
+    lines = [r for r in caplog.records if r.name == "mirror.access" and by_tag in r.getMessage()]
+    assert len(lines) == 5
+    assert f'"GET {by_tag}" 200 {len(image.manifest)}' in lines[0].getMessage()
+    assert lines[0].__dict__["agent"] == "fleet/1" and lines[0].__dict__["result"] == "hit"
+
+
+async def test_a_client_that_stops_reading_is_not_read_either(
+    mirror: Mirror, seeded: Seeded
+) -> None:
+    """Requests pipelined without reading the answers: the mirror stops reading once the
+    answers are not taken, so what it holds stays bounded; every answer arrives once the
+    client reads."""
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    reader, writer = await _connect(mirror)
+    one = _request("GET", by_tag, f"Accept: {image.media_type}")
+    sent = 0
+    try:
+        with pytest.raises(TimeoutError):
+            while True:  # until the mirror stops reading: the client's writes block
+                writer.write(one * 100)
+                await asyncio.wait_for(writer.drain(), 2)
+                sent += 100
+        first = await _response(reader, "GET")
+        assert first[2] == image.manifest
+        size = len(_serialized(first))
+        rest = await asyncio.wait_for(reader.readexactly(size * (sent - 1)), 30)
+        assert rest.count(b"HTTP/1.1 200 OK\r\n") == rest.count(image.manifest) == sent - 1
+    finally:
+        writer.close()
+
+
+async def test_an_idle_connection_is_closed_after_the_keepalive(
+    mirror: Mirror, seeded: Seeded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "KEEPALIVE", 0.5)
+    reader, writer = await _connect(mirror)
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
