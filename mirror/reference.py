@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -44,6 +45,7 @@ class Digest:
         return hashlib.new(self.algorithm, data).hexdigest() == self.hex
 
 
+@functools.lru_cache(maxsize=4096)  # (the hot path asks of the same few, again and again)
 def parse_digest(text: str) -> Digest | None:
     """The digest in `text`, or None when it is malformed or of an algorithm we cannot verify."""
     if DIGEST_RE.fullmatch(text) is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 from email.utils import formatdate
 
 from aiohttp import web
@@ -33,14 +34,78 @@ from .observe import Answered, Observer
 # goes to aiohttp). The reference has no '/': the last `/manifests/` splits, as aiohttp's
 # route does.
 REQUEST_LINE = re.compile(
-    rb"(GET|HEAD) /v2/([-a-z0-9._/:]+)/manifests/([A-Za-z0-9_.:+=-]+) HTTP/1\.1"
+    rb"(GET|HEAD) (/v2/([-a-z0-9._/:]+)/manifests/([A-Za-z0-9_.:+=-]+)) HTTP/1\.1"
 )
 FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Fields that change what the answer would be, or ask for more than an answer: aiohttp's.
 DECLINED_FIELDS = frozenset(
     (b"if-none-match", b"content-length", b"transfer-encoding", b"upgrade", b"expect")
 )
-HEADS_KEPT = 4096  # prepared status lines and fields, by answer
+HEADS_KEPT = 4096  # request heads read, and answers' status lines and fields, kept
+HEAD_KEPT = 1024  # bytes of a request head kept as read
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a request head asks of the fast path."""
+
+    method: str
+    path: str
+    route: Route
+    reference: str
+    accept: str  # every Accept field, joined (clients may send one per media type)
+    agent: str
+    close: bool  # Connection: close
+
+    @property
+    def head(self) -> bool:
+        return self.method == "HEAD"
+
+
+UNREAD = object()
+
+
+def _read(config: Config, head: bytes) -> Request | None:
+    """The request in `head`, when it is one for the fast path."""
+    line_end = head.find(b"\r\n")
+    request = REQUEST_LINE.fullmatch(head if line_end < 0 else head[:line_end])
+    if request is None:
+        return None
+    accept: list[str] = []
+    agent = ""
+    close = False
+    if line_end >= 0:
+        for field in head[line_end + 2 :].split(b"\r\n"):
+            name, colon, value = field.partition(b":")
+            if not colon or FIELD_NAME.fullmatch(name) is None:
+                return None  # (aiohttp tells the client what is wrong)
+            name = name.lower()
+            if name in DECLINED_FIELDS:
+                return None
+            value = value.strip(b" \t")
+            if name == b"accept":
+                accept.append(value.decode("latin-1"))
+            elif name == b"user-agent":
+                agent = value.decode("latin-1")
+            elif name == b"connection":
+                options = value.lower()
+                if b"upgrade" in options:
+                    return None
+                close = close or b"close" in options
+    reference = request[4].decode()
+    try:
+        route = resolve(config, request[3].decode(), None)
+    except RegistryError:
+        return None
+    if route.upstream.hosted:
+        return None
+    if looks_like_digest(reference):
+        if parse_digest(reference) is None:
+            return None
+    elif not is_valid_tag(reference):
+        return None
+    method = request[1].decode()
+    return Request(method, request[2].decode(), route, reference, ", ".join(accept), agent, close)
 
 
 class FastAnswers:
@@ -51,6 +116,9 @@ class FastAnswers:
         self._config = config
         self._proxy = proxy
         self._observer = observer
+        # What each request head asks (None: not for the fast path): a function of the
+        # head and the config alone.
+        self._requests: dict[bytes, Request | None] = {}
         # What precedes the Date field, by (digest, type, source, size, GET or HEAD).
         self._heads: dict[tuple[str, str, str, int, bool], bytes] = {}
         self._second = 0
@@ -60,67 +128,38 @@ class FastAnswers:
         """The whole response to the request whose head (up to its blank line) is `head`,
         and whether the connection then closes; None: aiohttp's to answer."""
         started = time.monotonic()
-        line_end = head.find(b"\r\n")
-        request = REQUEST_LINE.fullmatch(head if line_end < 0 else head[:line_end])
+        request = self._requests.get(head, UNREAD)
+        if request is UNREAD:
+            request = _read(self._config, head)
+            if len(head) <= HEAD_KEPT:  # (clients send the same few heads again and again)
+                if len(self._requests) >= HEADS_KEPT:
+                    self._requests.clear()
+                self._requests[head] = request
         if request is None:
             return None
-        accept: list[str] = []
-        agent = ""
-        close = False
-        if line_end >= 0:
-            for field in head[line_end + 2 :].split(b"\r\n"):
-                name, colon, value = field.partition(b":")
-                if not colon or FIELD_NAME.fullmatch(name) is None:
-                    return None  # (aiohttp tells the client what is wrong)
-                name = name.lower()
-                if name in DECLINED_FIELDS:
-                    return None
-                value = value.strip(b" \t")
-                if name == b"accept":
-                    accept.append(value.decode("latin-1"))
-                elif name == b"user-agent":
-                    agent = value.decode("latin-1")
-                elif name == b"connection":
-                    options = value.lower()
-                    if b"upgrade" in options:
-                        return None
-                    close = close or b"close" in options
-        found = self._at_hand(request[1], request[2].decode(), request[3].decode(), accept)
-        if found is None:
+        assert isinstance(request, Request)
+        answer = self._proxy.manifest_at_hand(
+            request.route, request.reference, request.accept, head=request.head
+        )
+        if answer is None:
             return None
-        route, answer = found
-        method = request[1].decode()
-        response = self._response(answer, method == "HEAD", close)
+        response = self._response(answer, request.head, request.close)
         sent = 0 if answer.data is None else answer.size
-        self._observer.count("manifest", method, 200, answer.source, route, sent)
+        self._observer.count("manifest", request.method, 200, answer.source, request.route, sent)
         if self._observer.logging():
-            path = head[len(method) + 1 : head.index(b" HTTP/1.1")].decode()
-            took = time.monotonic() - started
             line = Answered(
-                remote, method, path, 200, sent, took, answer.source, route.upstream.name, True
+                remote,
+                request.method,
+                request.path,
+                200,
+                sent,
+                time.monotonic() - started,
+                answer.source,
+                request.route.upstream.name,
+                True,
             )
-            self._observer.log_line(line, agent=agent)
-        return response, close
-
-    def _at_hand(
-        self, method: bytes, name: str, reference: str, accept: list[str]
-    ) -> tuple[Route, Manifest] | None:
-        try:
-            route = resolve(self._config, name, None)
-        except RegistryError:
-            return None
-        if route.upstream.hosted:
-            return None
-        if looks_like_digest(reference):
-            if parse_digest(reference) is None:
-                return None
-        elif not is_valid_tag(reference):
-            return None
-        # Clients may send one Accept field per media type: all are taken, as aiohttp's
-        # handler takes them.
-        head = method == b"HEAD"
-        answer = self._proxy.manifest_at_hand(route, reference, ", ".join(accept), head=head)
-        return None if answer is None else (route, answer)
+            self._observer.log_line(line, agent=request.agent)
+        return response, request.close
 
     def _response(self, answer: Manifest, head: bool, close: bool) -> bytes:
         key = (answer.digest, answer.media_type, answer.source, answer.size, head)
