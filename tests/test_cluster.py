@@ -19,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from mirror.app import create_app
-from mirror.cluster.health import exchange
+from mirror.cluster.health import exchange, share_health
 from mirror.cluster.shared import Shared
 from mirror.config import ClusterConfig, from_mapping
 from mirror.upstream.breaker import Breaker, UpstreamDown
@@ -502,3 +502,29 @@ async def test_a_missing_tag_asked_everywhere_at_once_is_asked_upstream_once(
         statuses = await asyncio.gather(*(status(r.url + path) for r in group * 4))
     assert statuses == [404] * 12
     assert [r for r in relay.requests if r[1] == path] == [("GET", path)]
+
+
+async def test_sharing_health_stops_when_the_redis_client_swallows_the_cancel() -> None:
+    """A stop's cancel lost inside the Redis client (Python 3.11's asyncio.wait_for drops
+    one that arrives as its call completes) must not keep the exchange running: a replica
+    once hung its stop so, until the 10 s limit."""
+
+    class Swallowing:
+        inside = asyncio.Event()
+
+        async def down(self, name: str) -> None:
+            self.inside.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                return None  # lost, as the client loses it
+
+    class Upstream:
+        breaker = Breaker("registry", ManualClock())
+
+    shared = Swallowing()
+    task = asyncio.create_task(share_health(shared, {"registry": Upstream()}))  # type: ignore[arg-type, dict-item]
+    await asyncio.wait_for(shared.inside.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)

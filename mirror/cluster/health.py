@@ -17,12 +17,18 @@ HEALTH_EVERY = 0.25  # seconds between exchanges of upstream health with the clu
 async def share_health(shared: Shared, upstreams: Mapping[str, Upstream]) -> None:
     """Publish this replica's own findings and learn the others', every HEALTH_EVERY."""
     published: dict[str, float] = {}  # upstream -> the retry time said to the cluster
+    task = asyncio.current_task()
     while True:
         await asyncio.sleep(HEALTH_EVERY)
         for name, upstream in upstreams.items():
             breaker = getattr(upstream, "breaker", None)
             if isinstance(breaker, Breaker):  # (an offline upstream has none)
                 await exchange(shared, name, breaker, published)
+            if task is not None and task.cancelling():
+                # A stop's cancel can be lost inside the Redis client (Python 3.11's
+                # asyncio.wait_for drops one that comes as its call completes): this loop
+                # would then run on and hold the stop until its time limit.
+                raise asyncio.CancelledError
 
 
 async def exchange(
