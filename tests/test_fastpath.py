@@ -16,6 +16,7 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
+from mirror.app import PROXY
 from mirror.http import server
 from mirror.http.fastpath import FAST_ANSWERS
 from tests.conftest import Mirror, MirrorFactory, RelayFactory, Seeded
@@ -296,3 +297,131 @@ async def test_an_idle_connection_is_closed_after_the_keepalive(
         assert await asyncio.wait_for(reader.read(), 10) == b""
     finally:
         writer.close()
+
+
+def _field_lines(count: int) -> str:
+    return "\r\n".join(f"X-Field-{n}: {n}" for n in range(count))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "Host: other",  # a second Host
+        "X-A: a\x00b",  # a NUL in a value
+        "X-A: a\x01b",
+        "X-A: a\rTransfer-Encoding: chunked",  # a bare CR
+        "User-Agent: a\x1bb",  # an escape in a value
+        "X-Long: " + "a" * 10_000,
+        _field_lines(200),
+    ],
+    ids=["two-hosts", "nul", "control", "bare-cr", "escape", "long-field", "200-fields"],
+)
+async def test_heads_aiohttp_refuses_are_refused_alike(
+    mirror: Mirror, seeded: Seeded, extra: str
+) -> None:
+    """What aiohttp refuses with 400 is declined by the fast path, so aiohttp refuses it
+    there too: the two paths never disagree about a request."""
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    seen = _spy(mirror)
+    reader, writer = await _connect(mirror)
+    writer.write(_request("GET", by_tag, f"Accept: {image.media_type}", extra))
+    try:
+        status, _, _ = await _response(reader, "GET")
+    finally:
+        writer.close()
+    assert status.split()[1] == "400"
+    assert True not in seen
+
+
+async def test_a_body_hidden_behind_a_bare_lf_is_never_read_as_a_request(
+    mirror: Mirror, seeded: Seeded
+) -> None:
+    """`X-A: a<LF>Content-Length: n`: a reader that takes LF alone as a line end sees a
+    body; the mirror must not answer that body as a second request (a front proxy and
+    the mirror would disagree about where requests start)."""
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    inner = _request("GET", by_tag + "?smuggled", f"Accept: {image.media_type}")
+    outer = _request(
+        "GET", by_tag, f"Accept: {image.media_type}", f"X-A: a\nContent-Length: {len(inner)}"
+    )
+    reader, writer = await _connect(mirror)
+    writer.write(outer + inner)
+    try:
+        status, _, _ = await _response(reader, "GET")
+        rest = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    assert status.split()[1] == "400"
+    assert b"200 OK" not in rest
+
+
+async def test_a_head_ended_by_bare_lfs_is_answered_at_once(mirror: Mirror, seeded: Seeded) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    reader, writer = await _connect(mirror)
+    writer.write(f"GET {by_tag} HTTP/1.1\nHost: mirror\n\n".encode())
+    try:
+        status, _, _ = await _response(reader, "GET")  # (not after the keep-alive)
+    finally:
+        writer.close()
+    assert status.startswith("HTTP/1.")
+
+
+async def test_connection_options_are_whole_tokens(mirror: Mirror, seeded: Seeded) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    seen = _spy(mirror)
+    reader, writer = await _connect(mirror)
+    try:
+        for option in ("x-closed-thing", "keep-alive, x-upgraded"):
+            writer.write(
+                _request("GET", by_tag, f"Accept: {image.media_type}", f"Connection: {option}")
+            )
+            status, fields, body = await _response(reader, "GET")
+            assert (status, body) == ("HTTP/1.1 200 OK", image.manifest)
+            assert "connection" not in fields  # kept open: the next request is answered
+    finally:
+        writer.close()
+    assert seen == [True, True]
+
+
+async def test_a_utf8_user_agent_is_logged_as_aiohttp_logs_it(
+    mirror: Mirror, seeded: Seeded, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    reader, writer = await _connect(mirror)
+    with caplog.at_level(logging.INFO, logger="mirror.access"):
+        for path in (by_tag, by_tag + "?ns=docker.io"):  # the fast path, then aiohttp
+            writer.write(
+                _request("GET", path, f"Accept: {image.media_type}", "User-Agent: dockér/1")
+            )
+            await _response(reader, "GET")
+    writer.close()
+    agents = [r.__dict__["agent"] for r in caplog.records if r.name == "mirror.access"]
+    assert agents[-2:] == ["dockér/1", "dockér/1"]
+
+
+async def test_long_accept_lists_are_not_kept(mirror: Mirror, seeded: Seeded) -> None:
+    """A client sending ever new long Accept lists must not grow the mirror's memory."""
+    image = seeded.oci
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    manifests = mirror.app[PROXY]._manifests
+    kept = len(manifests._accepted)
+    reader, writer = await _connect(mirror)
+    try:
+        for n in range(20):
+            accept = f"{image.media_type}, application/x-{n}-" + "a" * 2000
+            writer.write(_request("GET", by_tag, f"Accept: {accept}"))
+            assert (await _response(reader, "GET"))[2] == image.manifest
+    finally:
+        writer.close()
+    assert len(manifests._accepted) == kept

@@ -36,7 +36,12 @@ from .observe import Answered, Observer
 REQUEST_LINE = re.compile(
     rb"(GET|HEAD) (/v2/([-a-z0-9._/:]+)/manifests/([A-Za-z0-9_.:+=-]+)) HTTP/1\.1"
 )
-FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Fields as RFC 9110 writes them, in lines ending in CRLF: a token, a colon, a value of
+# visible characters, spaces, tabs and obs-text (no other control byte, no bare CR or LF).
+FIELDS = re.compile(
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*"
+)
+MAX_FIELDS = 100  # more is aiohttp's to judge
 # Fields that change what the answer would be, or ask for more than an answer: aiohttp's.
 DECLINED_FIELDS = frozenset(
     (b"if-none-match", b"content-length", b"transfer-encoding", b"upgrade", b"expect")
@@ -66,32 +71,33 @@ UNREAD = object()
 
 
 def _read(config: Config, head: bytes) -> Request | None:
-    """The request in `head`, when it is one for the fast path."""
+    """The request in `head`, when it is one for the fast path: anything aiohttp might read
+    otherwise, or refuse (a control byte, a bare CR or LF, a field twice, no Host, too
+    many fields), is declined, so both paths always agree on where a request ends."""
     line_end = head.find(b"\r\n")
-    request = REQUEST_LINE.fullmatch(head if line_end < 0 else head[:line_end])
-    if request is None:
+    if line_end < 0:
+        return None  # (no Host)
+    request = REQUEST_LINE.fullmatch(head, 0, line_end)
+    if request is None or FIELDS.fullmatch(head, line_end + 2) is None:
         return None
+    fields: dict[bytes, bytes] = {}
     accept: list[str] = []
-    agent = ""
-    close = False
-    if line_end >= 0:
-        for field in head[line_end + 2 :].split(b"\r\n"):
-            name, colon, value = field.partition(b":")
-            if not colon or FIELD_NAME.fullmatch(name) is None:
-                return None  # (aiohttp tells the client what is wrong)
-            name = name.lower()
-            if name in DECLINED_FIELDS:
-                return None
-            value = value.strip(b" \t")
-            if name == b"accept":
-                accept.append(value.decode("latin-1"))
-            elif name == b"user-agent":
-                agent = value.decode("latin-1")
-            elif name == b"connection":
-                options = value.lower()
-                if b"upgrade" in options:
-                    return None
-                close = close or b"close" in options
+    for field in head[line_end + 2 :].split(b"\r\n"):
+        name, _, value = field.partition(b":")
+        name = name.lower()
+        value = value.strip(b" \t")
+        if name == b"accept":
+            accept.append(value.decode("utf-8", "surrogateescape"))
+        elif name in fields or name in DECLINED_FIELDS:
+            return None
+        fields[name] = value
+    if b"host" not in fields or len(fields) + len(accept) > MAX_FIELDS:
+        return None
+    options = {option.strip().lower() for option in fields.get(b"connection", b"").split(b",")}
+    if b"upgrade" in options:
+        return None
+    agent = fields.get(b"user-agent", b"").decode("utf-8", "surrogateescape")
+    close = b"close" in options
     reference = request[4].decode()
     try:
         route = resolve(config, request[3].decode(), None)

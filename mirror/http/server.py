@@ -10,6 +10,7 @@ ones too).
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Callable
 from typing import cast
@@ -21,6 +22,7 @@ from .fastpath import FAST_ANSWERS, FastAnswers
 HEAD_LIMIT = 8192  # bytes of a request head the fast path waits for before it declines
 KEEPALIVE = 75.0  # seconds an idle connection is kept open (aiohttp's default too)
 REQUESTS = (b"GET ", b"HEAD ")  # the only starts the fast path answers
+BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class FastConnection(asyncio.Protocol):
@@ -68,8 +70,10 @@ class FastConnection(asyncio.Protocol):
                 self._hand_over(pending[start:])
                 return
             end = pending.find(b"\r\n\r\n", start)
-            if end < 0:
-                if len(pending) - start > HEAD_LIMIT:
+            if end < 0 or end - start > HEAD_LIMIT:
+                # A head too long, or with a bare LF (it may have ended already, for a
+                # reader that takes LF alone as a line end): aiohttp's to judge.
+                if len(pending) - start > HEAD_LIMIT or BARE_LF.search(pending, start):
                     self._hand_over(pending[start:])
                     return
                 break

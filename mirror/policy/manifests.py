@@ -36,6 +36,7 @@ log = logging.getLogger("mirror.proxy")
 
 ALL_MANIFEST_TYPES = ", ".join(MANIFEST_TYPES)
 ACCEPT_MEMORY = 1024  # distinct (Accept, media type) pairs remembered
+ACCEPT_KEPT = 1024  # characters of an Accept list remembered; longer ones are read each time
 CLAIM_POLL = 0.05  # seconds between looks while another replica revalidates a tag
 
 
@@ -101,6 +102,8 @@ class Manifests:
         await self._evictions.close()
 
     def _accepts(self, accept: str, media_type: str) -> bool:
+        if len(accept) > ACCEPT_KEPT:
+            return accepts(accept, media_type)  # (not kept: memory is for the usual lists)
         key = (accept, media_type)
         known = self._accepted.get(key)
         if known is None:
