@@ -20,6 +20,7 @@ from mirror.app import PROXY
 from mirror.http import server
 from mirror.http.fastpath import FAST_ANSWERS
 from tests.conftest import Mirror, MirrorFactory, RelayFactory, Seeded
+from tests.support.images import Image
 from tests.support.registry import Registry
 
 pytestmark = pytest.mark.in_process  # looks at which path answered
@@ -74,6 +75,13 @@ async def _warm(mirror: Mirror, path: str, accept: str) -> None:
         await response.read()
 
 
+async def _warmed(mirror: Mirror, image: Image) -> str:
+    """The image's tag, known to the mirror and trusted: its path."""
+    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
+    await _warm(mirror, by_tag, image.media_type)
+    return by_tag
+
+
 async def _connect(mirror: Mirror) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, port = mirror.host.split(":")
     return await asyncio.open_connection(host, int(port))
@@ -119,8 +127,7 @@ async def test_pipelined_requests_are_answered_in_order_across_both_paths(
     mirror: Mirror, seeded: Seeded
 ) -> None:
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     config = next(iter(image.blobs))
     seen = _spy(mirror)
     reader, writer = await _connect(mirror)
@@ -148,8 +155,7 @@ async def test_pipelined_requests_are_answered_in_order_across_both_paths(
 
 async def test_a_request_in_pieces_is_answered(mirror: Mirror, seeded: Seeded) -> None:
     image = seeded.docker
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     seen = _spy(mirror)
     reader, writer = await _connect(mirror)
     try:
@@ -168,8 +174,7 @@ async def test_a_request_in_pieces_is_answered(mirror: Mirror, seeded: Seeded) -
 
 async def test_connection_close_is_honoured(mirror: Mirror, seeded: Seeded) -> None:
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     seen = _spy(mirror)
     reader, writer = await _connect(mirror)
     writer.write(_request("GET", by_tag, f"Accept: {image.media_type}", "Connection: close"))
@@ -230,8 +235,7 @@ async def test_fast_answers_are_counted_and_logged(
     mirror: Mirror, seeded: Seeded, caplog: pytest.LogCaptureFixture
 ) -> None:
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     seen = _spy(mirror)
 
     async def hits() -> float:
@@ -268,8 +272,7 @@ async def test_a_client_that_stops_reading_is_not_read_either(
     answers are not taken, so what it holds stays bounded; every answer arrives once the
     client reads."""
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     reader, writer = await _connect(mirror)
     one = _request("GET", by_tag, f"Accept: {image.media_type}")
     sent = 0
@@ -322,8 +325,7 @@ async def test_heads_aiohttp_refuses_are_refused_alike(
     """What aiohttp refuses with 400 is declined by the fast path, so aiohttp refuses it
     there too: the two paths never disagree about a request."""
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     seen = _spy(mirror)
     reader, writer = await _connect(mirror)
     writer.write(_request("GET", by_tag, f"Accept: {image.media_type}", extra))
@@ -342,8 +344,7 @@ async def test_a_body_hidden_behind_a_bare_lf_is_never_read_as_a_request(
     body; the mirror must not answer that body as a second request (a front proxy and
     the mirror would disagree about where requests start)."""
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     inner = _request("GET", by_tag + "?smuggled", f"Accept: {image.media_type}")
     outer = _request(
         "GET", by_tag, f"Accept: {image.media_type}", f"X-A: a\nContent-Length: {len(inner)}"
@@ -361,8 +362,7 @@ async def test_a_body_hidden_behind_a_bare_lf_is_never_read_as_a_request(
 
 async def test_a_head_ended_by_bare_lfs_is_answered_at_once(mirror: Mirror, seeded: Seeded) -> None:
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     reader, writer = await _connect(mirror)
     writer.write(f"GET {by_tag} HTTP/1.1\nHost: mirror\n\n".encode())
     try:
@@ -374,8 +374,7 @@ async def test_a_head_ended_by_bare_lfs_is_answered_at_once(mirror: Mirror, seed
 
 async def test_connection_options_are_whole_tokens(mirror: Mirror, seeded: Seeded) -> None:
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     seen = _spy(mirror)
     reader, writer = await _connect(mirror)
     try:
@@ -395,8 +394,7 @@ async def test_a_utf8_user_agent_is_logged_as_aiohttp_logs_it(
     mirror: Mirror, seeded: Seeded, caplog: pytest.LogCaptureFixture
 ) -> None:
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     reader, writer = await _connect(mirror)
     with caplog.at_level(logging.INFO, logger="mirror.access"):
         for path in (by_tag, by_tag + "?ns=docker.io"):  # the fast path, then aiohttp
@@ -412,8 +410,7 @@ async def test_a_utf8_user_agent_is_logged_as_aiohttp_logs_it(
 async def test_long_accept_lists_are_not_kept(mirror: Mirror, seeded: Seeded) -> None:
     """A client sending ever new long Accept lists must not grow the mirror's memory."""
     image = seeded.oci
-    by_tag = f"/v2/{image.repository}/manifests/{image.reference}"
-    await _warm(mirror, by_tag, image.media_type)
+    by_tag = await _warmed(mirror, image)
     manifests = mirror.app[PROXY]._manifests
     kept = len(manifests._accepted)
     reader, writer = await _connect(mirror)
