@@ -211,12 +211,11 @@ async def create_app(
     app[UPSTREAMS] = upstreams
     app[PROXY] = proxy
     app[OBSERVER] = observer
-    if config.access is None:  # (with access rules, every request goes through the gate)
-        app[FAST_ANSWERS] = FastAnswers(config, proxy, observer)
     signer = None
     if config.access is not None:
         signer = TokenSigner(signing_key(config.storage.path / "access"), clock)
     gate = app[GATE] = Gate(config, metrics, clock, signer)
+    app[FAST_ANSWERS] = FastAnswers(config, proxy, observer, gate)
     app.cleanup_ctx.append(_lifetime)
     app.on_response_prepare.append(inert_content)
 

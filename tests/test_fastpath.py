@@ -9,9 +9,12 @@ reading are all served as aiohttp serves them. And it is counted and logged as a
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -422,3 +425,53 @@ async def test_long_accept_lists_are_not_kept(mirror: Mirror, seeded: Seeded) ->
     finally:
         writer.close()
     assert len(manifests._accepted) == kept
+
+
+async def test_with_access_rules_only_what_anyone_may_pull_is_answered_fast(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    seeded: Seeded,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Anyone on this machine may pull docker.io; ghcr.io takes a login. A request without
+    credentials that the rules let through is the fast path's (logged as the gate logs
+    it); one they refuse, and any with credentials, are the gate's (401, or its check)."""
+    users = tmp_path / "htpasswd"
+    subprocess.run(["htpasswd", "-B", "-b", "-c", str(users), "ci", "secret"], check=True)
+    access = {
+        "users_file": str(users),
+        "rules": [
+            {"repositories": ["docker.io/*"], "anonymous": True, "networks": ["127.0.0.0/8"]},
+            {"repositories": ["ghcr.io/*"], "users": ["ci"]},
+        ],
+    }
+    mirror = await make_mirror({"docker.io": upstream.url, "ghcr.io": upstream.url}, access=access)
+    image = seeded.oci
+    accept = f"Accept: {image.media_type}"
+    login = "Authorization: Basic " + base64.b64encode(b"ci:secret").decode()
+    hub = f"/v2/{image.repository}/manifests/{image.reference}"
+    ghcr = f"/v2/ghcr.io/{image.repository}/manifests/{image.reference}"
+    seen = _spy(mirror)
+    reader, writer = await _connect(mirror)
+    statuses = []
+    with caplog.at_level(logging.INFO, logger="mirror.access"):
+        writer.write(_request("GET", hub, accept))  # a miss: aiohttp's from here on
+        statuses.append((await _response(reader, "GET"))[0].split()[1])
+        writer.close()
+        for raw in (
+            _request("GET", hub, accept),  # anyone may: fast
+            _request("GET", ghcr, accept),  # a login needed: the gate's 401
+            _request("GET", ghcr, accept, login),  # credentials: the gate checks them
+            _request("GET", ghcr, accept),  # known now, still not for anyone
+            _request("GET", hub, accept, login),  # credentials, even where not needed
+        ):
+            reader, writer = await _connect(mirror)
+            writer.write(raw)
+            statuses.append((await _response(reader, "GET"))[0].split()[1])
+            writer.close()
+    assert statuses == ["200", "200", "401", "200", "401", "200"]
+    assert seen == [False, True, False, False, False, False]
+    fast = [r for r in caplog.records if r.name == "mirror.access"][1]
+    assert "user=- access=allowed" in fast.getMessage()
+    assert (fast.__dict__["user"], fast.__dict__["access"]) == ("-", "allowed")

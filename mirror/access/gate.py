@@ -29,6 +29,7 @@ from .tokens import Token, TokenSigner
 from .users import UsersFile
 
 ANONYMOUS = "-"
+ALLOWED = "allowed"  # what access made of a request it let through, in the access log
 # Who made a request (a user's name, or "-") and what access made of it, for the access log.
 IDENTITY = web.RequestKey("identity", str)
 DECISION = web.RequestKey("decision", str)
@@ -89,6 +90,15 @@ class Gate:
     async def pull(self, request: web.Request, route: Route) -> None:
         if self._access is not None:
             await self._check(request, route, "pull", "pull")
+
+    def lets_anyone_pull(self, route: Route, address: str | None) -> bool:
+        """Whether a request without credentials from `address` may pull from `route`:
+        what `pull` decides for it (for the server's fast path, which leaves every
+        request with credentials to `pull`)."""
+        if self._access is None:
+            return True
+        path = f"{route.upstream.name}/{route.repository}"
+        return self._allows(self._access.rules, None, address, path, "pull")
 
     async def push(self, request: web.Request, route: Route) -> None:
         """A write to a hosted namespace: an identity the rules grant `push`; without
@@ -311,7 +321,7 @@ class Gate:
 
     def _allow(self, request: web.Request, identity: Identity | None) -> None:
         request[IDENTITY] = (identity.user if identity else None) or ANONYMOUS
-        request[DECISION] = "allowed"
+        request[DECISION] = ALLOWED
 
     def _refuse(self, request: web.Request, identity: Identity | None, reason: str) -> None:
         request[IDENTITY] = (identity.user if identity else None) or ANONYMOUS

@@ -20,6 +20,7 @@ from email.utils import formatdate
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
+from ..access.gate import ALLOWED, ANONYMOUS, Gate
 from ..config import Config
 from ..errors import RegistryError
 from ..policy.answers import Manifest
@@ -46,6 +47,8 @@ MAX_FIELDS = 100  # more is aiohttp's to judge
 DECLINED_FIELDS = frozenset(
     (b"if-none-match", b"content-length", b"transfer-encoding", b"upgrade", b"expect")
 )
+# With access rules, credentials are the gate's to check.
+DECLINED_WITH_ACCESS = DECLINED_FIELDS | {b"authorization"}
 HEADS_KEPT = 4096  # request heads read, and answers' status lines and fields, kept
 HEAD_KEPT = 1024  # bytes of a request head kept as read
 
@@ -80,6 +83,7 @@ def _read(config: Config, head: bytes) -> Request | None:
     request = REQUEST_LINE.fullmatch(head, 0, line_end)
     if request is None or FIELDS.fullmatch(head, line_end + 2) is None:
         return None
+    declined = DECLINED_FIELDS if config.access is None else DECLINED_WITH_ACCESS
     fields: dict[bytes, bytes] = {}
     accept: list[str] = []
     for field in head[line_end + 2 :].split(b"\r\n"):
@@ -88,7 +92,7 @@ def _read(config: Config, head: bytes) -> Request | None:
         value = value.strip(b" \t")
         if name == b"accept":
             accept.append(value.decode("utf-8", "surrogateescape"))
-        elif name in fields or name in DECLINED_FIELDS:
+        elif name in fields or name in declined:
             return None
         fields[name] = value
     if b"host" not in fields or len(fields) + len(accept) > MAX_FIELDS:
@@ -117,11 +121,12 @@ def _read(config: Config, head: bytes) -> Request | None:
 class FastAnswers:
     """Answers the requests memory alone can answer, from their raw heads."""
 
-    def __init__(self, config: Config, proxy: Proxy, observer: Observer) -> None:
-        assert config.access is None, "with access rules every request goes through the gate"
+    def __init__(self, config: Config, proxy: Proxy, observer: Observer, gate: Gate) -> None:
         self._config = config
         self._proxy = proxy
         self._observer = observer
+        self._gate = gate
+        self._gated = config.access is not None  # (the access line then says who and how)
         # What each request head asks (None: not for the fast path): a function of the
         # head and the config alone.
         self._requests: dict[bytes, Request | None] = {}
@@ -144,6 +149,8 @@ class FastAnswers:
         if request is None:
             return None
         assert isinstance(request, Request)
+        if self._gated and not self._gate.lets_anyone_pull(request.route, remote):
+            return None  # (the gate's challenge or refusal, from aiohttp)
         answer = self._proxy.manifest_at_hand(
             request.route, request.reference, request.accept, head=request.head
         )
@@ -164,7 +171,12 @@ class FastAnswers:
                 request.route.upstream.name,
                 True,
             )
-            self._observer.log_line(line, agent=request.agent)
+            if self._gated:
+                self._observer.log_line(
+                    line, agent=request.agent, identity=ANONYMOUS, decision=ALLOWED
+                )
+            else:
+                self._observer.log_line(line, agent=request.agent)
         return response, request.close
 
     def _response(self, answer: Manifest, head: bool, close: bool) -> bytes:

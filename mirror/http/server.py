@@ -140,8 +140,8 @@ class FastConnection(asyncio.Protocol):
 
 
 class Serving:
-    """`app` listening on a TCP port, with the fast path when the app has one (an app
-    without access rules: `FAST_ANSWERS`)."""
+    """`app` listening on a TCP port, with the fast path when the app has one
+    (`FAST_ANSWERS`)."""
 
     def __init__(
         self, runner: web.AppRunner, server: asyncio.Server, fast: set[FastConnection]
