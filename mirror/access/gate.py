@@ -97,8 +97,7 @@ class Gate:
         request with credentials to `pull`)."""
         if self._access is None:
             return True
-        path = f"{route.upstream.name}/{route.repository}"
-        return self._allows(self._access.rules, None, address, path, "pull")
+        return self._may(route, None, address, "pull")
 
     async def push(self, request: web.Request, route: Route) -> None:
         """A write to a hosted namespace: an identity the rules grant `push`; without
@@ -123,8 +122,7 @@ class Gate:
         challenge = self._challenge(request, f"repository:{name}:{scope}")
         identity = await self._identity(request, challenge=challenge)
         user = identity.user if identity is not None else None
-        path = f"{route.upstream.name}/{route.repository}"
-        allowed = self._allows(self._access.rules, user, request.remote, path, action)
+        allowed = self._may(route, user, request.remote, action)
         self._decide(request, identity, allowed, challenge, f"{action} {name}", {"name": name})
 
     async def visible(self, request: web.Request) -> Callable[[Route], bool]:
@@ -139,8 +137,7 @@ class Gate:
         address = request.remote
 
         def allowed(route: Route) -> bool:
-            path = f"{route.upstream.name}/{route.repository}"
-            return self._allows(access.rules, user, address, path, "pull")
+            return self._may(route, user, address, "pull")
 
         return allowed
 
@@ -181,6 +178,13 @@ class Gate:
             raise Unauthorized(f"authentication required to {what}", headers=challenge)
         self._refuse(request, identity, "denied")
         raise AccessDenied(f"{user} may not {what}", detail=detail)
+
+    def _may(self, route: Route, user: str | None, address: str | None, action: str) -> bool:
+        """Whether the rules let `user` (None: anonymous) at `address` do `action` on
+        `route`'s repository: one walk for every check, the fast path's included."""
+        assert self._access is not None
+        path = f"{route.upstream.name}/{route.repository}"
+        return self._allows(self._access.rules, user, address, path, action)
 
     def _allows(
         self,
@@ -307,11 +311,10 @@ class Gate:
                 route = resolve(self._config, name, None)
             except RegistryError:
                 continue
-            path = f"{route.upstream.name}/{route.repository}"
             allowed = [
                 action
                 for action in actions.split(",")
-                if self._allows(self._access.rules, user, request.remote, path, action)
+                if self._may(route, user, request.remote, action)
             ]
             if allowed:
                 granted.append({"type": "repository", "name": name, "actions": allowed})

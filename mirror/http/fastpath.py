@@ -159,7 +159,7 @@ class FastAnswers:
         response = self._response(answer, request.head, request.close)
         sent = 0 if answer.data is None else answer.size
         self._observer.count("manifest", request.method, 200, answer.source, request.route, sent)
-        if self._observer.logging():
+        if self._observer.logs_answers():
             line = Answered(
                 remote,
                 request.method,

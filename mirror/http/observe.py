@@ -69,7 +69,9 @@ class Observer:
             self._metrics.count_repository(upstream, route.repository)
 
     @staticmethod
-    def logging() -> bool:
+    def logs_answers() -> bool:
+        """Whether access lines are written (not below INFO): their fields are not worth
+        gathering otherwise."""
         return log.isEnabledFor(logging.INFO)
 
     @staticmethod
@@ -140,7 +142,7 @@ def observe_middleware(observer: Observer) -> Middleware:
         sent, complete = _bytes_sent(request, response)
         route = request.get(ROUTE)
         observer.count(kind, request.method, status, result, route, sent)
-        if not observer.logging():
+        if not observer.logs_answers():
             return response
         refused = request.get(DECISION, "").startswith("refused")
         if route_name not in ("metrics", "healthz", "readyz") or refused:
