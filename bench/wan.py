@@ -7,6 +7,10 @@ through the relay, and through a fresh mirror whose upstream is that relay (pref
 the mirror fetches every layer at once as the manifest passes). Alternating, median of
 rounds; every pull cold on both sides.
 
+dockerd also pulls the image straight from the registry, with no relay and no mirror: the
+least a pull can take on this host, bounded by dockerd's own work (checking digests,
+unpacking, writing the layers), which shares the cores with the relay and the mirror.
+
     python -m bench.wan [--rounds 3] [--latency 0.04] [--rate 25000000]
 
 Needs root (dockerd) and the Debian packages scripts/test installs.
@@ -37,10 +41,10 @@ LAYERS = (40 * MB,) * 8
 
 
 def _dockerd(
-    root: Path, mirror: str, insecure: str, storage_driver: str
+    root: Path, mirror: str, insecure: list[str], storage_driver: str
 ) -> contextlib.AbstractContextManager[dict[str, str]]:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing may be reached around the mirror
-    daemon = json.dumps({"registry-mirrors": [mirror], "insecure-registries": [insecure]})
+    daemon = json.dumps({"registry-mirrors": [mirror], "insecure-registries": insecure})
     return dockerd(
         root,
         daemon,
@@ -80,10 +84,11 @@ async def main() -> None:
             Pusher(registry.url).image("bench/wan", "1", layer_sizes=LAYERS)
             relay = await Relay(registry.url, Faults(rate=args.rate, latency=args.latency)).start()
             far = relay.url.removeprefix("http://")
+            near = registry.url.removeprefix("http://")
             for number in range(args.rounds):
                 order = ("direct", "mirror") if number % 2 == 0 else ("mirror", "direct")
                 for client in ("dockerd", "skopeo"):
-                    for way in order:
+                    for way in order + (("near",) if client == "dockerd" else ()):
                         root = work / f"{client}-{way}-{number}"
                         mirror = start_mirror(root / "mirror", relay.url, workers=1)
                         try:
@@ -91,10 +96,14 @@ async def main() -> None:
                             if client == "dockerd":
                                 short = Path(tempfile.mkdtemp(prefix="d-", dir="/tmp"))
                                 cleanup.append(short)  # (its socket needs a short path)
-                                with _dockerd(short, mirror.url, far, args.storage_driver) as env:
-                                    reference = (
-                                        f"{far}/bench/wan:1" if way == "direct" else "bench/wan:1"
-                                    )
+                                with _dockerd(
+                                    short, mirror.url, [far, near], args.storage_driver
+                                ) as env:
+                                    reference = {
+                                        "direct": f"{far}/bench/wan:1",
+                                        "near": f"{near}/bench/wan:1",
+                                        "mirror": "bench/wan:1",
+                                    }[way]
                                     took = await asyncio.to_thread(docker_pull, env, reference)
                             else:
                                 source = far if way == "direct" else host
@@ -123,6 +132,12 @@ async def main() -> None:
         direct = statistics.median(results[f"{client} direct"])
         through = statistics.median(results[f"{client} mirror"])
         print(f"| {client} | {direct:.2f} | {through:.2f} | {through / direct:.2f}x |")
+    near = statistics.median(results["dockerd near"])
+    direct = statistics.median(results["dockerd direct"])
+    print(
+        f"dockerd straight from the registry on this host (no relay, no mirror): {near:.2f} s, "
+        f"{near / direct:.2f}x its direct pull: no pull here can take less"
+    )
 
 
 if __name__ == "__main__":
