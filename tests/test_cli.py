@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,8 +14,10 @@ import pytest
 
 from tests.conftest import Seeded
 from tests.support.clients import skopeo_copy_to_dir
+from tests.support.images import Pusher, padded_manifest
 from tests.support.process import MIRROR, MirrorProcess
 from tests.support.registry import Registry
+from tests.support.waiting import until
 
 
 @pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
@@ -224,3 +228,58 @@ def test_check_config_says_who_may_push_to_a_hosted_namespace(tmp_path: Path) ->
     bad = _mirror("check-config", "--config", str(config))
     assert bad.returncode != 0
     assert "upstreams.local: a hosted namespace takes no url" in bad.stderr
+
+
+@pytest.mark.parametrize("path", ["fast", "aiohttp"])
+async def test_sigterm_lets_an_answer_already_written_reach_a_slow_client(
+    tmp_path: Path, upstream: Registry, path: str
+) -> None:
+    """A 4 MiB manifest answered to a client that reads slowly, then SIGTERM: the process
+    ends only after the whole answer has left it (it used to exit with most of the fast
+    path's answer still in its buffer, cutting the body short), on either path."""
+    pusher = Pusher(upstream.url)
+    image = pusher.image("stop/slow", "base")
+    data = padded_manifest(image, 4 * 1024 * 1024)
+    pusher.push_manifest("stop/slow", "big", data, image.media_type)
+    mirror = await MirrorProcess(
+        tmp_path,
+        {
+            "workers": 1,
+            "storage": {"path": str(tmp_path / "cache")},
+            "upstreams": {"docker.io": {"url": upstream.url}},
+        },
+    ).start()
+    query = "" if path == "fast" else "?ns=docker.io"  # a query: the fast path declines
+    target = f"/v2/stop/slow/manifests/big{query}"
+    head = f"GET {target} HTTP/1.1\r\nHost: m\r\nAccept: {image.media_type}\r\n\r\n".encode()
+    async with (  # cached: the tag is trusted for its TTL
+        aiohttp.ClientSession() as session,
+        session.get(mirror.url + target, headers={"Accept": image.media_type}) as warm,
+    ):
+        assert await warm.read() == data
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: it backs up
+    slow.connect(("127.0.0.1", mirror.port))
+    reader, writer = await asyncio.open_connection(sock=slow, limit=4096)
+    stopping: asyncio.Task[int] | None = None
+    try:
+        writer.write(head)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert answer.startswith(b"HTTP/1.1 200")
+        stopping = asyncio.create_task(mirror.stop())
+        if path == "fast":  # nothing in progress: the app stops at once, the answer unsent
+            await until(lambda: "stopped: connections closed" in mirror.log.read_text(), "done")
+        else:  # the handler is in progress until the client reads: the stop waits for it
+            await until(lambda: _refused(mirror.port), "it no longer takes connections")
+        body = await asyncio.wait_for(reader.readexactly(len(data)), 20)
+        assert body == data
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then it closes
+        assert await stopping == 0
+    finally:
+        writer.close()
+        await (stopping or mirror.stop())
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0

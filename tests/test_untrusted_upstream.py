@@ -30,7 +30,7 @@ from tests.support.fake_upstream import (
     manifest_of_size,
     sha256_digest,
 )
-from tests.support.images import Image, Pusher
+from tests.support.images import Image, Pusher, padded_manifest
 from tests.support.registry import Registry
 from tests.support.waiting import until
 
@@ -41,17 +41,6 @@ ACCEPT = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 async def _get(http: aiohttp.ClientSession, url: str) -> tuple[int, bytes, dict[str, str]]:
     async with http.get(url, headers=ACCEPT) as response:
         return response.status, await response.read(), dict(response.headers)
-
-
-def _padded(image: Image, size: int) -> bytes:
-    """`image`'s manifest with an annotation that brings it to exactly `size` bytes."""
-    document = json.loads(image.manifest)
-    document["annotations"] = {"org.example.padding": ""}
-    base = len(json.dumps(document, indent=3).encode())
-    document["annotations"]["org.example.padding"] = "p" * (size - base)
-    data = json.dumps(document, indent=3).encode()
-    assert len(data) == size
-    return data
 
 
 def _attested_index(children: list[Image], size: int) -> bytes:
@@ -105,11 +94,11 @@ async def test_real_world_manifest_sizes_are_exact_on_every_cold_fetch(
     ]
     image = children[0]
     manifests = {
-        "image": (_padded(image, 103_000), image.media_type),
+        "image": (padded_manifest(image, 103_000), image.media_type),
         "index": (_attested_index(children, 139_000), OCI_INDEX),
-        "small": (_padded(image, 10_000), image.media_type),
-        "mib": (_padded(image, MiB), image.media_type),
-        "limit": (_padded(image, 4 * MiB), image.media_type),
+        "small": (padded_manifest(image, 10_000), image.media_type),
+        "mib": (padded_manifest(image, MiB), image.media_type),
+        "limit": (padded_manifest(image, 4 * MiB), image.media_type),
     }
     tags: list[tuple[str, bytes]] = []
     for name, (data, media_type) in manifests.items():

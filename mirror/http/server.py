@@ -23,6 +23,7 @@ HEAD_LIMIT = 8192  # bytes of a request head the fast path waits for before it d
 KEEPALIVE = 75.0  # seconds an idle connection is kept open (aiohttp's default too)
 REQUESTS = (b"GET ", b"HEAD ")  # the only starts the fast path answers
 BARE_LF = re.compile(rb"(?<!\r)\n")
+FLUSH_CHECK = 0.05  # seconds between looks at a stop for answers still on their way out
 
 
 class FastConnection(asyncio.Protocol):
@@ -108,8 +109,13 @@ class FastConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._leave()
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
     def close(self) -> None:
-        """At stop: no request is ever in progress here, so the connection just closes."""
+        """At stop: no request is ever in progress here, so the connection just closes
+        (after what was written to it: `Serving.stop` waits for that)."""
         if self._transport is not None:
             self._transport.close()
 
@@ -144,11 +150,16 @@ class Serving:
     (`FAST_ANSWERS`)."""
 
     def __init__(
-        self, runner: web.AppRunner, server: asyncio.Server, fast: set[FastConnection]
+        self,
+        runner: web.AppRunner,
+        server: asyncio.Server,
+        fast: set[FastConnection],
+        shutdown_timeout: float,
     ) -> None:
         self._runner = runner
         self._server = server
         self._fast = fast
+        self._shutdown_timeout = shutdown_timeout
 
     @classmethod
     async def start(
@@ -182,7 +193,7 @@ class Serving:
         except BaseException:
             await runner.cleanup()
             raise
-        return cls(runner, server, fast)
+        return cls(runner, server, fast, shutdown_timeout)
 
     @property
     def port(self) -> int:
@@ -195,8 +206,27 @@ class Serving:
 
     async def stop(self) -> None:
         """No new connections; idle ones closed; requests in progress given the shutdown
-        timeout; then the app's clean-up."""
+        timeout; then the app's clean-up. Answers already written but still held here for
+        a slow reader (a 4 MiB manifest answered at once, the tail of any answer) are
+        given until the same timeout to leave: the process ending would cut them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._shutdown_timeout
         self._server.close()
+        transports = [c.transport for c in self._fast] + [
+            handler.transport for handler in self._aiohttp_connections()
+        ]
         for connection in list(self._fast):
             connection.close()
         await self._runner.cleanup()
+        held = [t for t in transports if t is not None]
+        while loop.time() < deadline:
+            held = [t for t in held if t.get_write_buffer_size()]
+            if not held:
+                return
+            await asyncio.sleep(FLUSH_CHECK)
+        for transport in held:  # a client that stopped reading for good
+            transport.abort()
+
+    def _aiohttp_connections(self) -> list[web.RequestHandler]:
+        server = self._runner.server
+        return server.connections if server is not None else []

@@ -50,6 +50,17 @@ def make_layer(size: int, name: str = "payload.bin", *, compress: bool = True) -
     return gzip.compress(tar_bytes, compresslevel=1, mtime=0), sha256(tar_bytes)
 
 
+def padded_manifest(image: Image, size: int) -> bytes:
+    """`image`'s manifest with an annotation that brings it to exactly `size` bytes."""
+    document = json.loads(image.manifest)
+    document["annotations"] = {"org.example.padding": ""}
+    base = len(json.dumps(document, indent=3).encode())
+    document["annotations"]["org.example.padding"] = "p" * (size - base)
+    data = json.dumps(document, indent=3).encode()
+    assert len(data) == size
+    return data
+
+
 @dataclass
 class Image:
     repository: str
