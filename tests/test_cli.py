@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from mirror.cli import SHUTDOWN_WAIT
 from tests.conftest import Seeded
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.images import Pusher, padded_manifest
@@ -230,13 +234,19 @@ def test_check_config_says_who_may_push_to_a_hosted_namespace(tmp_path: Path) ->
     assert "upstreams.local: a hosted namespace takes no url" in bad.stderr
 
 
-@pytest.mark.parametrize("path", ["fast", "aiohttp"])
-async def test_sigterm_lets_an_answer_already_written_reach_a_slow_client(
-    tmp_path: Path, upstream: Registry, path: str
-) -> None:
-    """A 4 MiB manifest answered to a client that reads slowly, then SIGTERM: the process
-    ends only after the whole answer has left it (it used to exit with most of the fast
-    path's answer still in its buffer, cutting the body short), on either path."""
+@dataclass
+class SlowClient:
+    """A client that has asked a `mirror serve` for a 4 MiB manifest and read only the
+    head of the answer, with a small receive window: the rest backs up in the mirror."""
+
+    mirror: MirrorProcess
+    manifest: bytes
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
+@contextlib.asynccontextmanager
+async def _slow_client(tmp_path: Path, upstream: Registry, path: str) -> AsyncIterator[SlowClient]:
     pusher = Pusher(upstream.url)
     image = pusher.image("stop/slow", "base")
     data = padded_manifest(image, 4 * 1024 * 1024)
@@ -249,35 +259,68 @@ async def test_sigterm_lets_an_answer_already_written_reach_a_slow_client(
             "upstreams": {"docker.io": {"url": upstream.url}},
         },
     ).start()
-    query = "" if path == "fast" else "?ns=docker.io"  # a query: the fast path declines
-    target = f"/v2/stop/slow/manifests/big{query}"
-    head = f"GET {target} HTTP/1.1\r\nHost: m\r\nAccept: {image.media_type}\r\n\r\n".encode()
-    async with (  # cached: the tag is trusted for its TTL
-        aiohttp.ClientSession() as session,
-        session.get(mirror.url + target, headers={"Accept": image.media_type}) as warm,
-    ):
-        assert await warm.read() == data
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: it backs up
-    slow.connect(("127.0.0.1", mirror.port))
-    reader, writer = await asyncio.open_connection(sock=slow, limit=4096)
-    stopping: asyncio.Task[int] | None = None
+    writer = None
     try:
-        writer.write(head)
+        query = "" if path == "fast" else "?ns=docker.io"  # a query: the fast path declines
+        target = f"/v2/stop/slow/manifests/big{query}"
+        async with (  # cached: the tag is trusted for its TTL
+            aiohttp.ClientSession() as session,
+            session.get(mirror.url + target, headers={"Accept": image.media_type}) as warm,
+        ):
+            assert await warm.read() == data
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", mirror.port))
+        reader, writer = await asyncio.open_connection(sock=slow, limit=4096)
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: m\r\nAccept: {image.media_type}\r\n\r\n".encode()
+        )
         answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert answer.startswith(b"HTTP/1.1 200")
+        yield SlowClient(mirror, data, reader, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+        await mirror.stop(within=40)  # (at once when the test stopped it already)
+
+
+@pytest.mark.parametrize("path", ["fast", "aiohttp"])
+async def test_sigterm_lets_an_answer_already_written_reach_a_slow_client(
+    tmp_path: Path, upstream: Registry, path: str
+) -> None:
+    """A 4 MiB manifest answered to a client that reads slowly, then SIGTERM: the process
+    ends only after the whole answer has left it (it used to exit with most of the fast
+    path's answer still in its buffer, cutting the body short), on either path."""
+    async with _slow_client(tmp_path, upstream, path) as client:
+        mirror = client.mirror
         stopping = asyncio.create_task(mirror.stop())
         if path == "fast":  # nothing in progress: the app stops at once, the answer unsent
             await until(lambda: "stopped: connections closed" in mirror.log.read_text(), "done")
         else:  # the handler is in progress until the client reads: the stop waits for it
             await until(lambda: _refused(mirror.port), "it no longer takes connections")
-        body = await asyncio.wait_for(reader.readexactly(len(data)), 20)
-        assert body == data
-        assert await asyncio.wait_for(reader.read(), 10) == b""  # then it closes
+        body = await asyncio.wait_for(client.reader.readexactly(len(client.manifest)), 20)
+        assert body == client.manifest
+        assert await asyncio.wait_for(client.reader.read(), 10) == b""  # then it closes
         assert await stopping == 0
-    finally:
-        writer.close()
-        await (stopping or mirror.stop())
+
+
+async def test_a_client_that_never_reads_holds_a_stop_for_the_shutdown_wait_once(
+    tmp_path: Path, upstream: Registry
+) -> None:
+    """A request in progress for a client that reads nothing: the stop gives it the 20 s
+    shutdown wait, then cuts it and exits, cleanly (aiohttp's own stop would wait that
+    long twice: for the handler, and again after telling it to stop). The client keeps
+    what it got: the start of the right bytes."""
+    async with _slow_client(tmp_path, upstream, "aiohttp") as client:
+        started = time.monotonic()
+        assert await client.mirror.stop(within=40) == 0
+        took = time.monotonic() - started
+        assert SHUTDOWN_WAIT <= took < SHUTDOWN_WAIT + 5, took
+        got = await asyncio.wait_for(client.reader.read(), 10)
+        while more := await asyncio.wait_for(client.reader.read(), 10):
+            got += more
+        assert 0 < len(got) < len(client.manifest)
+        assert client.manifest.startswith(got)
 
 
 def _refused(port: int) -> bool:

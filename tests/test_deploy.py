@@ -16,6 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from mirror.app import STOP_LIMIT
+from mirror.cli import SHUTDOWN_WAIT
 from mirror.config import from_mapping, load, usable_cores
 from tests.support.engines import haproxy_check
 
@@ -48,6 +50,8 @@ def test_kubernetes_manifests() -> None:
     (container,) = spec["template"]["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"http": 5000, "ops": 9000}
+    # a stop's shutdown wait and its clean-up, before the kubelet's SIGKILL
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > SHUTDOWN_WAIT + STOP_LIMIT
     # probes on the plain-HTTP operations port: they work when the main port serves TLS
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
@@ -109,6 +113,10 @@ def test_compose_file() -> None:
     assert grafana_env["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     assert any(v.endswith(":/var/lib/mirror") for v in services["mirror"]["volumes"])
     assert services["mirror"]["build"]["dockerfile"] == "deploy/Dockerfile"
+    # Docker's default 10 s would SIGKILL a stop before its shutdown wait and clean-up end
+    assert (
+        int(services["mirror"]["stop_grace_period"].removesuffix("s")) > SHUTDOWN_WAIT + STOP_LIMIT
+    )
     for mount in services["prometheus"]["volumes"] + services["grafana"]["volumes"]:
         source = mount.split(":")[0]
         assert (DEPLOY / source).exists(), source

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import cast
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from .fastpath import FAST_ANSWERS, FastAnswers
 
@@ -23,7 +24,11 @@ HEAD_LIMIT = 8192  # bytes of a request head the fast path waits for before it d
 KEEPALIVE = 75.0  # seconds an idle connection is kept open (aiohttp's default too)
 REQUESTS = (b"GET ", b"HEAD ")  # the only starts the fast path answers
 BARE_LF = re.compile(rb"(?<!\r)\n")
-FLUSH_CHECK = 0.05  # seconds between looks at a stop for answers still on their way out
+FLUSH_CHECK = 0.05  # seconds between looks, at a stop, for requests and answers still going
+# What aiohttp's own stop gives a handler still running once the shutdown wait is over:
+# it waits that long, tells the request it is cancelled, waits that long again, then
+# cancels the handler. (Given the whole shutdown wait, it would take twice that.)
+STRAGGLER_WAIT = 1.0
 
 
 class FastConnection(asyncio.Protocol):
@@ -145,6 +150,24 @@ class FastConnection(asyncio.Protocol):
             self._idle = loop.call_at(due, self._close_when_idle)
 
 
+class Handling:
+    """How many requests aiohttp's handlers are serving: what a stop waits for first."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    def middleware(self) -> Middleware:
+        @web.middleware
+        async def handling(request: web.Request, handler: Handler) -> web.StreamResponse:
+            self.requests += 1
+            try:
+                return await handler(request)
+            finally:
+                self.requests -= 1
+
+        return handling
+
+
 class Serving:
     """`app` listening on a TCP port, with the fast path when the app has one
     (`FAST_ANSWERS`)."""
@@ -154,11 +177,13 @@ class Serving:
         runner: web.AppRunner,
         server: asyncio.Server,
         fast: set[FastConnection],
+        handling: Handling,
         shutdown_timeout: float,
     ) -> None:
         self._runner = runner
         self._server = server
         self._fast = fast
+        self._handling = handling
         self._shutdown_timeout = shutdown_timeout
 
     @classmethod
@@ -172,8 +197,10 @@ class Serving:
         reuse_port: bool = False,
         shutdown_timeout: float = 60.0,
     ) -> Serving:
+        handling = Handling()
+        app.middlewares.insert(0, handling.middleware())  # around everything the app does
         runner = web.AppRunner(
-            app, access_log=None, keepalive_timeout=KEEPALIVE, shutdown_timeout=shutdown_timeout
+            app, access_log=None, keepalive_timeout=KEEPALIVE, shutdown_timeout=STRAGGLER_WAIT
         )
         await runner.setup()
         aiohttp_protocol = runner.server
@@ -193,7 +220,7 @@ class Serving:
         except BaseException:
             await runner.cleanup()
             raise
-        return cls(runner, server, fast, shutdown_timeout)
+        return cls(runner, server, fast, handling, shutdown_timeout)
 
     @property
     def port(self) -> int:
@@ -205,10 +232,11 @@ class Serving:
         return self._runner.app
 
     async def stop(self) -> None:
-        """No new connections; idle ones closed; requests in progress given the shutdown
-        timeout; then the app's clean-up. Answers already written but still held here for
-        a slow reader (a 4 MiB manifest answered at once, the tail of any answer) are
-        given until the same timeout to leave: the process ending would cut them."""
+        """No new connections, nor new requests on the open ones; requests in progress
+        given the shutdown timeout; then the app's clean-up. Answers already written but
+        still held here for a slow reader (a 4 MiB manifest answered at once, the tail of
+        any answer) are given until the same deadline to leave: the process ending would
+        cut them. Whatever is still going at the deadline is cut."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shutdown_timeout
         self._server.close()
@@ -217,16 +245,27 @@ class Serving:
         ]
         for connection in list(self._fast):
             connection.close()
+        if self._runner.server is not None:
+            self._runner.server.pre_shutdown()  # idle ones close; busy ones after this request
+        await _until(lambda: not self._handling.requests, deadline)
         await self._runner.cleanup()
         held = [t for t in transports if t is not None]
-        while loop.time() < deadline:
-            held = [t for t in held if t.get_write_buffer_size()]
-            if not held:
-                return
-            await asyncio.sleep(FLUSH_CHECK)
-        for transport in held:  # a client that stopped reading for good
-            transport.abort()
+        if not await _until(lambda: not any(t.get_write_buffer_size() for t in held), deadline):
+            for transport in held:  # a client that stopped reading for good
+                if transport.get_write_buffer_size():
+                    transport.abort()
 
     def _aiohttp_connections(self) -> list[web.RequestHandler]:
         server = self._runner.server
         return server.connections if server is not None else []
+
+
+async def _until(condition: Callable[[], bool], deadline: float) -> bool:
+    """Whether `condition` came to hold before `deadline` (the loop's clock), looking every
+    FLUSH_CHECK seconds: at a stop, nothing tells when a request or a write ends."""
+    loop = asyncio.get_running_loop()
+    while not condition():
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(FLUSH_CHECK)
+    return True

@@ -67,20 +67,21 @@ class MirrorProcess:
         self._process.send_signal(signal.SIGKILL)
         await self._process.wait()
 
-    async def stop(self) -> int:
-        """SIGTERM, and the exit status; a mirror that does not stop in 15 s is killed
-        (never left behind) and the test fails saying so."""
+    async def stop(self, within: float = 15) -> int:
+        """SIGTERM, and the exit status; a mirror that does not stop `within` seconds is
+        killed (never left behind) and the test fails saying so."""
         if self._process is None:
             return 0
         if self._process.returncode is None:
             self._process.terminate()
             try:
-                await asyncio.wait_for(self._process.wait(), 15)
+                await asyncio.wait_for(self._process.wait(), within)
             except TimeoutError:
                 self._process.kill()
                 await self._process.wait()
                 raise AssertionError(
-                    f"mirror did not stop within 15 s of SIGTERM: {self.log.read_text()[-3000:]}"
+                    f"mirror did not stop within {within:g} s of SIGTERM: "
+                    f"{self.log.read_text()[-3000:]}"
                 ) from None
             log = self.log.read_text()
             assert "stop took over" not in log, f"the mirror's stop overran: {log[-3000:]}"
