@@ -202,11 +202,13 @@ async def test_unsatisfiable_range_is_an_oci_416_on_hit_and_miss(
     url = f"{mirror.url}/v2/team/app/blobs/{digest}"
     async with aiohttp.ClientSession() as session:
         for _ in ("miss", "hit"):
-            async with session.get(url, headers={"Range": f"bytes={size + 10}-"}) as response:
-                assert response.status == 416
-                assert response.headers["Content-Range"] == f"bytes */{size}"
-                body = await response.json()
-                assert body["errors"][0]["code"] == "RANGE_INVALID"
+            # past the end; and the last 0 bytes, which is no byte (RFC 9110 14.1.1)
+            for wanted in (f"bytes={size + 10}-", "bytes=-0"):
+                async with session.get(url, headers={"Range": wanted}) as response:
+                    assert response.status == 416, wanted
+                    assert response.headers["Content-Range"] == f"bytes */{size}"
+                    body = await response.json()
+                    assert body["errors"][0]["code"] == "RANGE_INVALID"
             async with session.get(url) as response:  # fetched, then kept
                 assert await response.read() == seeded.docker.blobs[digest]
             await _until_kept(mirror, digest)

@@ -279,6 +279,34 @@ async def test_a_proxy_that_wants_credentials_is_named_as_the_cause(
         assert await _pull(http, mirror.url, seeded) == (200, "")
 
 
+async def test_a_proxy_that_is_down_is_named_by_its_address(
+    make_mirror: MirrorFactory,
+    upstream: Registry,
+    tls_upstreams: tuple[Registry, Registry],
+    pki: Pki,
+    seeded: Seeded,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Nothing listens at the proxy's port: the error says the proxy (at which address) is
+    unreachable, plain HTTP and CONNECT alike, and keeps its credentials out."""
+    registry, _ = tls_upstreams
+    port = free_port()
+    proxy = f"http://ci:s3cret@127.0.0.1:{port}"
+    for settings in (
+        {"url": upstream.url, "proxy": proxy},
+        {"url": registry.url, "ca_file": str(pki.ca), "proxy": proxy},
+    ):
+        mirror = await make_mirror({"docker.io": settings})
+        status, body = await _pull(http, mirror.url, seeded)
+        error = json.loads(body)["errors"][0]
+        assert status == 502, body
+        assert f"the proxy 127.0.0.1:{port} is unreachable" in error["message"], body
+        assert "s3cret" not in body
+        async with http.get(f"{mirror.url}/readyz") as response:
+            state = (await response.json())["upstreams"]["docker.io"]
+        assert f"the proxy 127.0.0.1:{port} is unreachable" in state["last_error"]
+
+
 def test_no_proxy_host_port_matches_a_url_without_its_port_and_bad_proxies_are_named() -> None:
     upstream = UpstreamConfig(name="corp", url="https://registry.corp")
     environ = {"HTTPS_PROXY": "http://proxy:3128", "NO_PROXY": "registry.corp:443"}

@@ -54,6 +54,7 @@ ROUTE = web.RequestKey("route", Route)  # the Route a request was given
 # client was really sent, when it left (or the transfer broke) before the end.
 BODY_SENT = web.RequestKey("body_sent", int)
 BACKWARDS_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+EMPTY_SUFFIX_RANGE = re.compile(r"bytes=-0+")
 
 
 def _digest(text: str) -> Digest:
@@ -83,7 +84,9 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
     if wanted.start is not None and wanted.start < 0:
         first = max(0, size + wanted.start)
     last = size if wanted.stop is None else min(wanted.stop, size)
-    if first >= size or first >= last:
+    # The last 0 bytes ask for no byte at all (RFC 9110 14.1.1), but read as the whole.
+    empty = EMPTY_SUFFIX_RANGE.fullmatch(request.headers["Range"].strip()) is not None
+    if empty or first >= size or first >= last:
         raise RangeInvalid(
             f"range not satisfiable for {size} bytes",
             headers={"Content-Range": f"bytes */{size}"},

@@ -88,7 +88,10 @@ def proxy_refusal(response: aiohttp.ClientResponse, proxy: str | None) -> str | 
 def describe(exc: BaseException) -> str:
     """A client failure in words an operator reads, not a class name."""
     if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        return "the proxy is unreachable"
+        # Its address, never its URL (which may hold credentials): the detail's host is
+        # the registry's, and an operator with several proxies must know which one.
+        host = f"[{exc.host}]" if ":" in exc.host else exc.host
+        return f"the proxy {host}:{exc.port} is unreachable"
     if isinstance(exc, aiohttp.ClientHttpProxyError):
         if exc.status == 407:
             return "the proxy wants credentials (status 407): set them in its URL"
