@@ -456,12 +456,12 @@ def main() -> None:
                         service.stop()
                         shutil.rmtree(service.root)
                 d, m, p = (median(times[k]) for k in ("direct", "mirror", "registry-proxy"))
-                size = sum(len(b) for b in cold_image.blobs.values()) / MB
+                megabytes = sum(len(b) for b in cold_image.blobs.values()) / MB
                 # how much one round says: the mirror against the direct pull next to it
                 pairs = zip(times["mirror"], times["direct"], strict=True)
                 paired = sorted(mirror_s / direct_s for mirror_s, direct_s in pairs)
                 row(
-                    f"cold pull of a {size:.0f} MB image, s",
+                    f"cold pull of a {megabytes:.0f} MB image, s",
                     f"{m:.2f}",
                     f"direct {d:.2f}, registry-proxy {p:.2f}",
                     f"{m / d:.2f}x direct (rounds {paired[0]:.2f}-{paired[-1]:.2f})",

@@ -164,10 +164,10 @@ class Relay:
                 out_headers["ratelimit-limit"] = f"{limit};w=21600"
                 out_headers["ratelimit-remaining"] = f"{remaining};w=21600"
             if request.method == "HEAD":
-                response = web.Response(status=upstream.status, headers=out_headers)
+                head = web.Response(status=upstream.status, headers=out_headers)
                 if upstream.content_length is not None:
-                    response.headers["Content-Length"] = str(upstream.content_length)
-                return response
+                    head.headers["Content-Length"] = str(upstream.content_length)
+                return head
             # A range of a blob (206) is a blob body too: capped, and corrupted when asked.
             is_blob = "/blobs/" in path and upstream.status in (200, 206)
             is_manifest = "/manifests/" in path and upstream.status == 200
