@@ -24,6 +24,7 @@ from .core import Core
 from .errors import Handler, error_middleware
 from .hosted.registry import MANIFEST_MAX
 from .http.fastpath import FAST_ANSWERS, FastAnswers
+from .http.forwarded import forwarded_middleware
 from .http.handlers import INERT_HEADERS, RegistryHandlers
 from .http.observe import Observer, observe_middleware
 from .http.push import PushHandlers
@@ -191,8 +192,9 @@ async def create_app(
         core.proxy,
     )
     observer = Observer(metrics)
+    forwarded = [forwarded_middleware(config.trusted_proxies)] if config.trusted_proxies else []
     app = web.Application(
-        middlewares=[observe_middleware(observer), error_middleware],
+        middlewares=[*forwarded, observe_middleware(observer), error_middleware],
         client_max_size=MANIFEST_MAX,  # a pushed manifest read whole (blobs are streamed)
     )
     metrics.live = LiveState(

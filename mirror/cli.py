@@ -337,6 +337,9 @@ def check_config(path: Path, config: Config) -> int:
         flags = " offline" if upstream.offline else ""
         default = " (default)" if upstream.name == config.default_upstream else ""
         out.write(f"upstream {upstream.name}{default}: {upstream.url}, {login}{flags}\n")
+    if config.trusted_proxies:
+        proxies = ", ".join(str(network) for network in config.trusted_proxies)
+        out.write(f"trusted_proxies {proxies}: X-Forwarded-For from them names the client\n")
     access = config.access
     out.write(
         "access: none, every client pulls everything\n"

@@ -249,6 +249,8 @@ class Config:
     access: AccessConfig | None = None  # None: no client authentication, every pull allowed
     # Plain-HTTP address for /healthz, /readyz, /metrics and the status page; None: none.
     ops_listen: tuple[str, int] | None = None
+    # Reverse proxies (a load balancer) whose X-Forwarded-For names the client; empty: none.
+    trusted_proxies: tuple[Network, ...] = ()
     warm: WarmConfig | None = None  # images the server keeps fetched and fresh
     cluster: ClusterConfig | None = None  # None: one machine, all state in-process
     unset_variables: tuple[str, ...] = ()  # ${VAR}s the file names that the environment lacks
@@ -921,6 +923,7 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         "warm",
         "prefetch",
         "cluster",
+        "trusted_proxies",
     }
     _check_keys(data, top, "")
     defaults = Config()
@@ -1055,6 +1058,7 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         ops_listen=_parse_listen(data["ops_listen"], "ops_listen")
         if data.get("ops_listen") is not None
         else None,
+        trusted_proxies=_networks(data.get("trusted_proxies", []), "trusted_proxies"),
     )
 
 

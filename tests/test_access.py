@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
 import shutil
 import ssl
@@ -16,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mirror.config import ConfigError, from_mapping
+from mirror.http.forwarded import client_address
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.clients import CommandFailed, skopeo, skopeo_copy_to_dir
 from tests.support.clock import ManualClock
@@ -519,3 +522,93 @@ async def test_the_catalog_lists_what_each_client_may_pull_a_page_at_a_time(
     assert (await _get(http, f"{mirror.url}/v2/_catalog", basic("ci", "wrong")))[0] == 401
     status, body, _ = await _get(http, f"{mirror.url}/v2/_catalog?n=many")
     assert (status, _error(body)["code"]) == (400, "PAGINATION_NUMBER_INVALID")
+
+
+@pytest.mark.in_process  # it starts its own mirror process and HAProxy
+async def test_behind_haproxy_each_client_is_judged_and_logged_by_its_own_address(
+    tmp_path: Path, upstream: Registry, users_file: Path
+) -> None:
+    """deploy/cluster's HAProxy in front, `trusted_proxies` naming it: rules by network,
+    the failed-login limit and the log see the client's address (127.0.0.2 or .3), on
+    the fast path too; an X-Forwarded-For a client sends itself changes nothing."""
+    from tests.support.engines import free_port, haproxy
+    from tests.support.process import MirrorProcess
+
+    access = rules(users_file)
+    # Anonymous pulls from .2, and from HAProxy's own address: a path that judged the
+    # connection's address, not the client's, would let .3 in.
+    access["rules"][0]["networks"] = ["127.0.0.1/32", "127.0.0.2/32"]
+    settings = {
+        "storage": {"path": str(tmp_path / "cache")},
+        "upstreams": {"docker.io": {"url": upstream.url}, "private.example": {"url": upstream.url}},
+        "access": access,
+        "trusted_proxies": ["127.0.0.1"],  # HAProxy connects from there
+    }
+    mirror = await MirrorProcess(tmp_path, settings).start()
+    config = (Path(__file__).parent.parent / "deploy" / "cluster" / "haproxy.cfg").read_text()
+    port = free_port()
+    env = {"LISTEN": f"127.0.0.1:{port}"} | {f"MIRROR_{n}": mirror.host for n in (1, 2, 3)}
+    alpine = "/v2/library/alpine/manifests/3.20"
+
+    async def get(source: str, url: str, headers: dict[str, str] | None = None) -> int:
+        connector = aiohttp.TCPConnector(local_addr=(source, 0))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            return (await _get(session, url, headers))[0]
+
+    try:
+        with haproxy(tmp_path, config, env=env, port=port) as balancer:
+            through = balancer.url
+            assert await get("127.0.0.2", through + alpine) == 200  # a miss
+            assert await get("127.0.0.2", through + alpine) == 200  # cached: the fast path
+            assert await get("127.0.0.3", through + alpine) == 401
+            spoofed = {"X-Forwarded-For": "127.0.0.2"}
+            assert await get("127.0.0.3", through + alpine, spoofed) == 401
+            assert await get("127.0.0.3", mirror.url + alpine, spoofed) == 401  # not trusted
+            for _ in range(10):  # guesses from .3 hold .3 back, not everyone behind HAProxy
+                assert await get("127.0.0.3", through + TEAM_APP, basic("ci", "guess")) == 401
+            assert await get("127.0.0.3", through + TEAM_APP, basic("ci")) == 429
+            assert await get("127.0.0.2", through + TEAM_APP, basic("ci")) == 200
+        # HAProxy keeps its connections to the mirror, and a connection aiohttp took once
+        # stays with it: a new one from the trusted address is the fast path's to answer.
+        assert await get("127.0.0.1", mirror.url + alpine, {"X-Forwarded-For": "127.0.0.3"}) == 401
+        assert await get("127.0.0.1", mirror.url + alpine, {"X-Forwarded-For": "127.0.0.2"}) == 200
+    finally:
+        await mirror.stop()
+    lines = [line for line in mirror.log.read_text().splitlines() if alpine in line]
+    remotes = [line.split(": ", 1)[1].split(" ")[0] for line in lines]  # the access lines
+    assert remotes == [*["127.0.0.2"] * 2, *["127.0.0.3"] * 4, "127.0.0.2"], lines
+    assert lines[-1].split('" 200 ')[1].split()[2] == "hit", lines[-1]
+
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        ("10.0.0.5", "192.0.2.7", "192.0.2.7"),  # one trusted proxy
+        ("10.0.0.5", "192.0.2.7, 10.0.0.9", "192.0.2.7"),  # two trusted hops
+        ("10.0.0.5", "198.51.100.1, 192.0.2.7", "192.0.2.7"),  # what the client sent is before
+        ("192.0.2.7", "10.0.0.1", "192.0.2.7"),  # not from a trusted proxy: ignored
+        ("10.0.0.5", "", "10.0.0.5"),  # no header
+        ("10.0.0.5", "unknown", "10.0.0.5"),  # no address: the proxy is as far as it goes
+        ("10.0.0.5", "192.0.2.7, junk, 10.0.0.9", "10.0.0.9"),
+        ("fd00::2", "2001:db8::1", "2001:db8::1"),
+        ("::ffff:10.0.0.5", "192.0.2.7", "192.0.2.7"),  # a v4 proxy on a dual-stack socket
+        (None, "192.0.2.7", None),  # a unix socket
+    ],
+)
+def test_the_client_is_the_first_address_from_the_right_that_is_no_trusted_proxy(
+    peer: str | None, forwarded_for: str, client: str | None
+) -> None:
+    assert client_address(peer, forwarded_for, TRUSTED) == client
+    assert client_address(peer, forwarded_for, ()) == peer  # nothing trusted: never read
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    assert from_mapping({"trusted_proxies": ["10.0.0.5", "fd00::/64"]}).trusted_proxies == (
+        ipaddress.ip_network("10.0.0.5/32"),
+        ipaddress.ip_network("fd00::/64"),
+    )
+    with pytest.raises(ConfigError, match=r"^trusted_proxies: 'haproxy' is not a network"):
+        from_mapping({"trusted_proxies": ["haproxy"]})

@@ -103,7 +103,11 @@ def test_version_and_check_config(tmp_path: Path) -> None:
         "with credentials" in checked.stdout and "warning: listening on 0.0.0.0" in checked.stdout
     )
     assert "p\n" not in checked.stdout
+    assert "trusted_proxies" not in checked.stdout  # none set: nothing to say
     assert not (tmp_path / "cache").exists()  # checking creates nothing
+    config.write_text(config.read_text() + "trusted_proxies: [10.0.0.5, 10.1.0.0/16]\n")
+    checked = _mirror("check-config", "--config", str(config), cwd=tmp_path)
+    assert "trusted_proxies 10.0.0.5/32, 10.1.0.0/16: X-Forwarded-For" in checked.stdout
     config.write_text("manifest_ttl: soon\n")
     bad = _mirror("check-config", "--config", str(config))
     assert bad.returncode == 2 and "manifest_ttl: expected seconds" in bad.stderr

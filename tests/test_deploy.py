@@ -3,6 +3,7 @@ ports, paths and probes, carry a valid mirror.yaml, and the systemd unit verifie
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -222,3 +223,9 @@ def test_cluster_files(tmp_path: Path) -> None:
     assert replica.cluster is not None and replica.cluster.redis == "redis://redis:6379/0"
     assert replica.storage.s3 is not None and replica.storage.s3.endpoint == "http://s3:8333"
     assert replica.ops_listen == ("0.0.0.0", 9000)
+    # the replicas believe HAProxy's X-Forwarded-For, and no other address's
+    assert "option forwardfor" in config
+    balancer = services["haproxy"]["networks"]["default"]["ipv4_address"]
+    assert [str(n) for n in replica.trusted_proxies] == [f"{balancer}/32"]
+    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
+    assert ipaddress.ip_address(balancer) in ipaddress.ip_network(subnet)

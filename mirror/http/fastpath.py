@@ -27,6 +27,7 @@ from ..policy.answers import Manifest
 from ..policy.proxy import Proxy
 from ..reference import is_valid_tag, looks_like_digest, parse_digest
 from ..routing import Route, resolve
+from .forwarded import client_address
 from .handlers import INERT_HEADERS, manifest_headers
 from .observe import Answered, Observer
 
@@ -64,6 +65,7 @@ class Request:
     accept: str  # every Accept field, joined (clients may send one per media type)
     agent: str
     close: bool  # Connection: close
+    forwarded_for: str  # X-Forwarded-For ("": none)
 
     @property
     def head(self) -> bool:
@@ -101,6 +103,7 @@ def _read(config: Config, head: bytes) -> Request | None:
     if b"upgrade" in options:
         return None
     agent = fields.get(b"user-agent", b"").decode("utf-8", "surrogateescape")
+    forwarded_for = fields.get(b"x-forwarded-for", b"").decode("latin-1")
     close = b"close" in options
     reference = request[4].decode()
     try:
@@ -115,7 +118,16 @@ def _read(config: Config, head: bytes) -> Request | None:
     elif not is_valid_tag(reference):
         return None
     method = request[1].decode()
-    return Request(method, request[2].decode(), route, reference, ", ".join(accept), agent, close)
+    return Request(
+        method,
+        request[2].decode(),
+        route,
+        reference,
+        ", ".join(accept),
+        agent,
+        close,
+        forwarded_for,
+    )
 
 
 class FastAnswers:
@@ -149,6 +161,8 @@ class FastAnswers:
         if request is None:
             return None
         assert isinstance(request, Request)
+        if request.forwarded_for:
+            remote = client_address(remote, request.forwarded_for, self._config.trusted_proxies)
         if self._gated and not self._gate.lets_anyone_pull(request.route, remote):
             return None  # (the gate's challenge or refusal, from aiohttp)
         answer = self._proxy.manifest_at_hand(
