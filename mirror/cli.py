@@ -29,6 +29,7 @@ from .config import (
     naming_warnings,
     parse_duration,
     parse_size,
+    trust_warnings,
     variable_warnings,
 )
 from .hosted.registry import Hosted
@@ -162,6 +163,7 @@ def serve(config: Config, path: Path) -> None:
     warnings = [
         *naming_warnings(config),
         *exposure_warnings(config),
+        *trust_warnings(config),
         *hosted_warnings(config),
         *variable_warnings(config),
         *environment_warnings(os.environ),
@@ -349,6 +351,7 @@ def check_config(path: Path, config: Config) -> int:
     for warning in [
         *naming_warnings(config),
         *exposure_warnings(config),
+        *trust_warnings(config),
         *hosted_warnings(config),
         *variable_warnings(config),
     ]:

@@ -311,6 +311,17 @@ def exposure_warnings(config: Config) -> list[str]:
     ]
 
 
+def trust_warnings(config: Config) -> list[str]:
+    """A trusted proxy network that holds every address: any client may then name any
+    address in X-Forwarded-For, and pass for it."""
+    return [
+        f"trusted_proxies: {network} holds every address: any client can pass for any "
+        "address with X-Forwarded-For (name the load balancer's own addresses)"
+        for network in config.trusted_proxies
+        if network.prefixlen == 0
+    ]
+
+
 def hosted_warnings(config: Config) -> list[str]:
     """Hosted namespaces without access rules: who may push is this machine alone."""
     if config.access is not None:

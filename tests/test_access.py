@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.config import ConfigError, from_mapping
+from mirror.config import ConfigError, from_mapping, trust_warnings
 from mirror.http.forwarded import client_address
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.clients import CommandFailed, skopeo, skopeo_copy_to_dir
@@ -612,3 +612,6 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
     )
     with pytest.raises(ConfigError, match=r"^trusted_proxies: 'haproxy' is not a network"):
         from_mapping({"trusted_proxies": ["haproxy"]})
+    assert trust_warnings(from_mapping({"trusted_proxies": ["10.0.0.0/8"]})) == []
+    (warning,) = trust_warnings(from_mapping({"trusted_proxies": ["10.0.0.5", "0.0.0.0/0"]}))
+    assert warning.startswith("trusted_proxies: 0.0.0.0/0 holds every address: any client")
