@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import snapshots
 from .access.gate import Gate
@@ -99,11 +100,18 @@ def _operations(gate: Gate, handler: Handler, *, ops_port: bool = False) -> Hand
     return guarded
 
 
+def _forwarded(config: Config) -> list[Middleware]:
+    """The middleware that reads a trusted proxy's X-Forwarded-For, where one is trusted."""
+    return [forwarded_middleware(config.trusted_proxies)] if config.trusted_proxies else []
+
+
 def _ops_app(app: web.Application, gate: Gate) -> web.Application:
     """The plain-HTTP operations port (ops_listen): health, readiness, metrics and the
     status page, so probes and Prometheus work whatever the main port serves."""
     config, metrics, store = app[CONFIG], app[METRICS], app[STORE]
-    ops = web.Application(middlewares=[observe_middleware(app[OBSERVER]), error_middleware])
+    ops = web.Application(
+        middlewares=[*_forwarded(config), observe_middleware(app[OBSERVER]), error_middleware]
+    )
     ops[CONFIG], ops[METRICS], ops[STORE], ops[CORE] = config, metrics, store, app[CORE]
     ops.router.add_get("/healthz", health, name="healthz")
     ops.router.add_get("/readyz", ready, name="readyz")
@@ -192,9 +200,8 @@ async def create_app(
         core.proxy,
     )
     observer = Observer(metrics)
-    forwarded = [forwarded_middleware(config.trusted_proxies)] if config.trusted_proxies else []
     app = web.Application(
-        middlewares=[*forwarded, observe_middleware(observer), error_middleware],
+        middlewares=[*_forwarded(config), observe_middleware(observer), error_middleware],
         client_max_size=MANIFEST_MAX,  # a pushed manifest read whole (blobs are streamed)
     )
     metrics.live = LiveState(

@@ -504,9 +504,14 @@ def _networks(value: Any, key: str) -> tuple[Network, ...]:
     networks = []
     for text in _strings(value, key, "networks like 10.0.0.0/8"):
         try:
-            networks.append(ipaddress.ip_network(text, strict=False))
+            network = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise ConfigError(f"{key}: {text!r} is not a network like 10.0.0.0/8") from None
+        mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+        if mapped is not None and network.prefixlen >= 96:
+            # (::ffff:10.0.0.5 is 10.0.0.5 to a dual-stack socket, and so to in_networks)
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
     return tuple(networks)
 
 

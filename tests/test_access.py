@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mirror.config import ConfigError, from_mapping, trust_warnings
+from mirror.config import ConfigError, from_mapping, in_networks, trust_warnings
 from mirror.http.forwarded import client_address
 from tests.conftest import MirrorFactory, Seeded
 from tests.support.clients import CommandFailed, skopeo, skopeo_copy_to_dir
@@ -538,7 +538,10 @@ async def test_behind_haproxy_each_client_is_judged_and_logged_by_its_own_addres
     # Anonymous pulls from .2, and from HAProxy's own address: a path that judged the
     # connection's address, not the client's, would let .3 in.
     access["rules"][0]["networks"] = ["127.0.0.1/32", "127.0.0.2/32"]
+    access["operations"] = {"anonymous": True, "networks": ["127.0.0.1/32", "127.0.0.2/32"]}
+    ops = f"127.0.0.1:{free_port()}"
     settings = {
+        "ops_listen": ops,
         "storage": {"path": str(tmp_path / "cache")},
         "upstreams": {"docker.io": {"url": upstream.url}, "private.example": {"url": upstream.url}},
         "access": access,
@@ -572,6 +575,11 @@ async def test_behind_haproxy_each_client_is_judged_and_logged_by_its_own_addres
         # stays with it: a new one from the trusted address is the fast path's to answer.
         assert await get("127.0.0.1", mirror.url + alpine, {"X-Forwarded-For": "127.0.0.3"}) == 401
         assert await get("127.0.0.1", mirror.url + alpine, {"X-Forwarded-For": "127.0.0.2"}) == 200
+        # a proxy in front of the operations port too; an entry with no address is "unknown"
+        for port in (mirror.url, f"http://{ops}"):
+            for client, status in (("127.0.0.2:4100", 200), ("127.0.0.3", 401), ("junk", 401)):
+                got = await get("127.0.0.1", f"{port}/metrics", {"X-Forwarded-For": client})
+                assert got == status, (port, client)
     finally:
         await mirror.stop()
     lines = [line for line in mirror.log.read_text().splitlines() if alpine in line]
@@ -591,8 +599,16 @@ TRUSTED = (ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/64"
         ("10.0.0.5", "198.51.100.1, 192.0.2.7", "192.0.2.7"),  # what the client sent is before
         ("192.0.2.7", "10.0.0.1", "192.0.2.7"),  # not from a trusted proxy: ignored
         ("10.0.0.5", "", "10.0.0.5"),  # no header
-        ("10.0.0.5", "unknown", "10.0.0.5"),  # no address: the proxy is as far as it goes
-        ("10.0.0.5", "192.0.2.7, junk, 10.0.0.9", "10.0.0.9"),
+        # No address: the client is "unknown", in no network (never the proxy's address)
+        ("10.0.0.5", "unknown", "unknown"),
+        ("10.0.0.5", "192.0.2.7, junk, 10.0.0.9", "unknown"),
+        ("10.0.0.5", "192.0.2.7, ", "unknown"),
+        ("10.0.0.5", "192.0.2.7:41234", "192.0.2.7"),  # with a port (Azure's gateway)
+        ("10.0.0.5", "[2001:db8::1]:41234", "2001:db8::1"),
+        ("10.0.0.5", "[2001:db8::1]", "2001:db8::1"),
+        ("10.0.0.5", "[2001:db8::1]x", "unknown"),
+        ("10.0.0.5", "192.0.2.7:http", "unknown"),
+        ("10.0.0.5", "0177.0.0.1", "unknown"),  # no octal spellings
         ("fd00::2", "2001:db8::1", "2001:db8::1"),
         ("::ffff:10.0.0.5", "192.0.2.7", "192.0.2.7"),  # a v4 proxy on a dual-stack socket
         (None, "192.0.2.7", None),  # a unix socket
@@ -603,12 +619,17 @@ def test_the_client_is_the_first_address_from_the_right_that_is_no_trusted_proxy
 ) -> None:
     assert client_address(peer, forwarded_for, TRUSTED) == client
     assert client_address(peer, forwarded_for, ()) == peer  # nothing trusted: never read
+    if client == "unknown":
+        assert not in_networks(client, (ipaddress.ip_network("0.0.0.0/0"),))
 
 
 def test_trusted_proxies_must_be_addresses_or_networks() -> None:
-    assert from_mapping({"trusted_proxies": ["10.0.0.5", "fd00::/64"]}).trusted_proxies == (
+    assert from_mapping(
+        {"trusted_proxies": ["10.0.0.5", "fd00::/64", "::ffff:10.1.0.0/112"]}
+    ).trusted_proxies == (
         ipaddress.ip_network("10.0.0.5/32"),
         ipaddress.ip_network("fd00::/64"),
+        ipaddress.ip_network("10.1.0.0/16"),  # as a dual-stack socket's peers are read
     )
     with pytest.raises(ConfigError, match=r"^trusted_proxies: 'haproxy' is not a network"):
         from_mapping({"trusted_proxies": ["haproxy"]})

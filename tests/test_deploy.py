@@ -227,5 +227,7 @@ def test_cluster_files(tmp_path: Path) -> None:
     assert "option forwardfor" in config
     balancer = services["haproxy"]["networks"]["default"]["ipv4_address"]
     assert [str(n) for n in replica.trusted_proxies] == [f"{balancer}/32"]
-    subnet = compose["networks"]["default"]["ipam"]["config"][0]["subnet"]
-    assert ipaddress.ip_address(balancer) in ipaddress.ip_network(subnet)
+    pool = compose["networks"]["default"]["ipam"]["config"][0]
+    assert ipaddress.ip_address(balancer) in ipaddress.ip_network(pool["subnet"])
+    # Docker hands the other containers addresses from ip_range alone: never HAProxy's
+    assert ipaddress.ip_address(balancer) not in ipaddress.ip_network(pool["ip_range"])
