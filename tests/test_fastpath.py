@@ -101,11 +101,11 @@ async def test_answers_are_the_handlers_byte_for_byte(
     await _warm(mirror, by_tag, image.media_type)
     seen = _spy(mirror)
     # A fresh connection: the fast path answers. One whose first request it declined
-    # (the API check) is aiohttp's from there on.
+    # (the API check with a query) is aiohttp's from there on.
     fast_reader, fast_writer = await _connect(mirror)
     slow_reader, slow_writer = await _connect(mirror)
     try:
-        slow_writer.write(_request("GET", "/v2/"))
+        slow_writer.write(_request("GET", "/v2/?slow"))
         assert (await _response(slow_reader, "GET"))[0] == "HTTP/1.1 200 OK"
         for path in (by_tag, by_digest):
             fast_writer.write(_request(method, path, accept, "User-Agent: test"))
@@ -123,7 +123,50 @@ async def test_answers_are_the_handlers_byte_for_byte(
     finally:
         fast_writer.close()
         slow_writer.close()
-    assert seen == [False, True, True]  # /v2/ declined; the slow connection's never looked at
+    assert seen == [False, True, True]  # /v2/?slow declined; the slow connection's never looked at
+
+
+async def test_the_api_check_is_answered_fast_and_the_manifests_after_it_too(
+    mirror: Mirror, seeded: Seeded, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dockerd and podman open each connection with `GET /v2/`: answered here as the
+    handler answers it, counted and logged, so the manifests asked next on the connection
+    are the fast path's too."""
+    image = seeded.oci
+    by_tag = await _warmed(mirror, image)
+    seen = _spy(mirror)
+    fast_reader, fast_writer = await _connect(mirror)
+    slow_reader, slow_writer = await _connect(mirror)
+    try:
+        with caplog.at_level(logging.INFO, logger="mirror.access"):
+            for method in ("GET", "HEAD"):
+                fast_writer.write(_request(method, "/v2/", "User-Agent: docker/20.10"))
+                slow_writer.write(_request(method, "/v2/?slow", "User-Agent: docker/20.10"))
+                fast = await _response(fast_reader, method)
+                slow = await _response(slow_reader, method)
+                fast[1].pop("date"), slow[1].pop("date")
+                assert fast == slow
+                assert fast[0] == "HTTP/1.1 200 OK"
+                assert fast[1]["docker-distribution-api-version"] == "registry/2.0"
+                assert fast[2] == (b"" if method == "HEAD" else b"{}")
+            fast_writer.write(_request("GET", by_tag, f"Accept: {image.media_type}"))
+            assert (await _response(fast_reader, "GET"))[2] == image.manifest
+            fast_writer.write(_request("GET", "/v2/", "Connection: close"))
+            closing = await _response(fast_reader, "GET")
+            assert closing[1]["connection"] == "close" and closing[2] == b"{}"
+            assert await asyncio.wait_for(fast_reader.read(), 10) == b""  # then closed
+    finally:
+        fast_writer.close()
+        slow_writer.close()
+    assert seen == [True, False, True, True, True]  # the slow connection's first declined
+    lines = [r.getMessage() for r in caplog.records if r.name == "mirror.access"]
+    pings = [line for line in lines if '"GET /v2/"' in line or '"HEAD /v2/"' in line]
+    # each path's line alike (aiohttp's leaves out the query), then the closing one
+    assert len(pings) == 5 and all(" 200 " in line and " ping -" in line for line in pings)
+    async with aiohttp.ClientSession() as http, http.get(mirror.url + "/metrics") as response:
+        text = await response.text()
+    wanted = 'mirror_requests_total{kind="other",method="HEAD",result="ping",status="2xx"}'
+    assert any(line.startswith(wanted) for line in text.splitlines()), text[:2000]
 
 
 async def test_pipelined_requests_are_answered_in_order_across_both_paths(

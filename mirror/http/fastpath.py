@@ -28,7 +28,7 @@ from ..policy.proxy import Proxy
 from ..reference import is_valid_tag, looks_like_digest, parse_digest
 from ..routing import Route, resolve
 from .forwarded import client_address
-from .handlers import INERT_HEADERS, manifest_headers
+from .handlers import API_HEADERS, INERT_HEADERS, PING, manifest_headers
 from .observe import Answered, Observer
 
 # `GET|HEAD /v2/<name>/manifests/<reference> HTTP/1.1`, in the characters names, upstream
@@ -38,6 +38,10 @@ from .observe import Answered, Observer
 REQUEST_LINE = re.compile(
     rb"(GET|HEAD) (/v2/([-a-z0-9._/:]+)/manifests/([A-Za-z0-9_.:+=-]+)) HTTP/1\.1"
 )
+# The API check dockerd and podman open each connection with: answered here (without
+# access rules), so the manifests asked next on the connection are too.
+PING_LINE = re.compile(rb"(GET|HEAD) /v2/ HTTP/1\.1")
+PING_BODY = b"{}"
 # Fields as RFC 9110 writes them, in lines ending in CRLF: a token, a colon, a value of
 # visible characters, spaces, tabs and obs-text (no other control byte, no bare CR or LF).
 FIELDS = re.compile(
@@ -72,10 +76,20 @@ class Request:
         return self.method == "HEAD"
 
 
+@dataclass(frozen=True)
+class Ping:
+    """What a `GET|HEAD /v2/` head asks of the fast path."""
+
+    method: str
+    agent: str
+    close: bool
+    forwarded_for: str
+
+
 UNREAD = object()
 
 
-def _read(config: Config, head: bytes) -> Request | None:
+def _read(config: Config, head: bytes) -> Request | Ping | None:
     """The request in `head`, when it is one for the fast path: anything aiohttp might read
     otherwise, or refuse (a control byte, a bare CR or LF, a field twice, no Host, too
     many fields), is declined, so both paths always agree on where a request ends."""
@@ -83,7 +97,10 @@ def _read(config: Config, head: bytes) -> Request | None:
     if line_end < 0:
         return None  # (no Host)
     request = REQUEST_LINE.fullmatch(head, 0, line_end)
-    if request is None or FIELDS.fullmatch(head, line_end + 2) is None:
+    ping = None if request else PING_LINE.fullmatch(head, 0, line_end)
+    if ping is not None and config.access is not None:
+        return None  # (the gate's to challenge or admit)
+    if (request is None and ping is None) or FIELDS.fullmatch(head, line_end + 2) is None:
         return None
     declined = DECLINED_FIELDS if config.access is None else DECLINED_WITH_ACCESS
     fields: dict[bytes, bytes] = {}
@@ -105,6 +122,9 @@ def _read(config: Config, head: bytes) -> Request | None:
     agent = fields.get(b"user-agent", b"").decode("utf-8", "surrogateescape")
     forwarded_for = fields.get(b"x-forwarded-for", b"").decode("latin-1")
     close = b"close" in options
+    if request is None:
+        assert ping is not None
+        return Ping(ping[1].decode(), agent, close, forwarded_for)
     reference = request[4].decode()
     try:
         route = resolve(config, request[3].decode(), None)
@@ -141,11 +161,20 @@ class FastAnswers:
         self._gated = config.access is not None  # (the access line then says who and how)
         # What each request head asks (None: not for the fast path): a function of the
         # head and the config alone.
-        self._requests: dict[bytes, Request | None] = {}
+        self._requests: dict[bytes, Request | Ping | None] = {}
         # What precedes the Date field, by (digest, type, source, size, GET or HEAD).
         self._heads: dict[tuple[str, str, str, int, bool], bytes] = {}
         self._second = 0
         self._date = b""
+        fields = {
+            **API_HEADERS,
+            "Content-Type": "application/json; charset=utf-8",
+            **INERT_HEADERS,
+            "Content-Length": str(len(PING_BODY)),
+            "Server": SERVER_SOFTWARE,
+        }
+        lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+        self._pong_head = f"HTTP/1.1 200 OK\r\n{lines}".encode()
 
     def answer(self, head: bytes, remote: str | None) -> tuple[bytes, bool] | None:
         """The whole response to the request whose head (up to its blank line) is `head`,
@@ -160,9 +189,11 @@ class FastAnswers:
                 self._requests[head] = request
         if request is None:
             return None
-        assert isinstance(request, Request)
+        assert isinstance(request, Request | Ping)
         if request.forwarded_for:
             remote = client_address(remote, request.forwarded_for, self._config.trusted_proxies)
+        if isinstance(request, Ping):
+            return self._pong(request, remote, started), request.close
         if self._gated and not self._gate.lets_anyone_pull(request.route, remote):
             return None  # (the gate's challenge or refusal, from aiohttp)
         answer = self._proxy.manifest_at_hand(
@@ -193,6 +224,24 @@ class FastAnswers:
                 self._observer.log_line(line, agent=request.agent)
         return response, request.close
 
+    def _pong(self, ping: Ping, remote: str | None, started: float) -> bytes:
+        """The handler's answer to the API check, counted and logged as it would be."""
+        head = ping.method == "HEAD"
+        sent = 0 if head else len(PING_BODY)
+        self._observer.count("other", ping.method, 200, PING, None, sent)
+        if self._observer.logs_answers():
+            line = Answered(
+                remote, ping.method, "/v2/", 200, sent, time.monotonic() - started, PING, "", True
+            )
+            self._observer.log_line(line, agent=ping.agent)
+        return b"".join(
+            (
+                self._pong_head,
+                self._dated(),
+                b"Connection: close\r\n\r\n" if ping.close else b"\r\n",
+            )
+        ) + (b"" if head else PING_BODY)
+
     def _response(self, answer: Manifest, head: bool, close: bool) -> bytes:
         key = (answer.digest, answer.media_type, answer.source, answer.size, head)
         prepared = self._heads.get(key)
@@ -207,18 +256,22 @@ class FastAnswers:
             }
             lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
             prepared = self._heads[key] = f"HTTP/1.1 200 OK\r\n{lines}".encode()
-        now = int(time.time())
-        if now != self._second:
-            self._second = now
-            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
         return b"".join(
             (
                 prepared,
-                self._date,
+                self._dated(),
                 b"Connection: close\r\n\r\n" if close else b"\r\n",
                 answer.data or b"",
             )
         )
+
+    def _dated(self) -> bytes:
+        """The Date field, made once a second."""
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
+        return self._date
 
 
 FAST_ANSWERS = web.AppKey("fast_answers", FastAnswers)
