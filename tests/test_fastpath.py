@@ -155,14 +155,27 @@ async def test_the_api_check_is_answered_fast_and_the_manifests_after_it_too(
             closing = await _response(fast_reader, "GET")
             assert closing[1]["connection"] == "close" and closing[2] == b"{}"
             assert await asyncio.wait_for(fast_reader.read(), 10) == b""  # then closed
+            # aiohttp closes after Proxy-Connection: close too: its to answer
+            slow_writer.write(_request("GET", "/v2/", "Proxy-Connection: close"))
+            closing = await _response(slow_reader, "GET")
+            assert closing[1]["connection"] == "close" and closing[2] == b"{}"
+            assert await asyncio.wait_for(slow_reader.read(), 10) == b""
+            proxied_reader, proxied_writer = await _connect(mirror)
+            proxied_writer.write(_request("GET", "/v2/", "Proxy-Connection: close"))
+            proxied = await _response(proxied_reader, "GET")
+            proxied[1].pop("date"), closing[1].pop("date")
+            assert proxied == closing
+            assert await asyncio.wait_for(proxied_reader.read(), 10) == b""
+            proxied_writer.close()
     finally:
         fast_writer.close()
         slow_writer.close()
-    assert seen == [True, False, True, True, True]  # the slow connection's first declined
+    # the slow connection's first declined; Proxy-Connection declined
+    assert seen == [True, False, True, True, True, False]
     lines = [r.getMessage() for r in caplog.records if r.name == "mirror.access"]
     pings = [line for line in lines if '"GET /v2/"' in line or '"HEAD /v2/"' in line]
-    # each path's line alike (aiohttp's leaves out the query), then the closing one
-    assert len(pings) == 5 and all(" 200 " in line and " ping -" in line for line in pings)
+    # each path's line alike (aiohttp's leaves out the query), then the closing ones
+    assert len(pings) == 7 and all(" 200 " in line and " ping -" in line for line in pings)
     async with aiohttp.ClientSession() as http, http.get(mirror.url + "/metrics") as response:
         text = await response.text()
     wanted = 'mirror_requests_total{kind="other",method="HEAD",result="ping",status="2xx"}'

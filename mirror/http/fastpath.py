@@ -49,8 +49,16 @@ FIELDS = re.compile(
 )
 MAX_FIELDS = 100  # more is aiohttp's to judge
 # Fields that change what the answer would be, or ask for more than an answer: aiohttp's.
+# (aiohttp closes after an answer to `Proxy-Connection: close` as to `Connection: close`.)
 DECLINED_FIELDS = frozenset(
-    (b"if-none-match", b"content-length", b"transfer-encoding", b"upgrade", b"expect")
+    (
+        b"if-none-match",
+        b"content-length",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+        b"proxy-connection",
+    )
 )
 # With access rules, credentials are the gate's to check.
 DECLINED_WITH_ACCESS = DECLINED_FIELDS | {b"authorization"}
