@@ -225,6 +225,7 @@ def test_cluster_files(tmp_path: Path) -> None:
     assert replica.ops_listen == ("0.0.0.0", 9000)
     # the replicas believe HAProxy's X-Forwarded-For, and no other address's
     assert "option forwardfor" in config
+    assert "http-reuse never" in config  # each client's connection keeps the fast path
     balancer = services["haproxy"]["networks"]["default"]["ipv4_address"]
     assert [str(n) for n in replica.trusted_proxies] == [f"{balancer}/32"]
     pool = compose["networks"]["default"]["ipam"]["config"][0]
