@@ -331,7 +331,8 @@ def check_config(path: Path, config: Config) -> int:
     bound = maintenance.human(config.storage.max_size)
     out.write(f"storage {config.storage.path.resolve()}, bound {bound}")
     out.write("" if config.storage.path.exists() else " (not there yet: serve creates it)")
-    out.write(f"\nworkers {config.workers}\n")
+    out.write(f"\nworkers {config.workers}")
+    out.write(" (auto: one per core this process may use)\n" if config.workers_auto else "\n")
     for upstream in config.upstreams.values():
         login = (
             "with credentials" if upstream.username or upstream.ecr or upstream.acr else "anonymous"

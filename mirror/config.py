@@ -246,6 +246,7 @@ class Config:
     log_format: str = "text"  # text, or json: one object per line
     tls: TlsConfig | None = None  # None: plain HTTP
     workers: int = 1  # processes serving one port (SO_REUSEPORT) over one store
+    workers_auto: bool = False  # `workers: auto` gave that number (one per usable core)
     access: AccessConfig | None = None  # None: no client authentication, every pull allowed
     # Plain-HTTP address for /healthz, /readyz, /metrics and the status page; None: none.
     ops_listen: tuple[str, int] | None = None
@@ -1046,7 +1047,8 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
             ) from None
 
     workers = data.get("workers", defaults.workers)
-    if isinstance(workers, str) and workers.strip().lower() == "auto":
+    workers_auto = isinstance(workers, str) and workers.strip().lower() == "auto"
+    if workers_auto:
         workers = min(usable_cores(), 64)
     if isinstance(workers, str) and workers.isdigit():
         workers = int(workers)
@@ -1067,6 +1069,7 @@ def _from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Config:
         log_format=log_format,
         tls=tls,
         workers=workers,
+        workers_auto=workers_auto,
         access=_parse_access(data["access"]) if data.get("access") is not None else None,
         warm=_parse_warm(data["warm"]) if data.get("warm") is not None else None,
         cluster=_parse_cluster(data["cluster"]) if data.get("cluster") is not None else None,

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from mirror.cli import SHUTDOWN_WAIT
+from mirror.config import usable_cores
 from tests.conftest import Seeded
 from tests.support.clients import skopeo_copy_to_dir
 from tests.support.images import Pusher, padded_manifest
@@ -104,10 +105,14 @@ def test_version_and_check_config(tmp_path: Path) -> None:
     )
     assert "p\n" not in checked.stdout
     assert "trusted_proxies" not in checked.stdout  # none set: nothing to say
+    assert "\nworkers 1\n" in checked.stdout
     assert not (tmp_path / "cache").exists()  # checking creates nothing
-    config.write_text(config.read_text() + "trusted_proxies: [10.0.0.5, 10.1.0.0/16]\n")
+    config.write_text(
+        config.read_text() + "trusted_proxies: [10.0.0.5, 10.1.0.0/16]\nworkers: auto\n"
+    )
     checked = _mirror("check-config", "--config", str(config), cwd=tmp_path)
     assert "trusted_proxies 10.0.0.5/32, 10.1.0.0/16: X-Forwarded-For" in checked.stdout
+    assert f"\nworkers {min(usable_cores(), 64)} (auto: one per core" in checked.stdout
     config.write_text("manifest_ttl: soon\n")
     bad = _mirror("check-config", "--config", str(config))
     assert bad.returncode == 2 and "manifest_ttl: expected seconds" in bad.stderr
