@@ -12,7 +12,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,11 +241,27 @@ def test_no_proxy_is_read_as_curl_reads_it(
     assert bypasses(no_proxy, host, port) is bypass
 
 
+Through = Callable[[str], list[dict[str, str]]]
+
+
+@pytest.fixture
+def through(upstream: Registry, tls_upstreams: tuple[Registry, Registry], pki: Pki) -> Through:
+    """An upstream's settings through a proxy URL: plain HTTP, and TLS (a CONNECT)."""
+    registry, _ = tls_upstreams
+
+    def settings(proxy: str) -> list[dict[str, str]]:
+        return [
+            {"url": upstream.url, "proxy": proxy},
+            {"url": registry.url, "ca_file": str(pki.ca), "proxy": proxy},
+        ]
+
+    return settings
+
+
 async def test_a_proxy_that_wants_credentials_is_named_as_the_cause(
     make_mirror: MirrorFactory,
     upstream: Registry,
-    tls_upstreams: tuple[Registry, Registry],
-    pki: Pki,
+    through: Through,
     seeded: Seeded,
     http: aiohttp.ClientSession,
     tmp_path: Path,
@@ -253,12 +269,8 @@ async def test_a_proxy_that_wants_credentials_is_named_as_the_cause(
     """tinyproxy with BasicAuth answers 407: the error says the proxy wants credentials
     (plain HTTP and CONNECT alike), never that the registry refused; with them in the
     proxy's URL the pull goes through."""
-    registry, _ = tls_upstreams
     with _tinyproxy(tmp_path, "BasicAuth ci s3cret\n") as proxy:
-        for settings in (
-            {"url": upstream.url, "proxy": proxy.url},
-            {"url": registry.url, "ca_file": str(pki.ca), "proxy": proxy.url},
-        ):
+        for settings in through(proxy.url):
             mirror = await make_mirror({"docker.io": settings})
             status, body = await _pull(http, mirror.url, seeded)
             error = json.loads(body)["errors"][0]
@@ -280,22 +292,12 @@ async def test_a_proxy_that_wants_credentials_is_named_as_the_cause(
 
 
 async def test_a_proxy_that_is_down_is_named_by_its_address(
-    make_mirror: MirrorFactory,
-    upstream: Registry,
-    tls_upstreams: tuple[Registry, Registry],
-    pki: Pki,
-    seeded: Seeded,
-    http: aiohttp.ClientSession,
+    make_mirror: MirrorFactory, through: Through, seeded: Seeded, http: aiohttp.ClientSession
 ) -> None:
     """Nothing listens at the proxy's port: the error says the proxy (at which address) is
     unreachable, plain HTTP and CONNECT alike, and keeps its credentials out."""
-    registry, _ = tls_upstreams
     port = free_port()
-    proxy = f"http://ci:s3cret@127.0.0.1:{port}"
-    for settings in (
-        {"url": upstream.url, "proxy": proxy},
-        {"url": registry.url, "ca_file": str(pki.ca), "proxy": proxy},
-    ):
+    for settings in through(f"http://ci:s3cret@127.0.0.1:{port}"):
         mirror = await make_mirror({"docker.io": settings})
         status, body = await _pull(http, mirror.url, seeded)
         error = json.loads(body)["errors"][0]

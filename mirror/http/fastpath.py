@@ -174,15 +174,14 @@ class FastAnswers:
         self._heads: dict[tuple[str, str, str, int, bool], bytes] = {}
         self._second = 0
         self._date = b""
-        fields = {
-            **API_HEADERS,
-            "Content-Type": "application/json; charset=utf-8",
-            **INERT_HEADERS,
-            "Content-Length": str(len(PING_BODY)),
-            "Server": SERVER_SOFTWARE,
-        }
-        lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
-        self._pong_head = f"HTTP/1.1 200 OK\r\n{lines}".encode()
+        self._pong_head = _ok_head(
+            {
+                **API_HEADERS,
+                "Content-Type": "application/json; charset=utf-8",
+                **INERT_HEADERS,
+                "Content-Length": str(len(PING_BODY)),
+            }
+        )
 
     def answer(self, head: bytes, remote: str | None) -> tuple[bytes, bool] | None:
         """The whole response to the request whose head (up to its blank line) is `head`,
@@ -242,13 +241,7 @@ class FastAnswers:
                 remote, ping.method, "/v2/", 200, sent, time.monotonic() - started, PING, "", True
             )
             self._observer.log_line(line, agent=ping.agent)
-        return b"".join(
-            (
-                self._pong_head,
-                self._dated(),
-                b"Connection: close\r\n\r\n" if ping.close else b"\r\n",
-            )
-        ) + (b"" if head else PING_BODY)
+        return self._whole(self._pong_head, ping.close, b"" if head else PING_BODY)
 
     def _response(self, answer: Manifest, head: bool, close: bool) -> bytes:
         key = (answer.digest, answer.media_type, answer.source, answer.size, head)
@@ -256,30 +249,30 @@ class FastAnswers:
         if prepared is None:
             if len(self._heads) >= HEADS_KEPT:
                 self._heads.clear()
-            fields = {
-                **manifest_headers(answer),
-                **INERT_HEADERS,
-                "Content-Length": str(answer.size),
-                "Server": SERVER_SOFTWARE,
-            }
-            lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
-            prepared = self._heads[key] = f"HTTP/1.1 200 OK\r\n{lines}".encode()
-        return b"".join(
-            (
-                prepared,
-                self._dated(),
-                b"Connection: close\r\n\r\n" if close else b"\r\n",
-                answer.data or b"",
+            prepared = self._heads[key] = _ok_head(
+                {
+                    **manifest_headers(answer),
+                    **INERT_HEADERS,
+                    "Content-Length": str(answer.size),
+                }
             )
-        )
+        return self._whole(prepared, close, answer.data or b"")
 
-    def _dated(self) -> bytes:
-        """The Date field, made once a second."""
+    def _whole(self, prepared: bytes, close: bool, body: bytes) -> bytes:
+        """A prepared head with its Date (made once a second), the end of the head, the
+        body."""
         now = int(time.time())
         if now != self._second:
             self._second = now
             self._date = f"Date: {formatdate(now, usegmt=True)}\r\n".encode()
-        return self._date
+        end = b"Connection: close\r\n\r\n" if close else b"\r\n"
+        return b"".join((prepared, self._date, end, body))
+
+
+def _ok_head(fields: dict[str, str]) -> bytes:
+    """A 200's status line and `fields` (and Server, as aiohttp sends it), up to Date."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+    return f"HTTP/1.1 200 OK\r\n{lines}Server: {SERVER_SOFTWARE}\r\n".encode()
 
 
 FAST_ANSWERS = web.AppKey("fast_answers", FastAnswers)
